@@ -1,0 +1,3 @@
+from lthfast.cli import main
+
+raise SystemExit(main())

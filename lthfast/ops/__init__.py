@@ -1,0 +1,1 @@
+"""torch.library custom ops + autograd.Function for every masked op, routed through ``lthfast._backend``."""

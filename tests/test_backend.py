@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import lthfast
+from lthfast import _backend
+
+
+def test_context_manager_restores_previous_backend():
+    before = lthfast.get_backend()
+    with lthfast.backend("triton"):
+        assert lthfast.get_backend() == "triton"
+        with lthfast.backend("auto"):
+            assert lthfast.get_backend() == "auto"
+        assert lthfast.get_backend() == "triton"
+    assert lthfast.get_backend() == before
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown lthfast backend 'cudnn'"):
+        lthfast.set_backend("cudnn")
+
+
+def test_torch_backend_never_uses_triton():
+    x = torch.randn(3)
+    with lthfast.backend("torch"):
+        assert not _backend.use_triton(x)
+
+
+def test_auto_on_cpu_follows_the_interpreter(monkeypatch):
+    x = torch.randn(3)
+    with lthfast.backend("auto"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert not _backend.use_triton(x)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert _backend.use_triton(x) == _backend.triton_available()
+
+
+def test_forced_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with lthfast.backend("triton"), pytest.raises(RuntimeError, match="cannot run here"):
+        _backend.use_triton(torch.randn(3))
+
+
+def test_info_lists_versions_and_extension(capsys):
+    from lthfast.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "triton", "numpy", "device", "_C", "backend"):
+        assert key in out
