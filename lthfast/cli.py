@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, device, extension and backend")
     info.set_defaults(func=_cmd_info)
+    from lthfast.bench.cli import register as register_bench
+    from lthfast.imp.cli import register as register_imp
+
+    register_imp(sub)
+    register_bench(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`lthfast bench`: timing method, providers, JSON and plots."""

@@ -1,0 +1,1 @@
+"""The IMP driver (train, prune, rewind, repeat)."""
