@@ -1,0 +1,264 @@
+"""``lthfast bench layer``: one masked layer across sparsities, block sizes and providers.
+
+For every (sparsity, block) row: draw a random block mask, time the tile-index build it needs after a prune,
+then for every provider prepare it, check its outputs against the float64 reference, and time it on rotated
+random inputs. Dense is timed in every row, so each ratio compares two measurements taken back to back.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lthfast._backend import use_triton
+from lthfast.bench import check, timing
+from lthfast.bench.masks import block_mask, conv_block_mask
+from lthfast.bench.providers import PREPARE, PROVIDERS, Problem, Unsupported
+from lthfast.kernels.tile_index import build_tile_index
+
+# Substrings of the errors torch raises for an op it has no kernel for (dtype, device, layout): such a
+# provider is "skipped" with torch's message; any other failure is an "error".
+_UNSUPPORTED_HINTS = ("not implemented", "not supported", "unsupported", "only supports", "is supported only")
+
+
+@dataclass
+class LayerConfig:
+    """What ``lthfast bench layer`` measures. ``shape``: linear (N, K); conv (Cout, Cin/groups, kh, kw)."""
+
+    op: str = "linear"
+    shape: tuple[int, ...] = (1024, 1024)
+    tokens: int = 256  # linear: rows of x
+    batch: int = 16  # conv
+    image: tuple[int, int] = (16, 16)  # conv: input H, W
+    stride: int = 1
+    padding: int | None = None  # conv: None = kh // 2
+    dilation: int = 1
+    groups: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    mode: str = "forward"
+    sparsities: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.95, 0.98])
+    blocks: list[int] = field(default_factory=lambda: [1, 16, 32, 64])
+    providers: list[str] = field(default_factory=lambda: list(PROVIDERS))
+    tile: tuple[int, int] = (64, 64)  # tile-index block (block_n, block_k) timed after each prune
+    min_run_time: float = 0.1  # CPU: seconds per blocked_autorange, per round
+    repeats: int = 3  # rounds per provider, interleaved with the other providers' rounds
+    warmup: int = 3  # CPU: warm-up calls
+    warmup_ms: float = 25.0  # GPU: do_bench warm-up
+    rep_ms: float = 100.0  # GPU: do_bench timed runs
+    buffers: int | None = None  # rotated input sets; None = enough for timing.ROTATION_BYTES
+    seed: int = 0
+
+    def conv_args(self) -> dict:
+        kh = self.shape[2]
+        padding = kh // 2 if self.padding is None else self.padding
+        return {"stride": self.stride, "padding": padding, "dilation": self.dilation, "groups": self.groups}
+
+
+def default_layer_config(op: str, device: str, **overrides) -> LayerConfig:
+    """Defaults that finish in a few minutes on 2 CPU cores, and the issue's large shapes on a GPU."""
+    if device == "cuda":
+        base = {"dtype": "bfloat16", "repeats": 1}
+        base |= {"shape": (4096, 4096), "tokens": 8192} if op == "linear" else {}
+        base |= {"shape": (256, 256, 3, 3), "batch": 128, "image": (32, 32)} if op == "conv" else {}
+    else:
+        base = {"shape": (1024, 1024), "tokens": 256} if op == "linear" else {"shape": (64, 64, 3, 3)}
+    base |= {k: v for k, v in overrides.items() if v is not None}
+    return LayerConfig(op=op, device=device, **base)
+
+
+def _dtype(name: str) -> torch.dtype:
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "fp64": "float64"}
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in check.TOLERANCE:
+        raise ValueError(f"unsupported dtype {name!r}: expected one of float32, bfloat16, float16, float64")
+    return dtype
+
+
+def shapes(cfg: LayerConfig) -> dict:
+    """Input, weight and output shapes and the dense FLOPs of one call (train = forward + dX + dW = 3x)."""
+    if cfg.op == "linear":
+        n, k = cfg.shape
+        x, y = (cfg.tokens, k), (cfg.tokens, n)
+        flops = 2 * cfg.tokens * n * k
+    else:
+        cout, cin_g, kh, kw = cfg.shape
+        c = cfg.conv_args()
+        ho, wo = (
+            (size + 2 * c["padding"] - c["dilation"] * (kern - 1) - 1) // c["stride"] + 1
+            for size, kern in zip(cfg.image, (kh, kw))
+        )
+        x, y = (cfg.batch, cin_g * cfg.groups, *cfg.image), (cfg.batch, cout, ho, wo)
+        flops = 2 * cfg.batch * ho * wo * cout * cin_g * kh * kw
+    if cfg.mode == "train":
+        flops *= 3
+    return {"x": list(x), "weight": list(cfg.shape), "y": list(y), "flops": flops}
+
+
+def _input_sets(cfg: LayerConfig, dtype, device, generator) -> timing.Rotation:
+    s = shapes(cfg)
+    train = cfg.mode == "train"
+    per_set = (math.prod(s["x"]) + (math.prod(s["y"]) if train else 0)) * dtype.itemsize
+    count = cfg.buffers or timing.buffer_count(per_set)
+    sets = []
+    for _ in range(count):
+        x = torch.randn(s["x"], generator=generator).to(device, dtype).requires_grad_(train)
+        sets.append((x, torch.randn(s["y"], generator=generator).to(device, dtype)) if train else (x,))
+    return timing.Rotation(sets)
+
+
+def _classify(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    unsupported = isinstance(exc, NotImplementedError) or any(h in text.lower() for h in _UNSUPPORTED_HINTS)
+    return ("skipped" if unsupported else "error"), text
+
+
+def _entry(name: str, status: str, reason: str | None = None, **extra) -> dict:
+    return {"provider": name, "status": status, "reason": reason, **extra}
+
+
+def prepare_provider(name: str, problem: Problem, rotation: timing.Rotation, expected: Callable):
+    """Prepare one provider and check its outputs against the reference on the first input set.
+
+    Returns ``(entry, prepared)``: prepared is None when the entry is "skipped" or "error" (then never timed).
+    """
+    try:
+        prepared = PREPARE[name](problem)
+    except Unsupported as exc:
+        return _entry(name, "skipped", str(exc)), None
+    except Exception as exc:  # noqa: BLE001 - a provider that cannot be built here is reported, not fatal
+        status, text = _classify(exc)
+        return _entry(name, status, f"prepare: {text}"), None
+    try:
+        outputs = prepared.call(*rotation.sets[0])
+        dtype = problem.weight.dtype
+        max_err = check.compare(outputs, expected(prepared.mask), prepared.mask, dtype, prepared.masked_dw)
+    except check.CheckFailed as exc:
+        return _entry(name, "error", f"output check failed: {exc}", detail=prepared.detail), None
+    except Exception as exc:  # noqa: BLE001
+        status, text = _classify(exc)
+        return _entry(name, status, text, detail=prepared.detail), None
+    density = float(prepared.mask.float().mean())
+    return _entry(name, "ok", None, detail=prepared.detail, density=density, max_err=max_err), prepared
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], device, cfg) -> dict[str, timing.Timing]:
+    """Time every call in ``cfg.repeats`` rounds, each round visiting the providers in a rotated order, and pool
+    each provider's rounds: load that comes and goes on a shared machine then hits every provider alike."""
+    rounds: dict[str, list[timing.Timing]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(max(1, cfg.repeats) if names else 0):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            rounds[name].append(
+                timing.measure(
+                    calls[name],
+                    device,
+                    warmup=cfg.warmup,
+                    min_run_time=cfg.min_run_time,
+                    warmup_ms=cfg.warmup_ms,
+                    rep_ms=cfg.rep_ms,
+                )  # fmt: skip
+            )
+    return {name: timing.merge(ts) for name, ts in rounds.items()}
+
+
+def _add_rates(results: list[dict], flops: int) -> None:
+    dense = next((r for r in results if r["provider"] == "dense" and r["status"] == "ok"), None)
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        seconds = r["median_ms"] * 1e-3
+        r["speedup_vs_dense"] = dense["median_ms"] / r["median_ms"] if dense else None
+        r["tflops_dense_equiv"] = flops / seconds / 1e12
+        r["tflops_useful"] = flops * r["density"] / seconds / 1e12
+
+
+def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotation, log) -> dict:
+    """Measure every provider at one (sparsity, block). Returns the row dict of the JSON schema."""
+    device = weight.device
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round(sparsity * 1e6) * 101 + block)
+    if cfg.op == "linear":
+        mask = block_mask(*cfg.shape, sparsity, block, generator)
+    else:
+        mask = conv_block_mask(cfg.shape, sparsity, block, generator)
+    mask = mask.to(device)
+    mask2d = mask.reshape(mask.shape[0], -1)
+    bn, bk = cfg.tile
+    index = build_tile_index(mask2d, bn, bk)
+    t_index = timing.measure(lambda: build_tile_index(mask2d, bn, bk), device, warmup=1, min_run_time=0.05)
+    log(
+        f"  tile index {bn}x{bk} built in {t_index.median_ms:.3f} ms after the prune "
+        f"(sparsity {sparsity}, block {block}: {index.tile_density:.1%} of tiles alive)"
+    )
+    conv = cfg.conv_args() if cfg.op == "conv" else {}
+    problem = Problem(cfg.op, cfg.mode, weight, mask, bias, sparsity, block, conv, seed=cfg.seed)
+    cache: dict[int, tuple] = {}
+
+    def expected(m: torch.Tensor) -> tuple:
+        if id(m) not in cache:
+            train = cfg.mode == "train"
+            cache[id(m)] = check.reference_outputs(cfg.op, train, weight, m, bias, conv, *rotation.sets[0])
+        return cache[id(m)]
+
+    results, calls = [], {}
+    for name in cfg.providers:
+        entry, prepared = prepare_provider(name, problem, rotation, expected)
+        results.append(entry)
+        if prepared is not None:
+            calls[name] = lambda call=prepared.call: call(*next(rotation))
+    timings = time_interleaved(calls, device, cfg)
+    for r in results:
+        if r["provider"] in timings:
+            r.update(timings[r["provider"]].as_dict())
+        shown = f"{r['median_ms']:.3f} ms" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        log(f"  {r['provider']:16s} {shown}")
+    flops = shapes(cfg)["flops"]
+    _add_rates(results, flops)
+    return {
+        "sparsity": sparsity,
+        "block": block,
+        "density": float(mask.float().mean()),
+        "tile": [bn, bk],
+        "tile_density": index.tile_density,
+        "tile_index_ms": t_index.median_ms,
+        "flops": flops,
+        "results": results,
+    }
+
+
+def run_layer(cfg: LayerConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the whole sweep. Returns ``{"config", "shapes", "rows"}`` (``results.layer_document`` adds the rest)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if cfg.op not in ("linear", "conv"):
+        raise ValueError(f"--kind must be linear or conv, got {cfg.op!r}")
+    if cfg.mode not in ("forward", "train"):
+        raise ValueError(f"--mode must be forward or train, got {cfg.mode!r}")
+    expected_dims = 2 if cfg.op == "linear" else 4
+    if len(cfg.shape) != expected_dims:
+        raise ValueError(f"--shape for {cfg.op} needs {expected_dims} sizes, got {cfg.shape}")
+    dtype, device = _dtype(cfg.dtype), torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    fan_in = math.prod(cfg.shape[1:])
+    weight = (torch.randn(cfg.shape, generator=generator) / math.sqrt(fan_in)).to(device, dtype)
+    bias = (0.1 * torch.randn(cfg.shape[0], generator=generator)).to(device, dtype)
+    rotation = _input_sets(cfg, dtype, device, generator)
+    if device.type == "cpu" and "lthfast" in cfg.providers and use_triton(weight):
+        log("WARNING: lthfast runs its Triton kernels in the CPU interpreter here (TRITON_INTERPRET=1 or backend")
+        log("         'triton'): its timings measure the interpreter, not a fast path")
+    log(f"lthfast bench layer: {cfg.op} {cfg.mode} {shapes(cfg)} {cfg.dtype} on {device}, {len(rotation)} input sets")
+    rows = []
+    for sparsity in cfg.sparsities:
+        for block in cfg.blocks:
+            log(f"sparsity {sparsity}, block {block}")
+            rows.append(run_row(cfg, sparsity, block, weight, bias, rotation, log))
+    config = asdict(cfg) | {"buffers": len(rotation)}
+    if cfg.op == "conv":
+        config["padding"] = cfg.conv_args()["padding"]
+    return {"config": config, "shapes": shapes(cfg), "rows": rows}

@@ -1,0 +1,59 @@
+"""Random masks for the benchmarks: block-structured at an exact tile sparsity, and 2:4.
+
+A benchmark mask is random (never a fixed pattern that a kernel could special-case) and drawn from a
+``torch.Generator`` so that every provider in one row sees the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_mask(
+    rows: int, cols: int, sparsity: float, block: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A bool [rows, cols] mask made of [block x block] tiles, each wholly kept or wholly pruned.
+
+    Exactly ``round(sparsity * tiles)`` tiles are pruned, chosen uniformly at random; edge tiles are partial,
+    so the element density can differ slightly from ``1 - sparsity`` (callers report the actual density).
+    ``block=1`` is an unstructured mask with exactly ``round(sparsity * rows * cols)`` zeros. CPU tensor.
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"block_mask: sparsity must be in [0, 1], got {sparsity}")
+    if block < 1:
+        raise ValueError(f"block_mask: block must be >= 1, got {block}")
+    tiles_r, tiles_c = -(-rows // block), -(-cols // block)
+    total = tiles_r * tiles_c
+    pruned = round(sparsity * total)
+    alive = torch.ones(total, dtype=torch.bool)
+    alive[torch.randperm(total, generator=generator)[:pruned]] = False
+    tiles = alive.view(tiles_r, tiles_c)
+    full = tiles.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
+    return full[:rows, :cols].contiguous()
+
+
+def conv_block_mask(
+    weight_shape: tuple[int, ...], sparsity: float, block: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A bool conv mask [Cout, Cin/g, kh, kw] pruned in [block Cout x block Cin] channel tiles.
+
+    Each tile spans the whole kh x kw window, so a pruned tile stays a contiguous run of the GEMM's K dimension
+    whether the kernel orders K as (Cin, kh, kw) or (kh, kw, Cin). ``block=1`` prunes single weights
+    (unstructured), not whole (Cout, Cin) kernels.
+    """
+    cout, cin, kh, kw = weight_shape
+    if block == 1:
+        return block_mask(cout, cin * kh * kw, sparsity, 1, generator).view(cout, cin, kh, kw)
+    channels = block_mask(cout, cin, sparsity, block, generator)
+    return channels[:, :, None, None].expand(cout, cin, kh, kw).contiguous()
+
+
+def two_four_mask(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random 2:4 mask [rows, cols] (cols % 4 == 0): two of every four consecutive weights in a row are kept."""
+    if cols % 4:
+        raise ValueError(f"two_four_mask: cols must be a multiple of 4, got {cols}")
+    scores = torch.rand(rows, cols // 4, 4, generator=generator)
+    keep = scores.topk(2, dim=-1).indices
+    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool)
+    mask.scatter_(-1, keep, True)
+    return mask.view(rows, cols)

@@ -1,0 +1,166 @@
+"""The implementations ``lthfast bench layer`` compares, one ``prepare`` function per provider.
+
+Each provider turns a ``Problem`` (weight, mask, bias, op, mode) into a ``Prepared`` call that computes the
+layer from one rotated input set: forward mode returns ``(y,)``, train mode ``(y, dX, dW, db)`` (forward and
+backward, with ``torch.autograd.grad`` so nothing accumulates between calls). A provider that cannot run on
+this device, dtype or op raises ``Unsupported`` with the reason; it is reported as skipped, never dropped.
+
+  dense            F.linear / F.conv2d on the dense weight W ⊙ M (what training costs without sparsity)
+  mask-multiply    W * M recomputed every forward, as torch.nn.utils.prune does (mask stored in the weight dtype)
+  torch-bsr        W ⊙ M as a torch BSR tensor (CSR for block 1), F.linear; linear only
+  semi-structured  torch.sparse.to_sparse_semi_structured with a 2:4 mask (50% sparse only; CUDA sm80+, forward)
+  lthfast          lthfast.functional.masked_linear / masked_conv2d
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lthfast import functional, reference
+from lthfast.bench.masks import two_four_mask
+
+PROVIDERS = ("dense", "mask-multiply", "torch-bsr", "semi-structured", "lthfast")
+
+
+class Unsupported(Exception):
+    """This provider cannot run this problem here; the message is the reason shown as "skipped"."""
+
+
+@dataclass
+class Problem:
+    """One benchmark row's layer. Tensors live on the benchmark device; ``weight`` holds random values even
+    where the mask is False (as a pruned-but-not-zeroed weight does), so providers must apply the mask."""
+
+    op: str  # "linear" | "conv"
+    mode: str  # "forward" | "train"
+    weight: torch.Tensor  # [N, K] or [Cout, Cin/groups, kh, kw]
+    mask: torch.Tensor  # bool, weight's shape
+    bias: torch.Tensor | None  # [N] / [Cout]
+    sparsity: float
+    block: int
+    conv: dict = field(default_factory=dict)  # stride, padding, dilation, groups
+    seed: int = 0
+
+
+@dataclass
+class Prepared:
+    """A provider ready to run: ``call(*input_set)``; the mask it computes with; whether its dW is masked."""
+
+    call: Callable[..., tuple]
+    mask: torch.Tensor
+    masked_dw: bool = True
+    detail: str = ""
+
+
+def _layer(op: str, x, w, b, conv: dict):
+    return F.linear(x, w, b) if op == "linear" else F.conv2d(x, w, b, **conv)
+
+
+def _leaf(t: torch.Tensor | None, train: bool) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.detach().clone().requires_grad_(train)
+
+
+def _wrap(fn: Callable, params: tuple, train: bool) -> Callable[..., tuple]:
+    """Forward mode: ``(y,)``. Train mode: ``(y, dX, dW, db)`` from one backward with ``grad_out``."""
+    if not train:
+        return lambda x: (fn(x),)
+
+    def step(x, grad_out):
+        y = fn(x)
+        wanted = (x,) + tuple(p for p in params if p is not None)
+        grads = torch.autograd.grad(y, wanted, grad_out)
+        db = grads[2] if len(grads) > 2 else None
+        return y, grads[0], grads[1], db
+
+    return step
+
+
+def _dense(p: Problem) -> Prepared:
+    train = p.mode == "train"
+    w = _leaf(reference.masked_weight(p.weight, p.mask), train)
+    b = _leaf(p.bias, train)
+    return Prepared(_wrap(lambda x: _layer(p.op, x, w, b, p.conv), (w, b), train), p.mask, masked_dw=False)
+
+
+def _mask_multiply(p: Problem) -> Prepared:
+    train = p.mode == "train"
+    w, b = _leaf(p.weight, train), _leaf(p.bias, train)
+    mask = p.mask.to(p.weight.dtype)  # torch.nn.utils.prune keeps the mask as a buffer of the weight's dtype
+    return Prepared(_wrap(lambda x: _layer(p.op, x, w * mask, b, p.conv), (w, b), train), p.mask)
+
+
+def _torch_bsr(p: Problem) -> Prepared:
+    if p.op != "linear":
+        raise Unsupported("torch has no conv2d with a sparse (BSR/CSR) weight")
+    n, k = p.weight.shape
+    if p.block > 1 and (n % p.block or k % p.block):
+        raise Unsupported(f"BSR blocksize {p.block} must divide the weight shape {n}x{k}")
+    train = p.mode == "train"
+    dense = reference.masked_weight(p.weight, p.mask).detach()
+    with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = dense.to_sparse_csr() if p.block == 1 else dense.to_sparse_bsr((p.block, p.block))
+    w = sparse.requires_grad_(train)
+    b = _leaf(p.bias, train)
+    detail = "csr" if p.block == 1 else f"bsr {p.block}x{p.block}"
+    return Prepared(_wrap(lambda x: F.linear(x, w, b), (w, b), train), p.mask, masked_dw=False, detail=detail)
+
+
+def _semi_structured(p: Problem) -> Prepared:
+    if p.op != "linear":
+        raise Unsupported("torch's 2:4 semi-structured tensors have no conv2d")
+    if p.weight.device.type != "cuda":
+        raise Unsupported("2:4 semi-structured (CUTLASS/cuSPARSELt) needs a CUDA GPU (sm80+); no CPU kernel")
+    if p.mode == "train":
+        raise Unsupported("torch's 2:4 tensor has no weight-gradient (dW) path; forward only")
+    if abs(p.sparsity - 0.5) > 1e-9:
+        raise Unsupported("2:4 is 50% sparsity only (runs in the sparsity=0.5 rows)")
+    from torch.sparse import to_sparse_semi_structured
+
+    n, k = p.weight.shape
+    generator = torch.Generator().manual_seed(p.seed)
+    mask = two_four_mask(n, k, generator).to(p.weight.device)
+    try:
+        w = to_sparse_semi_structured(reference.masked_weight(p.weight, mask).detach())
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        raise Unsupported(f"to_sparse_semi_structured: {exc}") from exc
+    return Prepared(_wrap(lambda x: F.linear(x, w, p.bias), (), False), mask, detail="2:4 mask, not the row's")
+
+
+def _lthfast(p: Problem) -> Prepared:
+    train = p.mode == "train"
+    w, b = _leaf(p.weight, train), _leaf(p.bias, train)
+    mask = p.mask
+    if p.op == "linear":
+        fn = lambda x: functional.masked_linear(x, w, mask, b)
+    else:
+        c = p.conv
+        fn = lambda x: functional.masked_conv2d(x, w, mask, b, c["stride"], c["padding"], c["dilation"], c["groups"])
+    return Prepared(_wrap(fn, (w, b), train), mask)
+
+
+PREPARE: dict[str, Callable[[Problem], Prepared]] = {
+    "dense": _dense,
+    "mask-multiply": _mask_multiply,
+    "torch-bsr": _torch_bsr,
+    "semi-structured": _semi_structured,
+    "lthfast": _lthfast,
+}
+
+
+def parse_providers(text: str) -> list[str]:
+    """``"dense,lthfast"`` -> ["dense", "lthfast"]; "all" -> every provider. Raises on an unknown name."""
+    names = list(PROVIDERS) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in PREPARE]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown}: expected some of {list(PROVIDERS)}")
+    if "dense" not in names:
+        names.insert(0, "dense")  # every ratio is to dense measured in the same run
+    return names

@@ -1,0 +1,138 @@
+"""The timing method shared by every ``lthfast bench`` measurement.
+
+- Warm-up first (compilation, autotuning, allocator and caches settle), then timed runs.
+- GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run); median, p20, p80 of the runs.
+- CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` on all of torch's threads (the Timer defaults to one
+  thread); median from the Measurement, p20/p80 from its raw per-block times.
+- Inputs rotate over pre-drawn random buffers (``Rotation``), so that repeated runs do not just re-read the
+  cache: each call takes the next buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# Rotated inputs total at least this many bytes: larger than the L2 of an H100 (50 MB) and the per-CCD L3 of
+# the EPYC CPUs we ran on (32 MB), so a buffer is never re-read warm from the previous call.
+ROTATION_BYTES = 64 * 2**20
+MIN_BUFFERS, MAX_BUFFERS = 4, 64
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measurement, in milliseconds per call. ``runs``: timed calls (None where the timer does not say).
+
+    ``samples``: the raw times the percentiles were taken over (per run on GPU, per block of runs on CPU);
+    kept for ``merge``, left out of the JSON.
+    """
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int | None
+    timer: str
+    rounds: int = 1
+    samples: tuple[float, ...] = field(default=(), repr=False)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("median_ms", "p20_ms", "p80_ms", "runs", "timer", "rounds")}
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float], runs: int | None, timer: str, rounds: int = 1) -> Timing:
+        q = lambda p: _percentile(samples, p)
+        return cls(q(0.5), q(0.2), q(0.8), runs, timer, rounds, tuple(samples))
+
+
+def merge(timings: Sequence[Timing]) -> Timing:
+    """Pool the samples of several rounds of one measurement (interleaved with other providers' rounds, so that
+    a burst of load on a shared machine hits every provider alike rather than one)."""
+    if len(timings) == 1:
+        return timings[0]
+    if any(not t.samples for t in timings):  # a timer without raw samples: the median of the medians
+        medians = [t.median_ms for t in timings]
+        return Timing(_percentile(medians, 0.5), min(medians), max(medians), None, timings[0].timer, len(timings))
+    samples = [s for t in timings for s in t.samples]
+    runs = None if any(t.runs is None for t in timings) else sum(t.runs for t in timings)
+    return Timing.from_samples(samples, runs, timings[0].timer, len(timings))
+
+
+def buffer_count(bytes_per_set: int) -> int:
+    """How many input sets to pre-draw so that they total ``ROTATION_BYTES`` (between 4 and 64)."""
+    wanted = math.ceil(ROTATION_BYTES / max(1, bytes_per_set))
+    return max(MIN_BUFFERS, min(MAX_BUFFERS, wanted))
+
+
+class Rotation:
+    """Cycles through pre-drawn input sets: ``next(rotation)`` returns the next one (a tuple of tensors)."""
+
+    def __init__(self, sets: Sequence[tuple]) -> None:
+        if not sets:
+            raise ValueError("Rotation needs at least one input set")
+        self.sets = list(sets)
+        self.calls = 0
+
+    def __next__(self) -> tuple:
+        item = self.sets[self.calls % len(self.sets)]
+        self.calls += 1
+        return item
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _time_cuda(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> Timing:
+    from triton.testing import do_bench
+
+    try:
+        times = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+    except (AssertionError, TypeError, ValueError):  # older triton without return_mode="all"
+        median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(median, p20, p80, None, "triton.testing.do_bench")
+    times = [float(t) for t in times]
+    return Timing.from_samples(times, len(times), "triton.testing.do_bench")
+
+
+def _time_cpu(fn: Callable[[], object], warmup: int, min_run_time: float) -> Timing:
+    from torch.utils import benchmark
+
+    for _ in range(warmup):
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    # m.times holds one mean per block of m.number_per_run calls; percentiles are taken over those blocks.
+    times_ms = [t * 1e3 for t in m.times]
+    runs = len(times_ms) * int(m.number_per_run)
+    return Timing.from_samples(times_ms, runs, "torch.utils.benchmark.blocked_autorange")
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    min_run_time: float = 0.5,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+) -> Timing:
+    """Time ``fn()`` (no arguments; it draws its own inputs, e.g. from a ``Rotation``) on ``device``.
+
+    CPU: ``warmup`` calls, then ``blocked_autorange(min_run_time)`` seconds. CUDA: ``do_bench`` with
+    ``warmup_ms`` / ``rep_ms`` milliseconds of warm-up and timed runs.
+    """
+    if device.type == "cuda":
+        return _time_cuda(fn, warmup_ms, rep_ms)
+    return _time_cpu(fn, warmup, min_run_time)

@@ -1,0 +1,221 @@
+"""``lthfast bench train``: whole training steps (forward, loss, backward, SGD step) of a masked network.
+
+Variants, built from one set of weights and masks per row so that they compute the same function:
+  dense        the plain model with W ⊙ M stored in its weights, trained dense (the cost without sparsity)
+  torch-prune  torch.nn.utils.prune.custom_from_mask on every Linear/Conv2d (weight_orig * mask each forward)
+  lthfast      every Linear/Conv2d replaced by lthfast.nn.MaskedLinear/MaskedConv2d.from_dense
+Every Linear and Conv2d gets a random block mask at the row's sparsity (same sparsity in every layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+from lthfast.bench import models, timing
+from lthfast.bench.check import CheckFailed
+from lthfast.bench.layer import _classify, _dtype, time_interleaved
+from lthfast.bench.masks import block_mask, conv_block_mask
+from lthfast.kernels.tile_index import build_tile_index
+from lthfast.nn import MaskedConv2d, MaskedLinear
+
+VARIANTS = ("dense", "torch-prune", "lthfast")
+# Normalised logit error against a float64 copy of the masked network. Looser than one layer's (check.TOLERANCE):
+# rounding compounds over up to 16 layers, TF32 included in float32 on a GPU; a wrong tile gives errors of O(1).
+MODEL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lenet300"
+    batch: int = 128
+    sparsities: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.98])
+    blocks: list[int] = field(default_factory=lambda: [1, 32])
+    providers: list[str] = field(default_factory=lambda: list(VARIANTS))
+    dtype: str = "float32"
+    device: str = "cpu"
+    lr: float = 0.01
+    tile: tuple[int, int] = (64, 64)
+    min_run_time: float = 0.3  # CPU: seconds per variant, per round
+    repeats: int = 3  # rounds per variant, interleaved with the other variants' rounds
+    warmup: int = 2  # CPU warm-up steps
+    warmup_ms: float = 100.0  # GPU
+    rep_ms: float = 500.0  # GPU
+    buffers: int | None = None
+    seed: int = 0
+
+
+def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) of every nn.Linear and nn.Conv2d, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def random_masks(model: nn.Module, sparsity: float, block: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A bool mask per prunable module name: linear [out, in] tiles, conv [Cout x Cin] channel tiles."""
+    out = {}
+    for name, m in prunable(model):
+        shape = tuple(m.weight.shape)
+        mask = (
+            block_mask(*shape, sparsity, block, generator)
+            if m.weight.dim() == 2
+            else conv_block_mask(shape, sparsity, block, generator)
+        )
+        out[name] = mask.to(m.weight.device)
+    return out
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def build_variant(name: str, base: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``base`` (whose weights already hold W ⊙ M) set up as variant ``name``."""
+    model = copy.deepcopy(base)
+    if name == "dense":
+        return model
+    for mod_name, module in prunable(model):
+        mask = masks[mod_name]
+        if name == "torch-prune":
+            prune.custom_from_mask(module, "weight", mask)
+        elif name == "lthfast":
+            wrap = MaskedLinear if isinstance(module, nn.Linear) else MaskedConv2d
+            _replace(model, mod_name, wrap.from_dense(module, mask))
+        else:
+            raise ValueError(f"unknown training variant {name!r}: expected one of {VARIANTS}")
+    return model
+
+
+def _masked_grads_zero(model: nn.Module, masks: dict[str, torch.Tensor], variant: str) -> None:
+    for mod_name, mask in masks.items():
+        module = model.get_submodule(mod_name)
+        param = module.weight_orig if variant == "torch-prune" else module.weight
+        if param.grad is not None and bool((param.grad[~mask] != 0).any()):
+            raise CheckFailed(f"{mod_name}: weight gradient is nonzero where the mask is False")
+
+
+def check_variant(model, variant, reference, masks, x, y, dtype) -> float:
+    """Logits (train mode, no grad) against the float64 reference; then one backward: pruned gradients zero."""
+    with torch.no_grad():
+        out = model(x).double()
+        ref = reference(x.double())
+    scale = float(ref.abs().max())
+    err = float((out - ref).abs().max()) / scale if scale > 0 else float((out - ref).abs().max())
+    if not math.isfinite(err) or err > MODEL_TOLERANCE[dtype]:
+        raise CheckFailed(f"logits: normalised error {err:.2e} > {MODEL_TOLERANCE[dtype]:.0e} ({dtype})")
+    if variant != "dense":
+        F.cross_entropy(model(x).float(), y).backward()
+        _masked_grads_zero(model, masks, variant)
+        model.zero_grad(set_to_none=True)
+    return err
+
+
+def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, rotation: timing.Rotation) -> Callable[[], None]:
+    def step() -> None:
+        x, y = next(rotation)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+
+    return step
+
+
+def prepare_variant(name, base, masks, reference, rotation, cfg: TrainConfig, dtype):
+    """Build and check one variant. Returns ``(entry, step)``; step is None when the variant failed."""
+    try:
+        model = build_variant(name, base, masks)
+        model.train()
+        err = check_variant(model, name, reference, masks, *rotation.sets[0], dtype)
+    except CheckFailed as exc:
+        return {"provider": name, "status": "error", "reason": f"output check failed: {exc}"}, None
+    except Exception as exc:  # noqa: BLE001 - reported per variant, the others still run
+        status, text = _classify(exc)
+        return {"provider": name, "status": status, "reason": text}, None
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    entry = {"provider": name, "status": "ok", "reason": None, "max_err": err}
+    return entry, (model, _step_fn(model, opt, rotation))
+
+
+def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, log) -> dict:
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round(sparsity * 1e6) * 101 + block)
+    masks = random_masks(base, sparsity, block, generator)
+    row_base = copy.deepcopy(base)
+    with torch.no_grad():
+        for mod_name, module in prunable(row_base):
+            module.weight.mul_(masks[mod_name])
+    reference = copy.deepcopy(row_base).double().train()
+    masks2d = [m.reshape(m.shape[0], -1) for m in masks.values()]
+    bn, bk = cfg.tile
+    indexes = [build_tile_index(m, bn, bk) for m in masks2d]
+    build_all = lambda: [build_tile_index(m, bn, bk) for m in masks2d]
+    t_index = timing.measure(build_all, device, warmup=1, min_run_time=0.05)
+    alive = sum(i.alive_tiles for i in indexes) / sum(i.tile_alive.numel() for i in indexes)
+    log(f"  tile indices ({len(masks2d)} layers, {bn}x{bk}) built in {t_index.median_ms:.3f} ms after the prune")
+    density = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
+    results, built = [], {}
+    for name in cfg.providers:
+        entry, ready = prepare_variant(name, row_base, masks, reference, rotation, cfg, dtype)
+        results.append(entry)
+        if ready is not None:
+            built[name] = ready
+    timings = time_interleaved({name: step for name, (_, step) in built.items()}, device, cfg)
+    x0, y0 = rotation.sets[0]
+    for r in results:
+        if r["provider"] not in timings:
+            log(f"  {r['provider']:12s} {r['status']}: {r['reason']}")
+            continue
+        t = timings[r["provider"]]
+        with torch.no_grad():  # a diverging run (NaN/inf) would time different arithmetic: recorded, not hidden
+            loss_after = float(F.cross_entropy(built[r["provider"]][0](x0).float(), y0))
+        r.update(density=density, samples_per_s=cfg.batch / (t.median_ms * 1e-3), loss_after=loss_after, **t.as_dict())
+        log(f"  {r['provider']:12s} {r['samples_per_s']:.1f} samples/s")
+    dense = next((r for r in results if r["provider"] == "dense" and r["status"] == "ok"), None)
+    for r in results:
+        if r["status"] == "ok":
+            r["speedup_vs_dense"] = dense["median_ms"] / r["median_ms"] if dense else None
+    return {
+        "sparsity": sparsity, "block": block, "density": density, "tile": [bn, bk], "tile_density": alive,
+        "tile_index_ms": t_index.median_ms, "results": results,
+    }  # fmt: skip
+
+
+def run_train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the sweep. Returns ``{"config", "shapes", "rows"}`` (``results.document`` adds the rest)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    unknown = [p for p in cfg.providers if p not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(VARIANTS)}")
+    if "dense" not in cfg.providers:
+        cfg.providers = ["dense", *cfg.providers]
+    dtype, device = _dtype(cfg.dtype), torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    base, input_shape, classes, source = models.build(cfg.model)
+    base = base.to(device, dtype)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    per_set = cfg.batch * math.prod(input_shape) * dtype.itemsize
+    sets = [
+        (
+            torch.randn(cfg.batch, *input_shape, generator=generator).to(device, dtype),
+            torch.randint(0, classes, (cfg.batch,), generator=generator).to(device),
+        )
+        for _ in range(cfg.buffers or timing.buffer_count(per_set))
+    ]
+    rotation = timing.Rotation(sets)
+    params = sum(m.weight.numel() for _, m in prunable(base))
+    log(f"lthfast bench train: {cfg.model} ({source}), batch {cfg.batch}, {cfg.dtype} on {device}")
+    rows = []
+    for sparsity in cfg.sparsities:
+        for block in cfg.blocks:
+            log(f"sparsity {sparsity}, block {block}")
+            rows.append(run_row(cfg, base, sparsity, block, rotation, device, dtype, log))
+    config = asdict(cfg) | {"buffers": len(rotation), "model_source": source}
+    shapes = {"x": [cfg.batch, *input_shape], "classes": classes, "prunable_weights": params}
+    return {"config": config, "shapes": shapes, "rows": rows}

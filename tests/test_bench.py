@@ -1,0 +1,270 @@
+"""Fast tests of the benchmark method (`lthfast bench`): masks, providers checked against the reference, timing,
+skipped/failed providers, the JSON schema, the table, the plot and the CLI. Tiny shapes; timings are not checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lthfast import reference
+from lthfast.bench import check, layer, plots, providers, results, timing, train
+from lthfast.bench.masks import block_mask, conv_block_mask, two_four_mask
+from lthfast.cli import main
+
+FAST = {"min_run_time": 0.002, "repeats": 1, "warmup": 1, "buffers": 3}
+FAST_T = {"warmup": 1, "min_run_time": 0.002}
+
+
+def tiny_layer(op: str = "linear", mode: str = "forward", **kw) -> layer.LayerConfig:
+    base = {"shape": (24, 40), "tokens": 12} if op == "linear" else {"shape": (8, 6, 3, 3), "batch": 2, "image": (5, 7)}
+    base |= {"sparsities": [0.0, 0.75], "blocks": [1, 8]} | FAST | kw
+    return layer.LayerConfig(op=op, mode=mode, **base)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+# ---- masks -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,cols,sparsity,block", [(37, 50, 0.5, 16), (64, 64, 0.9, 1), (30, 18, 0.3, 4)])
+def test_block_mask_prunes_exact_tile_count_in_whole_tiles(rows, cols, sparsity, block):
+    mask = block_mask(rows, cols, sparsity, block, torch.Generator().manual_seed(1))
+    tiles_r, tiles_c = -(-rows // block), -(-cols // block)
+    pruned = 0
+    for i in range(tiles_r):
+        for j in range(tiles_c):
+            tile = mask[i * block : (i + 1) * block, j * block : (j + 1) * block]  # edge tiles are partial
+            assert bool(tile.all()) or not bool(tile.any()), f"tile ({i}, {j}) is partly pruned"
+            pruned += not bool(tile.any())
+    assert pruned == round(sparsity * tiles_r * tiles_c)
+
+
+def test_block_mask_is_random_and_rejects_bad_input():
+    a = block_mask(32, 32, 0.5, 4, torch.Generator().manual_seed(1))
+    b = block_mask(32, 32, 0.5, 4, torch.Generator().manual_seed(2))
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="sparsity"):
+        block_mask(4, 4, 1.5, 1)
+    with pytest.raises(ValueError, match="block"):
+        block_mask(4, 4, 0.5, 0)
+
+
+def test_conv_block_mask_prunes_whole_kernels_per_channel_tile():
+    mask = conv_block_mask((16, 8, 3, 3), 0.5, 4, torch.Generator().manual_seed(0))
+    per_pair = mask.flatten(2)
+    assert bool((per_pair.all(-1) | (~per_pair).all(-1)).all())
+    assert int((~mask).sum()) == 16 * 8 * 9 // 2
+    unstructured = conv_block_mask((16, 8, 3, 3), 0.9, 1, torch.Generator().manual_seed(0))
+    assert int((~unstructured).sum()) == round(0.9 * 16 * 8 * 9)
+
+
+def test_two_four_mask_keeps_two_of_every_four():
+    mask = two_four_mask(6, 16, torch.Generator().manual_seed(0))
+    assert bool((mask.view(6, 4, 4).sum(-1) == 2).all())
+
+
+# ---- providers and the output check --------------------------------------------------------------------------
+
+# (op, provider, mode) that torch cannot run on CPU; mode None = both modes.
+CPU_SKIPS = {("linear", "semi-structured", None), ("conv", "semi-structured", None), ("conv", "torch-bsr", None)}
+CPU_SKIPS |= {("linear", "torch-bsr", "train")}  # no CPU kernel for dX with a BSR weight (block > 1)
+
+
+def _problem(op: str, mode: str, sparsity: float = 0.6, block: int = 4) -> tuple[providers.Problem, tuple, dict]:
+    cfg = tiny_layer(op, mode)
+    shapes = layer.shapes(cfg)
+    weight = torch.randn(cfg.shape)
+    mask = block_mask(*cfg.shape, sparsity, block) if op == "linear" else conv_block_mask(cfg.shape, sparsity, block)
+    conv = cfg.conv_args() if op == "conv" else {}
+    problem = providers.Problem(op, mode, weight, mask, torch.randn(cfg.shape[0]), sparsity, block, conv)
+    x = torch.randn(shapes["x"]).requires_grad_(mode == "train")
+    inputs = (x, torch.randn(shapes["y"])) if mode == "train" else (x,)
+    return problem, inputs, conv
+
+
+@pytest.mark.parametrize("op", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_every_provider_matches_the_reference_or_is_skipped_with_a_reason(op, mode):
+    problem, inputs, conv = _problem(op, mode)
+    rotation = timing.Rotation([inputs])
+    expected = lambda m: check.reference_outputs(op, mode == "train", problem.weight, m, problem.bias, conv, *inputs)
+    ran = []
+    for name in providers.PROVIDERS:
+        entry, prepared = layer.prepare_provider(name, problem, rotation, expected)
+        if entry["status"] == "skipped":
+            assert {(op, name, None), (op, name, mode)} & CPU_SKIPS, entry
+            assert len(entry["reason"]) > 10
+            continue
+        assert entry["status"] == "ok", entry
+        outputs = prepared.call(*inputs)
+        assert len(outputs) == (4 if mode == "train" else 1)
+        # independent of check.compare: y against the reference op in float32
+        ref_y = (reference.masked_linear if op == "linear" else reference.masked_conv2d)(
+            inputs[0].detach(), problem.weight, problem.mask, problem.bias, **conv
+        )
+        torch.testing.assert_close(outputs[0].detach(), ref_y, rtol=1e-4, atol=1e-4)
+        ran.append(name)
+    assert {"dense", "mask-multiply", "lthfast"} <= set(ran)
+
+
+def test_compare_rejects_a_wrong_output_and_a_dw_leak():
+    problem, inputs, conv = _problem("linear", "train")
+    expected = check.reference_outputs("linear", True, problem.weight, problem.mask, problem.bias, conv, *inputs)
+    y, dx, dw, db = providers.PREPARE["mask-multiply"](problem).call(*inputs)
+    with pytest.raises(check.CheckFailed, match="dX"):
+        check.compare((y, dx * 1.01, dw, db), expected, problem.mask, torch.float32, True)
+    leaky = dw + (~problem.mask) * 0.5
+    with pytest.raises(check.CheckFailed, match="nonzero where the mask is False"):
+        check.compare((y, dx, leaky, db), expected, problem.mask, torch.float32, True)
+
+
+def test_parse_providers():
+    assert providers.parse_providers("lthfast") == ["dense", "lthfast"]
+    assert providers.parse_providers("all") == list(providers.PROVIDERS)
+    with pytest.raises(ValueError, match="cusparse"):
+        providers.parse_providers("dense,cusparse")
+
+
+def test_classify_separates_unsupported_from_errors():
+    assert layer._classify(NotImplementedError("x"))[0] == "skipped"
+    assert layer._classify(RuntimeError("addmm: computation on CPU is not implemented for X"))[0] == "skipped"
+    assert layer._classify(RuntimeError("index out of range"))[0] == "error"
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+
+
+def test_measure_rotates_inputs_and_orders_percentiles():
+    sets = [(torch.randn(16, 16),) for _ in range(5)]
+    rotation = timing.Rotation(sets)
+    seen = set()
+    t = timing.measure(lambda: seen.add(id(next(rotation)[0])) or sets[0][0].sum(), torch.device("cpu"), **FAST_T)
+    assert seen == {id(s[0]) for s in sets}
+    assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms and t.runs >= 1
+    merged = timing.merge([t, t])
+    assert merged.rounds == 2 and merged.runs == 2 * t.runs and len(merged.samples) == 2 * len(t.samples)
+
+
+def test_buffer_count_covers_the_rotation_bytes():
+    assert timing.buffer_count(2**30) == timing.MIN_BUFFERS
+    assert timing.buffer_count(1) == timing.MAX_BUFFERS
+    assert timing.buffer_count(8 * 2**20) * 8 * 2**20 >= timing.ROTATION_BYTES
+
+
+# ---- rows, skipped and failed providers, JSON, table, plot ------------------------------------------------------
+
+
+def _wrong_provider(p: providers.Problem) -> providers.Prepared:
+    """Forgets the mask: must be reported as an error and never timed."""
+    w = p.weight.clone()
+    return providers.Prepared(lambda x: (torch.nn.functional.linear(x, w, p.bias),), p.mask)
+
+
+def test_a_wrong_provider_is_an_error_and_is_not_timed(monkeypatch):
+    monkeypatch.setitem(providers.PREPARE, "lthfast", _wrong_provider)
+    timed = []
+    real_measure = timing.measure
+    monkeypatch.setattr(timing, "measure", lambda fn, *a, **k: timed.append(fn) or real_measure(fn, *a, **k))
+    body = layer.run_layer(tiny_layer(sparsities=[0.75], blocks=[1]), log=quiet)
+    by_name = {r["provider"]: r for r in body["rows"][0]["results"]}
+    assert by_name["lthfast"]["status"] == "error" and "output check failed" in by_name["lthfast"]["reason"]
+    assert "median_ms" not in by_name["lthfast"]
+    ok = [n for n, r in by_name.items() if r["status"] == "ok"]
+    assert len(timed) == len(ok) + 1  # one per timed provider, plus the tile-index build
+
+
+@pytest.mark.parametrize("op,mode", [("linear", "forward"), ("conv", "train")])
+def test_layer_document_schema_table_and_plot(op, mode, tmp_path):
+    body = layer.run_layer(tiny_layer(op, mode), log=quiet)
+    doc = results.document("layer", body, torch.device("cpu"), "lthfast bench layer", "test run", "lthfast")
+    assert [(r["sparsity"], r["block"]) for r in doc["rows"]] == [(0.0, 1), (0.0, 8), (0.75, 1), (0.75, 8)]
+    for row in doc["rows"]:
+        by_name = {r["provider"]: r for r in row["results"]}
+        assert list(by_name) == list(providers.PROVIDERS)  # skipped ones are listed, not dropped
+        semi = by_name["semi-structured"]
+        assert semi["status"] == "skipped" and ("CUDA" if op == "linear" else "conv2d") in semi["reason"]
+        dense = by_name["dense"]
+        assert dense["speedup_vs_dense"] == 1.0
+        assert dense["tflops_dense_equiv"] == pytest.approx(body["shapes"]["flops"] / dense["median_ms"] / 1e9)
+        lth = by_name["lthfast"]
+        assert lth["tflops_useful"] == pytest.approx(lth["tflops_dense_equiv"] * row["density"])
+    assert set(doc["crossover"]["lthfast"]) == {"1", "8"}
+    json.loads(json.dumps(doc))  # serialisable
+    table = results.format_table(doc)
+    assert "skipped: semi-structured (all rows)" in table and "tile index build after a prune" in table
+    assert "crossover" in table
+    png = plots.plot_speedup(doc, tmp_path / "speed.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validate_names_the_broken_key():
+    body = layer.run_layer(tiny_layer(sparsities=[0.5], blocks=[1], providers=["dense"]), log=quiet)
+    doc = results.document("layer", body, torch.device("cpu"), "cmd", "", "lthfast")
+    broken = json.loads(json.dumps(doc))
+    del broken["rows"][0]["results"][0]["median_ms"]
+    with pytest.raises(results.SchemaError, match="median_ms"):
+        results.validate(broken)
+    broken = json.loads(json.dumps(doc))
+    broken["rows"][0]["results"][0]["status"] = "fine"
+    with pytest.raises(results.SchemaError, match="status"):
+        results.validate(broken)
+
+
+def _row(sparsity, block, speedup):
+    results_ = [{"provider": "dense", "status": "ok", "speedup_vs_dense": 1.0}]
+    if speedup is not None:
+        results_.append({"provider": "lthfast", "status": "ok", "speedup_vs_dense": speedup})
+    return {"sparsity": sparsity, "block": block, "results": results_}
+
+
+def test_crossover_is_the_lowest_sparsity_from_which_lthfast_keeps_winning():
+    rows = [_row(0.0, 16, 1.05), _row(0.5, 16, 0.9), _row(0.9, 16, 1.4), _row(0.95, 16, 2.0)]
+    rows += [_row(0.5, 1, 0.8), _row(0.9, 1, 0.95)]
+    rows += [_row(0.5, 32, 1.2), _row(0.9, 32, None)]
+    assert results.crossover(rows) == {"1": None, "16": 0.9, "32": 0.5}
+
+
+# ---- training steps and the CLI ------------------------------------------------------------------------------
+
+
+def test_train_variants_agree_and_are_timed():
+    cfg = train.TrainConfig(model="lenet300", batch=8, sparsities=[0.9], blocks=[16], **FAST)
+    body = train.run_train(cfg, log=quiet)
+    row = body["rows"][0]
+    assert [r["provider"] for r in row["results"]] == list(train.VARIANTS)
+    for r in row["results"]:
+        assert r["status"] == "ok", r
+        assert r["samples_per_s"] == pytest.approx(8 / (r["median_ms"] * 1e-3))
+    assert 0.05 < row["density"] < 0.15 and row["tile_index_ms"] > 0
+
+
+def test_train_reports_a_variant_whose_pruned_gradients_leak(monkeypatch):
+    real = train.build_variant
+
+    def leaky(name, base, masks):  # lthfast built with full masks: same logits, gradients leak into pruned weights
+        return real(name, base, {k: torch.ones_like(m) for k, m in masks.items()} if name == "lthfast" else masks)
+
+    monkeypatch.setattr(train, "build_variant", leaky)
+    cfg = train.TrainConfig(model="lenet300", batch=8, sparsities=[0.5], blocks=[1], **FAST)
+    by_name = {r["provider"]: r for r in train.run_train(cfg, log=quiet)["rows"][0]["results"]}
+    assert by_name["lthfast"]["status"] == "error" and "nonzero where the mask is False" in by_name["lthfast"]["reason"]
+    assert by_name["torch-prune"]["status"] == "ok"
+
+
+def test_cli_bench_layer_writes_json_and_png(tmp_path, capsys):
+    argv = ["bench", "layer", "--shape", "16x24", "--tokens", "8", "--sparsity", "0,0.5", "--block", "1,8"]
+    argv += ["--min-run-time", "0.002", "--repeats", "1", "--buffers", "2", "--device", "cpu", "--out", str(tmp_path)]
+    argv += ["--providers", "lthfast,semi-structured", "--tag", "t", "--notes", "unit test"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "semi-structured" in out and "wrote" in out
+    (json_path,) = tmp_path.glob("bench_layer-linear-forward-cpu-*-t.json")
+    doc = json.loads(json_path.read_text())
+    results.validate(doc)
+    assert doc["notes"] == "unit test" and doc["config"]["shape"] == [16, 24]
+    assert doc["command"].startswith("lthfast bench layer --kind linear --shape 16x24")
+    assert json_path.with_suffix(".png").stat().st_size > 1000
