@@ -2,6 +2,37 @@
 
 __version__ = "0.1.0"
 
+from lthfast import functional, nn, prune  # noqa: E402
 from lthfast._backend import backend, get_backend, set_backend  # noqa: E402
+from lthfast.pruning import (  # noqa: E402
+    Masks,
+    Snapshot,
+    dense_state_dict,
+    densify,
+    from_torch_prune,
+    mask_optimizer,
+    prunable,
+    sparsify,
+    strategies,
+    to_torch_prune,
+)
 
-__all__ = ["__version__", "backend", "get_backend", "set_backend"]
+__all__ = [
+    "__version__",
+    "Masks",
+    "Snapshot",
+    "backend",
+    "dense_state_dict",
+    "densify",
+    "from_torch_prune",
+    "functional",
+    "get_backend",
+    "mask_optimizer",
+    "nn",
+    "prunable",
+    "prune",
+    "set_backend",
+    "sparsify",
+    "strategies",
+    "to_torch_prune",
+]

@@ -1,0 +1,177 @@
+"""Find the prunable weights of a model: nn.Linear / nn.Conv2d weights, masked or not, by fully qualified name.
+
+A prunable weight is named like its parameter in ``model.named_parameters()`` ("fc1.weight",
+"layers.0.conv.weight"). Three layouts hold one:
+  "masked" - lthfast MaskedLinear / MaskedConv2d: Parameter ``weight``, bool buffer ``mask``;
+  "torch"  - a module pruned with torch.nn.utils.prune: Parameter ``weight_orig``, float buffer
+             ``weight_mask``, plain attribute ``weight = weight_orig * weight_mask`` (keyed as "<module>.weight");
+  "plain"  - nn.Linear / nn.Conv2d: Parameter ``weight`` and no mask (pruning zeroes the stored weight).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lthfast.nn import MaskedConv2d, MaskedLinear
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
+MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One prunable weight: its name, module, layout and the Parameter that holds the stored values."""
+
+    name: str
+    module_name: str
+    module: nn.Module
+    layout: str  # "masked" | "torch" | "plain"
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The stored weight Parameter (``weight_orig`` for the torch layout)."""
+        if self.layout == "torch":
+            return self.module.weight_orig
+        return self.module.weight
+
+    def current_mask(self) -> torch.Tensor | None:
+        """The mask the module holds now as a bool tensor (a view for "masked"), or None for "plain"."""
+        if self.layout == "masked":
+            return self.module.mask
+        if self.layout == "torch":
+            return self.module.weight_mask != 0
+        return None
+
+    @torch.no_grad()
+    def write_mask_(self, mask: torch.Tensor) -> None:
+        """Store ``mask`` (validated bool, the weight's shape/device) and zero the pruned stored weights."""
+        if self.layout == "masked":
+            self.module.set_mask_(mask)
+            self.module.apply_mask_()
+            return
+        if self.layout == "torch":
+            self.module.weight_mask.copy_(mask)
+            self.module.weight_orig.masked_fill_(~mask, 0)
+            self._refresh_torch_weight()
+            return
+        self.module.weight.masked_fill_(~mask, 0)
+
+    @torch.no_grad()
+    def zero_pruned_(self) -> None:
+        """Zero the stored weights where the module's own mask is False (no-op for "plain")."""
+        if self.layout == "masked":
+            self.module.apply_mask_()
+        elif self.layout == "torch":
+            self.module.weight_orig.masked_fill_(self.module.weight_mask == 0, 0)
+            self._refresh_torch_weight()
+
+    def _refresh_torch_weight(self) -> None:
+        # torch's layout: ``weight`` is the attribute orig * mask (its forward pre-hook recomputes it too).
+        with torch.enable_grad():
+            self.module.weight = self.module.weight_orig * self.module.weight_mask.to(self.param.dtype)
+
+
+def is_torch_pruned(module: nn.Module, name: str = "weight") -> bool:
+    """True when ``module.<name>`` is reparametrized by torch.nn.utils.prune (``<name>_orig`` / ``<name>_mask``)."""
+    return f"{name}_orig" in module._parameters and f"{name}_mask" in module._buffers
+
+
+def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    out = list(patterns)
+    for p in out:
+        if not isinstance(p, str):
+            raise TypeError(f"{what}: patterns must be strings, got {p!r}")
+    return out
+
+
+def matches(pattern: str, name: str) -> bool:
+    """fnmatch ``pattern`` against a weight name ("fc1.weight") or its module name ("fc1")."""
+    module_name = name.rsplit(".", 1)[0] if "." in name else ""
+    return fnmatch.fnmatchcase(module_name, pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def _weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def all_layers(model: nn.Module) -> list[Layer]:
+    """Every nn.Linear / nn.Conv2d weight of ``model`` in ``named_parameters`` order (shared weights once)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    layers, seen = [], set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES):
+            continue
+        if isinstance(module, MASKED_TYPES):
+            layout = "masked"
+        elif is_torch_pruned(module):
+            layout = "torch"
+        else:
+            layout = "plain"
+        layer = Layer(_weight_name(module_name), module_name, module, layout)
+        if layer.param is None or id(layer.param) in seen:
+            continue
+        seen.add(id(layer.param))
+        layers.append(layer)
+    return layers
+
+
+def select_layers(
+    model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None
+) -> list[Layer]:
+    """The prunable layers filtered by fnmatch patterns on module (or weight) names.
+
+    ``include`` None means all layers. A pattern that matches no prunable layer is an error (a typo would
+    otherwise silently prune the wrong layers).
+    """
+    layers = all_layers(model)
+    names = [layer.name for layer in layers]
+    inc = _as_patterns(include, "include")
+    exc = _as_patterns(exclude, "exclude")
+    for what, pats in (("include", inc), ("exclude", exc)):
+        for p in pats or ():
+            if not any(matches(p, n) for n in names):
+                raise ValueError(f"{what} pattern {p!r} matches no nn.Linear/nn.Conv2d weight; known: {names}")
+    if inc is not None:
+        layers = [layer for layer in layers if any(matches(p, layer.name) for p in inc)]
+    if exc is not None:
+        layers = [layer for layer in layers if not any(matches(p, layer.name) for p in exc)]
+    return layers
+
+
+def prunable(
+    model: nn.Module, include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """Name -> stored weight Parameter of every nn.Linear / nn.Conv2d (masked or not), filtered by patterns.
+
+    Names are ``named_parameters`` names of the weights ("fc1.weight"); for a module pruned with
+    torch.nn.utils.prune the name is still "<module>.weight" and the Parameter is its ``weight_orig``.
+    """
+    return {layer.name: layer.param for layer in select_layers(model, include, exclude)}
+
+
+def check_fraction(value, what: str) -> float:
+    """A pruning fraction in [0, 1] as a float, or a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what}: fraction must be a number in [0, 1], got {value!r}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        raise ValueError(f"{what}: fraction must be in [0, 1], got {value}")
+    return value
+
+
+def check_finite(weight: torch.Tensor, where: str) -> None:
+    """Raise naming ``where`` when ``weight`` holds NaN or infinite values (their magnitude has no rank)."""
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"{where}: weight holds {bad} NaN/inf values; cannot rank magnitudes")

@@ -1,0 +1,136 @@
+"""Masks: validation on write, statistics, files, apply_ to every layout, and all-or-nothing validation."""
+
+import pytest
+import torch
+from prune_models import mlp, tie_free_
+from torch.nn.utils import prune as torch_prune
+
+import lthfast
+from lthfast import Masks
+
+
+def random_masks(model, density=0.6) -> Masks:
+    return Masks({n: torch.rand(p.shape) < density for n, p in lthfast.prunable(model).items()})
+
+
+def test_prunable_names_follow_named_parameters(convnet):
+    names = list(lthfast.prunable(convnet))
+    expected = [n for n, _ in convnet.named_parameters() if n.endswith("weight")]
+    assert names == expected == ["conv1.weight", "conv2.weight", "body.1.weight", "out.weight"]
+    assert list(lthfast.prunable(convnet, include="conv*")) == ["conv1.weight", "conv2.weight"]
+    assert list(lthfast.prunable(convnet, exclude=["out", "conv1"])) == ["conv2.weight", "body.1.weight"]
+    assert all(p is dict(convnet.named_parameters())[n] for n, p in lthfast.prunable(convnet).items())
+
+
+def test_prunable_rejects_unknown_pattern(convnet):
+    with pytest.raises(ValueError, match="'fc9'"):
+        lthfast.prunable(convnet, exclude="fc9")
+
+
+def test_write_validation(convnet):
+    masks = Masks.ones(convnet)
+    with pytest.raises(TypeError, match="conv1.weight.*bool"):
+        masks["conv1.weight"] = torch.ones(8, 3, 3, 3)
+    with pytest.raises(ValueError, match="conv1.weight.*shape"):
+        masks["conv1.weight"] = torch.ones(8, 3, 3, dtype=torch.bool)
+    with pytest.raises(TypeError):
+        masks[3] = torch.ones(2, dtype=torch.bool)
+    assert masks["conv1.weight"].shape == (8, 3, 3, 3)
+
+
+def test_statistics_are_exact_counts(convnet):
+    masks = random_masks(convnet)
+    alive = {n: int(m.sum()) for n, m in masks.items()}
+    total = {n: m.numel() for n, m in masks.items()}
+    assert masks.alive_count() == sum(alive.values())
+    assert masks.total_count() == sum(total.values()) == sum(p.numel() for p in lthfast.prunable(convnet).values())
+    assert masks.density() == sum(alive.values()) / sum(total.values())
+    assert masks.layer_density() == {n: alive[n] / total[n] for n in masks}
+    report = masks.sparsity_report()
+    for name in masks:
+        assert name in report and str(alive[name]) in report
+    assert f"{masks.density():.4f}" in report.splitlines()[-1]
+
+
+def test_clone_is_independent(convnet):
+    masks = random_masks(convnet)
+    copy = masks.clone()
+    masks["out.weight"][:] = False
+    assert copy["out.weight"].any() and copy != masks
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_load_roundtrip(tmp_path, convnet, suffix):
+    masks = random_masks(convnet)
+    path = tmp_path / f"masks{suffix}"
+    masks.save(path)
+    loaded = Masks.load(path)
+    assert loaded == masks and list(loaded) == list(masks)
+    assert all(m.dtype == torch.bool for m in loaded.values())
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="masks.npy"):
+        Masks.load(tmp_path / "masks.npy")
+    torch.save({"fc.weight": torch.ones(3)}, tmp_path / "float.pt")
+    with pytest.raises(TypeError, match="float.pt.*bool"):
+        Masks.load(tmp_path / "float.pt")
+
+
+def test_apply_to_plain_model_zeroes_pruned_weights(convnet):
+    before = {n: p.detach().clone() for n, p in lthfast.prunable(convnet).items()}
+    masks = random_masks(convnet)
+    masks.apply_(convnet)
+    for name, p in lthfast.prunable(convnet).items():
+        assert torch.equal(p.detach(), torch.where(masks[name], before[name], 0.0))
+
+
+def test_apply_to_masked_and_torch_layouts(convnet):
+    masks = random_masks(convnet)
+    sparse = lthfast.sparsify(tie_free_(type(convnet)()))
+    masks.apply_(sparse)
+    assert Masks.from_model(sparse) == masks
+    for name, p in lthfast.prunable(sparse).items():
+        assert not p.detach()[~masks[name]].any()
+    torch_pruned = tie_free_(type(convnet)())
+    for module in (torch_pruned.conv1, torch_pruned.out):
+        torch_prune.identity(module, "weight")
+    masks.apply_(torch_pruned)
+    from_torch = Masks.from_model(torch_pruned)
+    assert list(from_torch) == ["conv1.weight", "out.weight"]
+    assert torch.equal(from_torch["out.weight"], masks["out.weight"])
+    assert torch.equal(torch_pruned.out.weight, torch_pruned.out.weight_orig * masks["out.weight"])
+    assert not torch_pruned.out.weight_orig.detach()[~masks["out.weight"]].any()
+
+
+def test_from_model_returns_copies(convnet):
+    sparse = lthfast.sparsify(convnet)
+    masks = Masks.from_model(sparse)
+    sparse.out.mask[:] = False
+    assert masks["out.weight"].all()
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (lambda m: torch.ones(3, 3, dtype=torch.bool), ValueError, "out.weight.*shape"),
+        (lambda m: torch.ones(m.shape, device="meta", dtype=torch.bool), ValueError, "out.weight.*meta"),
+    ],
+)
+def test_apply_validates_everything_first(convnet, bad, error, match):
+    sparse = lthfast.sparsify(convnet)
+    before = {n: p.detach().clone() for n, p in lthfast.prunable(sparse).items()}
+    masks = Masks({n: torch.rand(p.shape) < 0.5 for n, p in lthfast.prunable(sparse).items()})
+    masks._masks["out.weight"] = bad(masks["out.weight"])  # bypass write validation: apply_ must still catch it
+    with pytest.raises(error, match=match):
+        masks.apply_(sparse)
+    assert all(m.mask.all() for m in sparse.modules() if hasattr(m, "mask"))
+    assert all(torch.equal(p.detach(), before[n]) for n, p in lthfast.prunable(sparse).items())
+
+
+def test_apply_rejects_unknown_layer():
+    model = mlp()
+    masks = Masks.ones(model)
+    masks["9.weight"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(KeyError, match="9.weight"):
+        masks.apply_(model)
