@@ -178,23 +178,15 @@ def _add_rates(results: list[dict], flops: int) -> None:
         r["tflops_useful"] = flops * r["density"] / seconds / 1e12
 
 
-def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotation, log) -> dict:
-    """Measure every provider at one (sparsity, block). Returns the row dict of the JSON schema."""
-    device = weight.device
+def make_problem(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotation) -> tuple[Problem, Callable]:
+    """The row's ``Problem`` (a fresh random mask, seeded by (seed, sparsity, block)) and ``expected(mask)``, the
+    float64 reference outputs on the first input set (cached per mask)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round(sparsity * 1e6) * 101 + block)
     if cfg.op == "linear":
         mask = block_mask(*cfg.shape, sparsity, block, generator)
     else:
         mask = conv_block_mask(cfg.shape, sparsity, block, generator)
-    mask = mask.to(device)
-    mask2d = mask.reshape(mask.shape[0], -1)
-    bn, bk = cfg.tile
-    index = build_tile_index(mask2d, bn, bk)
-    t_index = timing.measure(lambda: build_tile_index(mask2d, bn, bk), device, warmup=1, min_run_time=0.05)
-    log(
-        f"  tile index {bn}x{bk} built in {t_index.median_ms:.3f} ms after the prune "
-        f"(sparsity {sparsity}, block {block}: {index.tile_density:.1%} of tiles alive)"
-    )
+    mask = mask.to(weight.device)
     conv = cfg.conv_args() if cfg.op == "conv" else {}
     problem = Problem(cfg.op, cfg.mode, weight, mask, bias, sparsity, block, conv, seed=cfg.seed)
     cache: dict[int, tuple] = {}
@@ -205,6 +197,21 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
             cache[id(m)] = check.reference_outputs(cfg.op, train, weight, m, bias, conv, *rotation.sets[0])
         return cache[id(m)]
 
+    return problem, expected
+
+
+def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotation, log) -> dict:
+    """Measure every provider at one (sparsity, block). Returns the row dict of the JSON schema."""
+    device = weight.device
+    problem, expected = make_problem(cfg, sparsity, block, weight, bias, rotation)
+    mask2d = problem.mask.reshape(problem.mask.shape[0], -1)
+    bn, bk = cfg.tile
+    index = build_tile_index(mask2d, bn, bk)
+    t_index = timing.measure(lambda: build_tile_index(mask2d, bn, bk), device, warmup=1, min_run_time=0.05)
+    log(
+        f"  tile index {bn}x{bk} built in {t_index.median_ms:.3f} ms after the prune "
+        f"(sparsity {sparsity}, block {block}: {index.tile_density:.1%} of tiles alive)"
+    )
     results, calls = [], {}
     for name in cfg.providers:
         entry, prepared = prepare_provider(name, problem, rotation, expected)
@@ -222,7 +229,7 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
     return {
         "sparsity": sparsity,
         "block": block,
-        "density": float(mask.float().mean()),
+        "density": float(problem.mask.float().mean()),
         "tile": [bn, bk],
         "tile_density": index.tile_density,
         "tile_index_ms": t_index.median_ms,
@@ -231,8 +238,20 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
     }
 
 
+def make_tensors(cfg: LayerConfig) -> tuple[torch.Tensor, torch.Tensor, timing.Rotation]:
+    """Random weight (scaled by 1/sqrt(fan-in)), bias and rotated input sets on ``cfg.device`` in ``cfg.dtype``."""
+    dtype, device = _dtype(cfg.dtype), torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    fan_in = math.prod(cfg.shape[1:])
+    weight = (torch.randn(cfg.shape, generator=generator) / math.sqrt(fan_in)).to(device, dtype)
+    bias = (0.1 * torch.randn(cfg.shape[0], generator=generator)).to(device, dtype)
+    return weight, bias, _input_sets(cfg, dtype, device, generator)
+
+
 def run_layer(cfg: LayerConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Run the whole sweep. Returns ``{"config", "shapes", "rows"}`` (``results.layer_document`` adds the rest)."""
+    """Run the whole sweep. Returns ``{"config", "shapes", "rows"}`` (``results.document`` adds the rest)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if cfg.op not in ("linear", "conv"):
         raise ValueError(f"--kind must be linear or conv, got {cfg.op!r}")
@@ -241,14 +260,8 @@ def run_layer(cfg: LayerConfig, log: Callable[[str], None] | None = None) -> dic
     expected_dims = 2 if cfg.op == "linear" else 4
     if len(cfg.shape) != expected_dims:
         raise ValueError(f"--shape for {cfg.op} needs {expected_dims} sizes, got {cfg.shape}")
-    dtype, device = _dtype(cfg.dtype), torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    fan_in = math.prod(cfg.shape[1:])
-    weight = (torch.randn(cfg.shape, generator=generator) / math.sqrt(fan_in)).to(device, dtype)
-    bias = (0.1 * torch.randn(cfg.shape[0], generator=generator)).to(device, dtype)
-    rotation = _input_sets(cfg, dtype, device, generator)
+    weight, bias, rotation = make_tensors(cfg)
+    device = weight.device
     if device.type == "cpu" and "lthfast" in cfg.providers and use_triton(weight):
         log("WARNING: lthfast runs its Triton kernels in the CPU interpreter here (TRITON_INTERPRET=1 or backend")
         log("         'triton'): its timings measure the interpreter, not a fast path")

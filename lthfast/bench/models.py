@@ -1,6 +1,6 @@
 """The networks ``lthfast bench train`` times: LeNet-300-100 (MNIST shapes), ResNet-20 and VGG-16 (CIFAR shapes).
 
-``lthfast.models`` is used when it provides the name; these local definitions (the standard lottery-ticket
+``lthfast.models.build_model`` is used when it imports; these local definitions (the standard lottery-ticket
 architectures, as in Frankle & Carbin 2019 / open_lth) stand in until it does, so that the benchmark does not
 depend on the IMP package. Each entry: (constructor, input shape without the batch, number of classes).
 """
@@ -68,16 +68,18 @@ LOCAL: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], int]] = {
 }
 
 
+# bench name -> lthfast.models.build_model name
+PROJECT_NAMES = {"lenet300": "lenet", "resnet20": "resnet20", "vgg16": "vgg16"}
+
+
 def build(name: str) -> tuple[nn.Module, tuple[int, ...], int, str]:
     """(model, input shape without batch, classes, source) for ``name``; source says which definition was used."""
     if name not in LOCAL:
         raise ValueError(f"unknown model {name!r}: expected one of {sorted(LOCAL)}")
     ctor, input_shape, classes = LOCAL[name]
     try:
-        from lthfast import models as project_models
+        from lthfast.models import build_model
     except ImportError:
-        project_models = None
-    ctor_there = getattr(project_models, name, None) if project_models is not None else None
-    if callable(ctor_there):
-        return ctor_there(), input_shape, classes, f"lthfast.models.{name}"
-    return ctor(classes), input_shape, classes, f"lthfast.bench.models.{name}"
+        return ctor(classes), input_shape, classes, f"lthfast.bench.models.{name}"
+    model = build_model(PROJECT_NAMES[name], input_shape, classes)
+    return model, input_shape, classes, f"lthfast.models.build_model({PROJECT_NAMES[name]!r})"

@@ -20,7 +20,8 @@ _STYLE = {
 
 def title(doc: dict) -> str:
     cfg, dev = doc["config"], doc["device"]
-    where = f"{dev['name']}" + (f", {dev['threads']} threads" if dev["type"] == "cpu" else "")
+    threads = dev.get("threads", 0)
+    where = f"{dev['name']}" + (f", {threads} thread{'s' if threads != 1 else ''}" if dev["type"] == "cpu" else "")
     if doc["kind"] == "train":
         return f"training step: {cfg['model']}, batch {cfg['batch']}, {cfg['dtype']} ({where})"
     shape = "x".join(str(s) for s in cfg["shape"])
@@ -41,7 +42,7 @@ def plot_speedup(doc: dict, path: Path) -> Path:
     sparsities = sorted({r["sparsity"] for r in rows})
     pos = {s: i for i, s in enumerate(sparsities)}
     cross = next(iter(doc["crossover"].values()), {})
-    cols = min(4, len(blocks))
+    cols = 2 if len(blocks) == 4 else min(3, len(blocks))
     nrows = -(-len(blocks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False, sharey=True)
     for ax, block in zip(axes.flat, blocks):
