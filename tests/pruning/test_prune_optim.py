@@ -1,0 +1,114 @@
+"""mask_optimizer: pruned weights and their optimizer state stay exactly zero, including right after a prune."""
+
+import pytest
+import torch
+from prune_models import ConvNet, image_batch, tie_free_
+from torch.nn.utils import prune as torch_prune
+
+import lthfast
+from lthfast import Masks
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+def train(model, optimizer, steps):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(image_batch()).square().mean().backward()
+        optimizer.step()
+        yield
+
+
+def random_masks(model, density=0.5):
+    return Masks({n: torch.rand(p.shape) < density for n, p in lthfast.prunable(model).items()})
+
+
+def assert_pruned_zero(model, optimizer, masks):
+    for name, param in lthfast.prunable(model).items():
+        pruned = ~masks[name]
+        assert torch.count_nonzero(param.detach()[pruned]) == 0, name
+        for key, value in optimizer.state[param].items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                assert torch.count_nonzero(value[pruned]) == 0, (name, key)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_pruned_weights_stay_zero_after_prune_with_momentum(name):
+    model = lthfast.sparsify(tie_free_(ConvNet()))
+    optimizer = OPTIMIZERS[name](model.parameters())
+    handle = lthfast.mask_optimizer(optimizer, model)
+    for _ in train(model, optimizer, 3):  # dense training builds momentum / moments everywhere
+        pass
+    masks = random_masks(model)
+    masks.apply_(model)  # prune while momentum exists at the now-pruned entries
+    for _ in train(model, optimizer, 10):
+        assert_pruned_zero(model, optimizer, masks)
+    assert Masks.from_model(model) == masks
+    handle.remove()
+
+
+def test_without_the_guard_pruned_weights_drift():
+    """The control: the same scenario without mask_optimizer moves pruned weights (so the test above can fail)."""
+    model = lthfast.sparsify(tie_free_(ConvNet()))
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    for _ in train(model, optimizer, 3):
+        pass
+    masks = random_masks(model)
+    masks.apply_(model)
+    for _ in train(model, optimizer, 2):
+        pass
+    with pytest.raises(AssertionError):
+        assert_pruned_zero(model, optimizer, masks)
+
+
+def test_handle_remove_stops_the_guard():
+    model = lthfast.sparsify(tie_free_(ConvNet()))
+    optimizer = OPTIMIZERS["adamw"](model.parameters())
+    lthfast.mask_optimizer(optimizer, model).remove()
+    for _ in train(model, optimizer, 2):
+        pass
+    masks = random_masks(model)
+    masks.apply_(model)
+    for _ in train(model, optimizer, 2):
+        pass
+    with pytest.raises(AssertionError):
+        assert_pruned_zero(model, optimizer, masks)
+
+
+def test_torch_pruned_layout_is_guarded():
+    model = tie_free_(ConvNet())
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    lthfast.mask_optimizer(optimizer, model)
+    for _ in train(model, optimizer, 2):
+        pass
+    params = [(m, "weight") for m in (model.conv1, model.conv2, model.body[1], model.out)]
+    torch_prune.global_unstructured(params, torch_prune.L1Unstructured, amount=0.5)  # registered after the guard
+    masks = Masks.from_model(model)
+    for _ in train(model, optimizer, 5):
+        assert_pruned_zero(model, optimizer, masks)
+
+
+def test_plain_model_guarded_with_explicit_masks():
+    model = tie_free_(ConvNet())
+    optimizer = OPTIMIZERS["adam"](model.parameters())
+    masks = random_masks(model)
+    masks.apply_(model)
+    lthfast.mask_optimizer(optimizer, model, masks)
+    for _ in train(model, optimizer, 5):
+        assert_pruned_zero(model, optimizer, masks)
+
+
+def test_bad_masks_are_rejected():
+    model = tie_free_(ConvNet())
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    with pytest.raises(KeyError, match="fc9.weight"):
+        lthfast.mask_optimizer(optimizer, model, {"fc9.weight": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="out.weight"):
+        lthfast.mask_optimizer(optimizer, model, {"out.weight": torch.ones(2, dtype=torch.bool)})
+    assert not optimizer._optimizer_step_post_hooks
