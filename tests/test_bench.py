@@ -30,7 +30,9 @@ def quiet(_line: str) -> None:
 # ---- masks -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rows,cols,sparsity,block", [(37, 50, 0.5, 16), (64, 64, 0.9, 1), (30, 18, 0.3, 4)])
+@pytest.mark.parametrize(
+    "rows,cols,sparsity,block", [(37, 50, 0.5, 16), (64, 64, 0.9, 1), (30, 18, 0.3, 4), (8, 8, 0.98, 4), (8, 8, 1.0, 4)]
+)
 def test_block_mask_prunes_exact_tile_count_in_whole_tiles(rows, cols, sparsity, block):
     mask = block_mask(rows, cols, sparsity, block, torch.Generator().manual_seed(1))
     tiles_r, tiles_c = -(-rows // block), -(-cols // block)
@@ -40,7 +42,8 @@ def test_block_mask_prunes_exact_tile_count_in_whole_tiles(rows, cols, sparsity,
             tile = mask[i * block : (i + 1) * block, j * block : (j + 1) * block]  # edge tiles are partial
             assert bool(tile.all()) or not bool(tile.any()), f"tile ({i}, {j}) is partly pruned"
             pruned += not bool(tile.any())
-    assert pruned == round(sparsity * tiles_r * tiles_c)
+    total = tiles_r * tiles_c
+    assert pruned == (total if sparsity == 1.0 else min(round(sparsity * total), total - 1))  # one tile stays alive
 
 
 def test_block_mask_is_random_and_rejects_bad_input():
@@ -199,6 +202,20 @@ def test_layer_document_schema_table_and_plot(op, mode, tmp_path):
     assert "crossover" in table
     png = plots.plot_speedup(doc, tmp_path / "speed.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_floor_from_given_peaks():
+    cfg = tiny_layer(sparsities=[0.75], blocks=[8], providers=["dense", "lthfast"], peak_tflops=1.0, peak_gbps=10.0)
+    body = layer.run_layer(cfg, log=quiet)
+    s, row = body["shapes"], body["rows"][0]
+    by_name = {r["provider"]: r for r in row["results"]}
+    x, y, w = 12 * 40, 12 * 24, 24 * 40  # tiny_layer: tokens 12, weight 24x40, float32
+    for name, work in (("dense", 1.0), ("lthfast", row["density"])):
+        expected = max(s["flops"] * work / 1e12, (x + y + w * work) * 4 / 10e9) * 1e3
+        assert by_name[name]["floor_ms"] == pytest.approx(expected)
+        assert by_name[name]["of_floor"] == pytest.approx(expected / by_name[name]["median_ms"])
+    no_peaks = layer.run_layer(tiny_layer(sparsities=[0.5], blocks=[1]), log=quiet)
+    assert no_peaks["rows"][0]["results"][0]["floor_ms"] is None
 
 
 def test_validate_names_the_broken_key():

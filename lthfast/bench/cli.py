@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block", type=_ints, default=None, help="mask block sizes (1 = unstructured)")
     p.add_argument("--dtype", default=None, help="float32 | bf16 | fp16 | float64 (default: per device)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--tile", type=_dims, default=(64, 64), help="tile of the tile index timed after a prune")
+    p.add_argument("--tile", type=_dims, default=None, help="tile of the tile index timed after a prune (NxK)")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU: seconds of timed runs per provider")
     p.add_argument("--repeats", type=int, default=None, help="rounds per provider, interleaved (CPU default 3)")
     p.add_argument("--rep-ms", type=float, default=None, help="GPU: milliseconds of timed runs (do_bench rep)")
@@ -72,6 +72,8 @@ def _command(kind: str, args: argparse.Namespace, cfg) -> str:
         if cfg.op == "conv":
             parts += ["--batch", str(cfg.batch), "--image", "x".join(map(str, cfg.image)), "--stride", str(cfg.stride)]
             parts += ["--padding", str(cfg.conv_args()["padding"])]
+        if cfg.peak_tflops and cfg.peak_gbps:
+            parts += ["--peak-tflops", f"{cfg.peak_tflops:g}", "--peak-gbps", f"{cfg.peak_gbps:g}"]
     else:
         parts += ["--model", cfg.model, "--batch", str(cfg.batch)]
     parts += ["--sparsity", ",".join(f"{s:g}" for s in cfg.sparsities), "--block", ",".join(map(str, cfg.blocks))]
@@ -112,6 +114,7 @@ def _cmd_layer(args: argparse.Namespace) -> int:
         stride=args.stride, padding=args.padding, groups=args.groups, dtype=args.dtype, mode=args.mode,
         sparsities=args.sparsity, blocks=args.block, providers=parse_providers(args.providers), tile=args.tile,
         min_run_time=args.min_run_time, rep_ms=args.rep_ms, repeats=args.repeats, buffers=args.buffers, seed=args.seed,
+        peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps,
     )  # fmt: skip
     body = run_layer(cfg)
     return _finish("layer", f"layer-{cfg.op}-{cfg.mode}", body, cfg, args)
@@ -150,6 +153,8 @@ def register(subparsers) -> None:
     layer.add_argument("--groups", type=int, default=None)
     layer.add_argument("--mode", default="forward", choices=("forward", "train"), help="train = forward + backward")
     layer.add_argument("--providers", default="all", help="comma-separated, or all; dense is always included")
+    layer.add_argument("--peak-tflops", type=float, default=None, help="device peak for the floor (with --peak-gbps)")
+    layer.add_argument("--peak-gbps", type=float, default=None, help="device memory bandwidth for the floor")
     _common(layer)
     layer.set_defaults(func=_cmd_layer)
 

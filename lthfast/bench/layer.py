@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lthfast._backend import use_triton
-from lthfast.bench import check, timing
+from lthfast.bench import check, floor, timing
 from lthfast.bench.masks import block_mask, conv_block_mask
 from lthfast.bench.providers import PREPARE, PROVIDERS, Problem, Unsupported
 from lthfast.kernels.tile_index import build_tile_index
 
 # Substrings of the errors torch raises for an op it has no kernel for (dtype, device, layout): such a
 # provider is "skipped" with torch's message; any other failure is an "error".
+# Providers that compute the dense product whatever the mask: their floor is the dense one.
+DENSE_WORK = ("dense", "mask-multiply")
 _UNSUPPORTED_HINTS = ("not implemented", "not supported", "unsupported", "only supports", "is supported only")
 
 
@@ -32,7 +34,7 @@ class LayerConfig:
     op: str = "linear"
     shape: tuple[int, ...] = (1024, 1024)
     tokens: int = 256  # linear: rows of x
-    batch: int = 16  # conv
+    batch: int = 8  # conv
     image: tuple[int, int] = (16, 16)  # conv: input H, W
     stride: int = 1
     padding: int | None = None  # conv: None = kh // 2
@@ -44,7 +46,9 @@ class LayerConfig:
     sparsities: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.95, 0.98])
     blocks: list[int] = field(default_factory=lambda: [1, 16, 32, 64])
     providers: list[str] = field(default_factory=lambda: list(PROVIDERS))
-    tile: tuple[int, int] = (64, 64)  # tile-index block (block_n, block_k) timed after each prune
+    # Tile of the tile index timed after each prune: linear (block_n, block_k), the kernels' coarsest CUDA tile;
+    # conv (Cout, Cin) channels, each tile spanning all kh x kw taps, as the conv kernels index it.
+    tile: tuple[int, int] | None = None  # None = (64, 64) linear, (64, 32) conv
     min_run_time: float = 0.1  # CPU: seconds per blocked_autorange, per round
     repeats: int = 3  # rounds per provider, interleaved with the other providers' rounds
     warmup: int = 3  # CPU: warm-up calls
@@ -52,6 +56,8 @@ class LayerConfig:
     rep_ms: float = 100.0  # GPU: do_bench timed runs
     buffers: int | None = None  # rotated input sets; None = enough for timing.ROTATION_BYTES
     seed: int = 0
+    peak_tflops: float | None = None  # floor: device peak; None = from floor.PEAKS for known GPUs and 16-bit dtypes
+    peak_gbps: float | None = None
 
     def conv_args(self) -> dict:
         kh = self.shape[2]
@@ -66,7 +72,7 @@ def default_layer_config(op: str, device: str, **overrides) -> LayerConfig:
         base |= {"shape": (4096, 4096), "tokens": 8192} if op == "linear" else {}
         base |= {"shape": (256, 256, 3, 3), "batch": 128, "image": (32, 32)} if op == "conv" else {}
     else:
-        base = {"shape": (1024, 1024), "tokens": 256} if op == "linear" else {"shape": (64, 64, 3, 3)}
+        base = {"shape": (1024, 1024), "tokens": 256} if op == "linear" else {"shape": (256, 256, 3, 3)}
     base |= {k: v for k, v in overrides.items() if v is not None}
     return LayerConfig(op=op, device=device, **base)
 
@@ -167,7 +173,10 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device, cfg) -> dic
     return {name: timing.merge(ts) for name, ts in rounds.items()}
 
 
-def _add_rates(results: list[dict], flops: int) -> None:
+def _add_rates(results: list[dict], cfg: LayerConfig, rates: tuple[float, float] | None) -> None:
+    """Speed-up over dense, TFLOP/s, and (where the device's peaks are known) the floor and how close to it."""
+    s = shapes(cfg)
+    flops = s["flops"]
     dense = next((r for r in results if r["provider"] == "dense" and r["status"] == "ok"), None)
     for r in results:
         if r["status"] != "ok":
@@ -176,6 +185,12 @@ def _add_rates(results: list[dict], flops: int) -> None:
         r["speedup_vs_dense"] = dense["median_ms"] / r["median_ms"] if dense else None
         r["tflops_dense_equiv"] = flops / seconds / 1e12
         r["tflops_useful"] = flops * r["density"] / seconds / 1e12
+        r["floor_ms"] = r["of_floor"] = None
+        if rates is not None:
+            work = 1.0 if r["provider"] in DENSE_WORK else r["density"]
+            nbytes = floor.layer_bytes(s, work, _dtype(cfg.dtype).itemsize, cfg.mode == "train")
+            r["floor_ms"] = floor.floor_ms(flops * work, nbytes, rates)
+            r["of_floor"] = r["floor_ms"] / r["median_ms"]
 
 
 def make_problem(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotation) -> tuple[Problem, Callable]:
@@ -206,10 +221,12 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
     problem, expected = make_problem(cfg, sparsity, block, weight, bias, rotation)
     mask2d = problem.mask.reshape(problem.mask.shape[0], -1)
     bn, bk = cfg.tile
-    index = build_tile_index(mask2d, bn, bk)
-    t_index = timing.measure(lambda: build_tile_index(mask2d, bn, bk), device, warmup=1, min_run_time=0.05)
+    taps = math.prod(cfg.shape[2:])  # 1 for linear
+    index = build_tile_index(mask2d, bn, bk * taps)
+    t_index = timing.measure(lambda: build_tile_index(mask2d, bn, bk * taps), device, warmup=1, min_run_time=0.05)
+    tile = f"{bn}x{bk}" + (f" x {taps} taps" if taps > 1 else "")
     log(
-        f"  tile index {bn}x{bk} built in {t_index.median_ms:.3f} ms after the prune "
+        f"  tile index {tile} built in {t_index.median_ms:.3f} ms after the prune "
         f"(sparsity {sparsity}, block {block}: {index.tile_density:.1%} of tiles alive)"
     )
     results, calls = [], {}
@@ -225,7 +242,8 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
         shown = f"{r['median_ms']:.3f} ms" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         log(f"  {r['provider']:16s} {shown}")
     flops = shapes(cfg)["flops"]
-    _add_rates(results, flops)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    _add_rates(results, cfg, floor.peak(name, weight.dtype, cfg.peak_tflops, cfg.peak_gbps))
     return {
         "sparsity": sparsity,
         "block": block,
@@ -253,6 +271,8 @@ def make_tensors(cfg: LayerConfig) -> tuple[torch.Tensor, torch.Tensor, timing.R
 def run_layer(cfg: LayerConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the whole sweep. Returns ``{"config", "shapes", "rows"}`` (``results.document`` adds the rest)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if cfg.tile is None:
+        cfg.tile = (64, 64) if cfg.op == "linear" else (64, 32)
     if cfg.op not in ("linear", "conv"):
         raise ValueError(f"--kind must be linear or conv, got {cfg.op!r}")
     if cfg.mode not in ("forward", "train"):

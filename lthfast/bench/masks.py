@@ -14,8 +14,9 @@ def block_mask(
 ) -> torch.Tensor:
     """A bool [rows, cols] mask made of [block x block] tiles, each wholly kept or wholly pruned.
 
-    Exactly ``round(sparsity * tiles)`` tiles are pruned, chosen uniformly at random; edge tiles are partial,
-    so the element density can differ slightly from ``1 - sparsity`` (callers report the actual density).
+    Exactly ``round(sparsity * tiles)`` tiles are pruned, chosen uniformly at random, but at least one tile stays
+    alive unless ``sparsity == 1``; edge tiles are partial, so the element density can differ from
+    ``1 - sparsity`` (callers report the actual density).
     ``block=1`` is an unstructured mask with exactly ``round(sparsity * rows * cols)`` zeros. CPU tensor.
     """
     if not 0.0 <= sparsity <= 1.0:
@@ -24,7 +25,7 @@ def block_mask(
         raise ValueError(f"block_mask: block must be >= 1, got {block}")
     tiles_r, tiles_c = -(-rows // block), -(-cols // block)
     total = tiles_r * tiles_c
-    pruned = round(sparsity * total)
+    pruned = total if sparsity >= 1.0 else min(round(sparsity * total), total - 1)
     alive = torch.ones(total, dtype=torch.bool)
     alive[torch.randperm(total, generator=generator)[:pruned]] = False
     tiles = alive.view(tiles_r, tiles_c)

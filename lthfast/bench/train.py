@@ -43,7 +43,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "cpu"
     lr: float = 0.01
-    tile: tuple[int, int] = (64, 64)
+    tile: tuple[int, int] | None = None  # tile index timed after a prune; None = (64, 64) linear, (64, 32) conv
     min_run_time: float = 0.3  # CPU: seconds per variant, per round
     repeats: int = 3  # rounds per variant, interleaved with the other variants' rounds
     warmup: int = 2  # CPU warm-up steps
@@ -144,6 +144,14 @@ def prepare_variant(name, base, masks, reference, rotation, cfg: TrainConfig, dt
     return entry, (model, _step_fn(model, opt, rotation))
 
 
+def _tile(cfg: TrainConfig, mask: torch.Tensor | None) -> tuple[int, int]:
+    """(block_n, block_k) of a layer's tile index: conv tiles span all kh x kw taps of (64 Cout x 32 Cin)."""
+    if mask is None or mask.dim() == 2:
+        return cfg.tile or (64, 64)
+    bn, bc = cfg.tile or (64, 32)
+    return bn, bc * math.prod(mask.shape[2:])
+
+
 def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, log) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round(sparsity * 1e6) * 101 + block)
     masks = random_masks(base, sparsity, block, generator)
@@ -152,13 +160,12 @@ def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, lo
         for mod_name, module in prunable(row_base):
             module.weight.mul_(masks[mod_name])
     reference = copy.deepcopy(row_base).double().train()
-    masks2d = [m.reshape(m.shape[0], -1) for m in masks.values()]
-    bn, bk = cfg.tile
-    indexes = [build_tile_index(m, bn, bk) for m in masks2d]
-    build_all = lambda: [build_tile_index(m, bn, bk) for m in masks2d]
+    jobs = [(m.reshape(m.shape[0], -1), *_tile(cfg, m)) for m in masks.values()]
+    indexes = [build_tile_index(*job) for job in jobs]
+    build_all = lambda: [build_tile_index(*job) for job in jobs]
     t_index = timing.measure(build_all, device, warmup=1, min_run_time=0.05)
     alive = sum(i.alive_tiles for i in indexes) / sum(i.tile_alive.numel() for i in indexes)
-    log(f"  tile indices ({len(masks2d)} layers, {bn}x{bk}) built in {t_index.median_ms:.3f} ms after the prune")
+    log(f"  tile indices ({len(jobs)} layers) built in {t_index.median_ms:.3f} ms after the prune")
     density = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
     results, built = [], {}
     for name in cfg.providers:
@@ -182,7 +189,7 @@ def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, lo
         if r["status"] == "ok":
             r["speedup_vs_dense"] = dense["median_ms"] / r["median_ms"] if dense else None
     return {
-        "sparsity": sparsity, "block": block, "density": density, "tile": [bn, bk], "tile_density": alive,
+        "sparsity": sparsity, "block": block, "density": density, "tile": list(_tile(cfg, None)), "tile_density": alive,
         "tile_index_ms": t_index.median_ms, "results": results,
     }  # fmt: skip
 
