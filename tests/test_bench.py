@@ -231,18 +231,25 @@ def test_validate_names_the_broken_key():
         results.validate(broken)
 
 
-def _row(sparsity, block, speedup):
-    results_ = [{"provider": "dense", "status": "ok", "speedup_vs_dense": 1.0}]
-    if speedup is not None:
-        results_.append({"provider": "lthfast", "status": "ok", "speedup_vs_dense": speedup})
+def _row(sparsity, block, lthfast_ms, spread=0.01):
+    """dense takes 10 ms (p20..p80 = 10 -+ spread*10); lthfast takes lthfast_ms with the same relative spread."""
+
+    def res(name, ms):
+        lo, hi = ms * (1 - spread), ms * (1 + spread)
+        return {"provider": name, "status": "ok", "median_ms": ms, "p20_ms": lo, "p80_ms": hi}
+
+    results_ = [res("dense", 10.0)]
+    if lthfast_ms is not None:
+        results_.append(res("lthfast", lthfast_ms))
     return {"sparsity": sparsity, "block": block, "results": results_}
 
 
-def test_crossover_is_the_lowest_sparsity_from_which_lthfast_keeps_winning():
-    rows = [_row(0.0, 16, 1.05), _row(0.5, 16, 0.9), _row(0.9, 16, 1.4), _row(0.95, 16, 2.0)]
-    rows += [_row(0.5, 1, 0.8), _row(0.9, 1, 0.95)]
-    rows += [_row(0.5, 32, 1.2), _row(0.9, 32, None)]
-    assert results.crossover(rows) == {"1": None, "16": 0.9, "32": 0.5}
+def test_crossover_is_the_lowest_sparsity_from_which_lthfast_keeps_winning_clearly():
+    rows = [_row(0.0, 16, 9.0), _row(0.5, 16, 11.0), _row(0.9, 16, 7.0), _row(0.95, 16, 5.0)]
+    rows += [_row(0.5, 1, 12.0), _row(0.9, 1, 10.5)]
+    rows += [_row(0.5, 32, 8.0), _row(0.9, 32, None)]
+    rows += [_row(0.9, 64, 9.0, spread=0.1), _row(0.98, 64, 5.0, spread=0.1)]  # 9 ms: faster, within the noise
+    assert results.crossover(rows) == {"1": None, "16": 0.9, "32": 0.5, "64": 0.98}
 
 
 # ---- training steps and the CLI ------------------------------------------------------------------------------

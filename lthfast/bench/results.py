@@ -102,24 +102,31 @@ def document(kind: str, body: dict, device: torch.device, command: str, notes: s
     return doc
 
 
-def crossover(rows: list[dict], provider: str = "lthfast") -> dict[str, float | None]:
-    """Per block size: the lowest sparsity from which ``provider`` beats dense at every measured higher sparsity.
+def beats_dense(result: dict, dense: dict) -> bool:
+    """Clearly faster than dense in the same row: a faster median, and (where both have them) its p80 below
+    dense's p20, so that noise on a shared machine does not make a crossover."""
+    if result["status"] != "ok" or dense["status"] != "ok" or result["median_ms"] >= dense["median_ms"]:
+        return False
+    if None in (result.get("p80_ms"), dense.get("p20_ms")):
+        return True
+    return result["p80_ms"] < dense["p20_ms"]
 
-    Keys are block sizes as strings (JSON keys); None where it never beats dense (or was not measured), so a
-    single noisy win at a low sparsity followed by losses does not count as a crossover.
+
+def crossover(rows: list[dict], provider: str = "lthfast") -> dict[str, float | None]:
+    """Per block size: the lowest sparsity from which ``provider`` beats dense (``beats_dense``) at that and every
+    measured higher sparsity. Keys are block sizes as strings (JSON keys); None where it never does (or was not
+    measured), so a single win at a low sparsity followed by losses does not count as a crossover.
     """
     out: dict[str, float | None] = {}
     for block in sorted({r["block"] for r in rows}):
-        points = sorted(
-            (r["sparsity"], res.get("speedup_vs_dense"))
-            for r in rows
-            if r["block"] == block
-            for res in r["results"]
-            if res["provider"] == provider and res["status"] == "ok" and res.get("speedup_vs_dense") is not None
-        )
+        points = []
+        for r in sorted((r for r in rows if r["block"] == block), key=lambda r: r["sparsity"]):
+            by_name = {res["provider"]: res for res in r["results"]}
+            if provider in by_name and "dense" in by_name and by_name[provider]["status"] == "ok":
+                points.append((r["sparsity"], beats_dense(by_name[provider], by_name["dense"])))
         found = None
-        for sparsity, speedup in reversed(points):
-            if speedup <= 1.0:
+        for sparsity, wins in reversed(points):
+            if not wins:
                 break
             found = sparsity
         out[str(block)] = found

@@ -99,7 +99,9 @@ def _time_cuda(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> Tim
 
     try:
         times = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
-    except (AssertionError, TypeError, ValueError):  # older triton without return_mode="all"
+        if not isinstance(times, (list, tuple)) or not times:
+            raise TypeError("do_bench(return_mode='all') did not return the per-run times")
+    except (AssertionError, TypeError, ValueError):  # a triton without return_mode="all"
         median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return Timing(median, p20, p80, None, "triton.testing.do_bench")
     times = [float(t) for t in times]
