@@ -292,3 +292,16 @@ def test_cli_bench_layer_writes_json_and_png(tmp_path, capsys):
     assert doc["notes"] == "unit test" and doc["config"]["shape"] == [16, 24]
     assert doc["command"].startswith("lthfast bench layer --kind linear --shape 16x24")
     assert json_path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_cli_bench_train_writes_json_and_png(tmp_path, capsys):
+    argv = ["bench", "train", "--model", "lenet300", "--batch", "8", "--sparsity", "0.9", "--block", "16"]
+    argv += ["--min-run-time", "0.002", "--repeats", "1", "--buffers", "2", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "samples/s" in capsys.readouterr().out
+    (json_path,) = tmp_path.glob("bench_train-lenet300-cpu-*.json")
+    doc = json.loads(json_path.read_text())
+    results.validate(doc)
+    assert doc["kind"] == "train" and doc["command"].startswith("lthfast bench train --model lenet300 --batch 8")
+    assert [r["provider"] for r in doc["rows"][0]["results"]] == list(train.VARIANTS)
+    assert json_path.with_suffix(".png").stat().st_size > 1000

@@ -78,7 +78,8 @@ def _command(kind: str, args: argparse.Namespace, cfg) -> str:
         parts += ["--model", cfg.model, "--batch", str(cfg.batch)]
     parts += ["--sparsity", ",".join(f"{s:g}" for s in cfg.sparsities), "--block", ",".join(map(str, cfg.blocks))]
     parts += ["--dtype", cfg.dtype, "--providers", ",".join(cfg.providers), "--device", cfg.device]
-    parts += ["--tile", "x".join(map(str, cfg.tile)), "--seed", str(cfg.seed), "--repeats", str(cfg.repeats)]
+    parts += ["--tile", "x".join(map(str, cfg.tile))] if cfg.tile else []
+    parts += ["--seed", str(cfg.seed), "--repeats", str(cfg.repeats)]
     if cfg.device == "cpu":
         import torch
 
@@ -88,13 +89,13 @@ def _command(kind: str, args: argparse.Namespace, cfg) -> str:
     return shlex.join(parts)
 
 
-def _finish(kind: str, stem: str, body: dict, cfg, args: argparse.Namespace) -> int:
+def _finish(kind: str, stem: str, body: dict, cfg, args: argparse.Namespace, command: str) -> int:
     import torch
 
     from lthfast.bench import plots, results
 
     device = torch.device(cfg.device)
-    doc = results.document(kind, body, device, _command(kind, args, cfg), args.notes, provider="lthfast")
+    doc = results.document(kind, body, device, command, args.notes, provider="lthfast")
     print(results.format_table(doc))
     if not args.no_save:
         name = f"bench_{stem}-{results.device_tag(device)}{'-' + args.tag if args.tag else ''}"
@@ -116,8 +117,11 @@ def _cmd_layer(args: argparse.Namespace) -> int:
         min_run_time=args.min_run_time, rep_ms=args.rep_ms, repeats=args.repeats, buffers=args.buffers, seed=args.seed,
         peak_tflops=args.peak_tflops, peak_gbps=args.peak_gbps,
     )  # fmt: skip
+    if cfg.tile is None:
+        cfg.tile = (64, 64) if cfg.op == "linear" else (64, 32)
+    command = _command("layer", args, cfg)  # before the run: a bad setting fails in seconds, not after the sweep
     body = run_layer(cfg)
-    return _finish("layer", f"layer-{cfg.op}-{cfg.mode}", body, cfg, args)
+    return _finish("layer", f"layer-{cfg.op}-{cfg.mode}", body, cfg, args, command)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -133,8 +137,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=args.model, batch=args.batch, device=device, providers=providers, seed=args.seed,
         **{k: v for k, v in overrides.items() if v is not None},
     )  # fmt: skip
+    command = _command("train", args, cfg)
     body = run_train(cfg)
-    return _finish("train", f"train-{cfg.model}", body, cfg, args)
+    return _finish("train", f"train-{cfg.model}", body, cfg, args, command)
 
 
 def register(subparsers) -> None:

@@ -223,7 +223,9 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
     bn, bk = cfg.tile
     taps = math.prod(cfg.shape[2:])  # 1 for linear
     index = build_tile_index(mask2d, bn, bk * taps)
-    t_index = timing.measure(lambda: build_tile_index(mask2d, bn, bk * taps), device, warmup=1, min_run_time=0.05)
+    t_index = timing.measure(
+        lambda: build_tile_index(mask2d, bn, bk * taps), device, warmup=1, min_run_time=min(0.05, cfg.min_run_time)
+    )
     tile = f"{bn}x{bk}" + (f" x {taps} taps" if taps > 1 else "")
     log(
         f"  tile index {tile} built in {t_index.median_ms:.3f} ms after the prune "

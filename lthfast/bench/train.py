@@ -163,7 +163,7 @@ def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, lo
     jobs = [(m.reshape(m.shape[0], -1), *_tile(cfg, m)) for m in masks.values()]
     indexes = [build_tile_index(*job) for job in jobs]
     build_all = lambda: [build_tile_index(*job) for job in jobs]
-    t_index = timing.measure(build_all, device, warmup=1, min_run_time=0.05)
+    t_index = timing.measure(build_all, device, warmup=1, min_run_time=min(0.05, cfg.min_run_time))
     alive = sum(i.alive_tiles for i in indexes) / sum(i.tile_alive.numel() for i in indexes)
     log(f"  tile indices ({len(jobs)} layers) built in {t_index.median_ms:.3f} ms after the prune")
     density = float(sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values()))
