@@ -1,13 +1,170 @@
-"""Masked linear op. PLACEHOLDER: reference path only until the Triton kernels land."""
+"""The masked linear op: validation, ``torch.library`` custom ops, autograd, and the public function.
+
+Layers, top down:
+  masked_linear(x, weight, mask, bias)      validates, flattens x to 2-D, calls the forward op
+  autograd (register_autograd)              backward = lthfast::masked_linear_bwd + db = sum of dY
+  lthfast::masked_linear_fwd / _bwd         custom ops with fake implementations (torch.compile traces them
+                                            as opaque nodes, fullgraph), dispatching inside at run time:
+      Triton kernels (lthfast.kernels.masked_matmul)   when lthfast._backend.use_triton(...) says so
+      torch path (lthfast.ops.linear_torch)             otherwise: block-sparse on CPU, or dense on W ⊙ M
+The same ops run on every device, so a compiled graph does not depend on where the tensors live.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from lthfast import reference
+from lthfast import _backend
+from lthfast.ops import linear_torch
+
+# "auto" backend on CUDA: above this tile density cuBLAS on W ⊙ M beats the sparse kernels, so it is used
+# instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). 0.5 is an
+# estimate (sparse kernels at ~50% of cuBLAS' rate on 32x32 tiles) until benchmarks/bench_masked_linear.py
+# --crossover is run on an H100; see its JSON under benchmarks/results/.
+CUDA_DENSE_ABOVE = 0.5
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)
+
+
+def _kernels():
+    """The Triton kernel module, imported on first use so that CPU-only installs never import triton."""
+    from lthfast.kernels import masked_matmul
+
+    return masked_matmul
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    if not _backend.use_triton(t):
+        return False
+    if t.dtype not in KERNEL_DTYPES:
+        if _backend.get_backend() == "triton":
+            raise TypeError(f"masked_linear: the Triton kernels take {KERNEL_DTYPES}, got {t.dtype}")
+        return False
+    return True
+
+
+def _kernel_index(mask: torch.Tensor):
+    """The tile index for the kernels, or None where the "auto" backend prefers dense (too many alive tiles)."""
+    index = _kernels().mask_tile_index(mask)
+    if _backend.get_backend() == "auto" and index.tile_density > CUDA_DENSE_ABOVE:
+        return None
+    return index
+
+
+# ------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("lthfast::masked_linear_fwd", mutates_args=())
+def masked_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias; contiguous, x's dtype. Inputs already validated."""
+    if _use_kernels(x):
+        index = _kernel_index(mask)
+        if index is not None:
+            return _kernels().masked_linear_forward(x, weight, mask, bias, index)
+    return linear_torch.forward(x, weight, mask, bias)
+
+
+@masked_linear_fwd.register_fake
+def _(x, weight, mask, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("lthfast::masked_linear_bwd", mutates_args=())
+def masked_linear_bwd(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, need_x: bool, need_w: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX [M, K], dW [N, K]) for grad [M, N]; dW exactly zero where the mask is False.
+
+    An output that is not needed (``need_x`` / ``need_w`` False) is returned as an empty [0] tensor.
+    """
+    grad_x = grad_w = None
+    if _use_kernels(x):
+        index = _kernel_index(mask)
+        if index is not None:
+            kernels = _kernels()
+            grad_x = kernels.masked_linear_grad_input(grad, weight, mask, index) if need_x else None
+            grad_w = kernels.masked_linear_grad_weight(grad, x, mask, index) if need_w else None
+        else:
+            grad_x, grad_w = linear_torch.backward(grad, x, weight, mask, need_x, need_w)
+    else:
+        grad_x, grad_w = linear_torch.backward(grad, x, weight, mask, need_x, need_w)
+    empty = x.new_empty(0)
+    return (empty if grad_x is None else grad_x), (empty if grad_w is None else grad_w)
+
+
+@masked_linear_bwd.register_fake
+def _(grad, x, weight, mask, need_x, need_w):
+    grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    grad_w = x.new_empty(weight.shape) if need_w else x.new_empty(0)
+    return grad_x, grad_w
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, mask, bias = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_w, _, need_b = ctx.needs_input_grad
+    grad_x = grad_w = grad_b = None
+    if need_x or need_w:
+        grad_x, grad_w = torch.ops.lthfast.masked_linear_bwd(grad, x, weight, mask, need_x, need_w)
+    if need_b and ctx.has_bias:
+        grad_b = grad.sum(0)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None, grad_b
+
+
+torch.library.register_autograd("lthfast::masked_linear_fwd", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- public function
+
+
+def _check(x, weight, mask, bias, where: str) -> None:
+    for name, t in (("x", x), ("weight", weight), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    if weight.dtype not in DTYPES:
+        raise TypeError(f"{where}: weight dtype {weight.dtype} is not one of {DTYPES}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{where}: x shape {tuple(x.shape)} does not end in K={weight.shape[1]} (weight)")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{where}: x is {x.dtype} but the weight is {weight.dtype}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{where}: mask must be bool, got {mask.dtype}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{where}: mask shape {tuple(mask.shape)} differs from weight {tuple(weight.shape)}")
+    if x.device != weight.device or mask.device != weight.device:
+        raise ValueError(f"{where}: x on {x.device}, weight on {weight.device}, mask on {mask.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
+            raise ValueError(f"{where}: bias must be a tensor of shape [{weight.shape[0]}]")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(f"{where}: bias is {bias.dtype} on {bias.device}, weight {weight.dtype}")
 
 
 def masked_linear(
-    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    where: str = "masked_linear",
 ) -> torch.Tensor:
-    return reference.masked_linear(x, weight, mask, bias)
+    """Y = x (W ⊙ M)^T + b, differentiable in x, weight and bias; dW is exactly zero where M is False.
+
+    x [..., K]; weight [N, K]; mask [N, K] bool; bias [N] or None; one device, one dtype (float32, float16,
+    bfloat16; float64 on the torch path). Returns [..., N] in x's dtype. Nothing is modified in place.
+    The tile index of ``mask`` is cached on the mask and rebuilt after any in-place change to it.
+    ``where`` names the caller (e.g. the layer) in error messages.
+    """
+    _check(x, weight, mask, bias, where)
+    x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
+    y = torch.ops.lthfast.masked_linear_fwd(x2d, weight, mask, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

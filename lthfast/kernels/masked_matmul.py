@@ -1,0 +1,349 @@
+"""Triton kernels for the three GEMMs of a masked linear layer, each skipping entirely-pruned weight tiles.
+
+Weight W [N, K] is stored dense, mask M [N, K] is bool; X [M, K] and dY [M, N] are 2-D (callers flatten).
+  forward  Y  = X (W ⊙ M)^T + b     per (m, n) output tile, loop over the alive k-tiles of n-tile row (CSR)
+  dX       dX = dY (W ⊙ M)          per (m, k) output tile, loop over the alive n-tiles of k-tile column (CSC)
+  dW       dW = (dY^T X) ⊙ M        per alive weight tile (COO list, an SDDMM); dead tiles stay zero
+Inside a live tile the mask is applied elementwise with ``tl.where``, so a value stored under a pruned entry
+(even NaN) never reaches the result. Accumulation is fp32; inputs fp32/fp16/bf16; fp32 uses IEEE products
+unless ``torch.backends.cuda.matmul.allow_tf32`` is set, matching torch's default numerics.
+
+Tile granularity: the weight tile [BLOCK_N, BLOCK_K] is *fixed per call* and the tile index is built (and cached
+on the mask by ``tile_index``) at that granularity; the autotuner only varies BLOCK_M, warps and stages. The
+alternative, an index at a fixed fine granule walked by larger kernel tiles, skips nothing once a kernel tile
+straddles one live granule: at 90% sparsity in 32x32 blocks a 64x64 tile is alive with p = 1 - 0.9^4 = 34%.
+So ``pick_tile_shape`` chooses the coarsest candidate whose alive area (alive tiles x tile area) stays within
+``TILE_AREA_SLACK`` of the finest candidate's, one index per candidate shape, each built once per mask version.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lthfast.kernels.tile_index import TileIndex, tile_index
+
+# Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
+# feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).
+CUDA_TILE_SHAPES = ((64, 64), (64, 32), (32, 32))
+# A coarser tile is kept while its alive area is at most this much above the finest candidate's: the larger
+# tile runs closer to peak per flop; the slack is an estimate until measured on an H100 (bench_masked_linear.py).
+TILE_AREA_SLACK = 0.15
+# The interpreter (CI on CPU) runs one small fixed config, so that odd shapes span several partial tiles.
+INTERPRETER_TILE = 16
+
+
+def _cuda_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3), (64, 4, 5))
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop BLOCK_M larger than the (bucketed) token count; keep at least the smallest config."""
+    m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET"))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m_bucket)]
+    return kept or configs[:1]
+
+
+_TUNE = {
+    "configs": _cuda_configs(),
+    "key": ["M_BUCKET", "N", "K", "ALIVE_BUCKET", "BLOCK_N", "BLOCK_K"],
+    "prune_configs_by": {"early_config_prune": _prune_configs},
+}
+
+
+@triton.jit
+def _operand(t, UPCAST: tl.constexpr):
+    """A dot operand; upcast to fp32 only where ``UPCAST`` (the interpreter keeps bf16 as raw uint16 bits and
+    its tl.dot multiplies those bits; fp32 products of bf16 values are exact, so the numerics are unchanged)."""
+    if UPCAST:
+        return t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _forward_kernel(
+    # pointers
+    x_ptr, w_ptr, m_ptr, b_ptr, y_ptr,
+    row_ptr, row_cols,  # CSR over weight-tile rows: alive k-tiles of each n-tile
+    # sizes
+    M, N, K, tiles_n,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
+    # autotune keys only
+    M_BUCKET, ALIVE_BUCKET,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Y [M, N] = X [M, K] @ (W ⊙ M)^T [K, N] (+ b [N]). One program per (BLOCK_M x BLOCK_N) output tile."""
+    pid = tl.program_id(0).to(tl.int64)
+    # n fastest: the programs in flight share one X row block, and the sparse weight stays in L2.
+    pid_n = pid % tiles_n
+    pid_m = pid // tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_m = offs_m < M
+    in_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = tl.load(row_ptr + pid_n)
+    end = tl.load(row_ptr + pid_n + 1)
+    for i in range(start, end):
+        kt = tl.load(row_cols + i).to(tl.int64)
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
+        nk = in_n[:, None] & in_k[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
+        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+        acc = tl.dot(_operand(x, UPCAST), tl.trans(_operand(w, UPCAST)), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _grad_input_kernel(
+    # pointers
+    g_ptr, w_ptr, m_ptr, dx_ptr,
+    col_ptr, col_rows,  # CSC over weight-tile columns: alive n-tiles of each k-tile
+    # sizes
+    M, N, K, tiles_k,
+    # strides
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk, stride_xm, stride_xk,
+    # autotune keys only
+    M_BUCKET, ALIVE_BUCKET,
+    # meta-parameters
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dX [M, K] = dY [M, N] @ (W ⊙ M) [N, K]. One program per (BLOCK_M x BLOCK_K) tile of dX."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_k = pid % tiles_k
+    pid_m = pid // tiles_k
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_m = offs_m < M
+    in_k = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    start = tl.load(col_ptr + pid_k)
+    end = tl.load(col_ptr + pid_k + 1)
+    for i in range(start, end):
+        nt = tl.load(col_rows + i).to(tl.int64)
+        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
+        nk = in_n[:, None] & in_k[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
+        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+        acc = tl.dot(_operand(g, UPCAST), _operand(w, UPCAST), acc, input_precision=PRECISION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
+
+
+@triton.jit
+def _grad_weight_kernel(
+    # pointers
+    g_ptr, x_ptr, m_ptr, dw_ptr,
+    tile_rows, tile_cols,  # COO list of alive weight tiles
+    # sizes
+    M, N, K,
+    # strides
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_mn, stride_mk, stride_wn, stride_wk,
+    # autotune keys only
+    M_BUCKET, ALIVE_BUCKET,
+    # meta-parameters
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """dW tile = (dY^T [N, M] @ X [M, K]) ⊙ M for one alive weight tile; M is reduced in BLOCK_M steps."""
+    pid = tl.program_id(0)
+    nt = tl.load(tile_rows + pid).to(tl.int64)
+    kt = tl.load(tile_cols + pid).to(tl.int64)
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_n = offs_n < N
+    in_k = offs_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        in_m = offs_m < M
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(tl.trans(_operand(g, UPCAST)), _operand(x, UPCAST), acc, input_precision=PRECISION)
+    nk = in_n[:, None] & in_k[None, :]
+    keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
+    acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+    dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nk)
+
+
+_forward_tuned = triton.autotune(**_TUNE)(_forward_kernel)
+_grad_input_tuned = triton.autotune(**_TUNE)(_grad_input_kernel)
+_grad_weight_tuned = triton.autotune(**_TUNE)(_grad_weight_kernel)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: IEEE fp32 products unless torch allows TF32 (ignored for fp16/bf16 inputs)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return _interpreted(t) and t.dtype == torch.bfloat16
+
+
+def _bucket(n: int) -> int:
+    """Round up to a power of two: autotune once per size class, not once per batch size."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _alive_bucket(index: TileIndex) -> int:
+    """Tile density in 1/16 steps: a tile pattern of similar density reuses the tuned config."""
+    return round(16 * index.tile_density)
+
+
+def choose_tile_shape(mask: torch.Tensor, shapes=CUDA_TILE_SHAPES, slack: float = TILE_AREA_SLACK) -> tuple[int, int]:
+    """The first (coarsest) of ``shapes`` whose alive area (alive tiles x tile area) is within ``slack`` of the
+    smallest alive area over ``shapes``. Builds (and caches) one tile index per shape. Any device."""
+    areas = {(bn, bk): tile_index(mask, bn, bk).alive_tiles * bn * bk for bn, bk in shapes}
+    floor = min(areas.values())
+    return next(shape for shape in shapes if areas[shape] <= (1 + slack) * floor)
+
+
+def pick_tile_shape(mask: torch.Tensor) -> tuple[int, int]:
+    """The weight-tile shape (BLOCK_N, BLOCK_K) the kernels use for this mask: ``INTERPRETER_TILE`` square in
+    the interpreter, ``choose_tile_shape`` over ``CUDA_TILE_SHAPES`` on CUDA."""
+    if _interpreted(mask):
+        return INTERPRETER_TILE, INTERPRETER_TILE
+    return choose_tile_shape(mask)
+
+
+def mask_tile_index(mask: torch.Tensor) -> TileIndex:
+    """The (cached) tile index at the granularity ``pick_tile_shape`` chooses for this mask."""
+    return tile_index(mask, *pick_tile_shape(mask))
+
+
+def _check(index: TileIndex, weight_shape: tuple[int, ...], *tensors: torch.Tensor) -> None:
+    if index.shape != tuple(weight_shape):
+        raise ValueError(f"masked_matmul: tile index for {index.shape} used with weight {tuple(weight_shape)}")
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"masked_matmul: tensors on {t.device} and {device}")
+
+
+def _launch_args(x_like: torch.Tensor) -> dict:
+    """The fixed meta-parameters of an interpreted launch; on CUDA the autotuner supplies them."""
+    return {"BLOCK_M": INTERPRETER_TILE} if _interpreted(x_like) else {}
+
+
+def masked_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, index: TileIndex
+) -> torch.Tensor:
+    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias. weight/mask [N, K]; bias [N] or None; ``index`` from
+    ``mask_tile_index(mask)``. Same device (CUDA, or CPU under TRITON_INTERPRET=1); returns x's dtype."""
+    _check(index, weight.shape, x, weight, mask)
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    kernel = _forward_kernel if _interpreted(x) else _forward_tuned
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * index.tiles_n,)
+    kernel[grid](
+        x, weight, mask.view(torch.uint8), bias if bias is not None else y, y,
+        index.row_ptr, index.row_cols,
+        m, n, k, index.tiles_n,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
+        y.stride(0), y.stride(1),
+        _bucket(m), _alive_bucket(index),
+        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
+        BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        **_launch_args(x),
+    )  # fmt: skip
+    return y
+
+
+def masked_linear_grad_input(
+    grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, index: TileIndex
+) -> torch.Tensor:
+    """dX [M, K] = grad [M, N] (W ⊙ M). weight/mask [N, K]. Returns grad's dtype, a new contiguous tensor."""
+    _check(index, weight.shape, grad, weight, mask)
+    m, n = grad.shape
+    k = weight.shape[1]
+    dx = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
+    if m == 0 or k == 0:
+        return dx
+    kernel = _grad_input_kernel if _interpreted(grad) else _grad_input_tuned
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * index.tiles_k,)
+    kernel[grid](
+        grad, weight, mask.view(torch.uint8), dx,
+        index.col_ptr, index.col_rows,
+        m, n, k, index.tiles_k,
+        grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
+        dx.stride(0), dx.stride(1),
+        _bucket(m), _alive_bucket(index),
+        PRECISION=_precision(grad.dtype), UPCAST=_upcast(grad), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        **_launch_args(grad),
+    )  # fmt: skip
+    return dx
+
+
+def masked_linear_grad_weight(
+    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, index: TileIndex
+) -> torch.Tensor:
+    """dW [N, K] = (grad [M, N]^T x [M, K]) ⊙ mask, exactly zero where the mask is False; x's dtype.
+
+    Dead tiles are never visited: the output starts as zeros (one memset) and only alive tiles are written.
+    """
+    _check(index, mask.shape, grad, x, mask)
+    m, n = grad.shape
+    k = x.shape[1]
+    dw = torch.zeros((n, k), dtype=x.dtype, device=x.device)
+    if m == 0 or index.alive_tiles == 0:
+        return dw
+    kernel = _grad_weight_kernel if _interpreted(x) else _grad_weight_tuned
+    kernel[(index.alive_tiles,)](
+        grad, x, mask.view(torch.uint8), dw,
+        index.tile_rows, index.tile_cols,
+        m, n, k,
+        grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
+        dw.stride(0), dw.stride(1),
+        _bucket(m), _alive_bucket(index),
+        PRECISION=_precision(x.dtype), UPCAST=_upcast(x), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        **_launch_args(x),
+    )  # fmt: skip
+    return dw
+
+
+def flops(m: int, index: TileIndex) -> int:
+    """Multiply-add flops of one sparse GEMM over the alive tiles (for roofline reports)."""
+    return 2 * m * index.alive_tiles * index.block_n * index.block_k
+
+
+__all__ = [
+    "masked_linear_forward",
+    "masked_linear_grad_input",
+    "masked_linear_grad_weight",
+    "mask_tile_index",
+    "pick_tile_shape",
+    "choose_tile_shape",
+    "flops",
+]

@@ -1,0 +1,335 @@
+"""Masked linear: Triton kernels (interpreter on CPU), the torch path (dense and block-sparse), autograd,
+the custom ops, and MaskedLinear's behaviour. Every result is compared in float64 with lthfast.reference."""
+
+import copy
+
+import pytest
+import torch
+
+import lthfast
+from lthfast import functional, reference
+from lthfast.bench.masks import block_mask
+from lthfast.nn import MaskedLinear
+from lthfast.ops import linear as linear_op
+from lthfast.ops import linear_torch
+
+# (atol, rtol) per dtype against the float64 reference. fp32: K-term sums in fp32 (|err| ~ K * 2^-24 * |terms|).
+# fp16/bf16: the inputs are exact in float64 and products accumulate in fp32, so the error is the rounding of
+# each output to 16 bits: rtol = one ulp (fp16 2^-10, bf16 2^-7), i.e. two round-to-nearest steps (torch's bf16
+# GEMM, then + bias) or one truncation (the Triton interpreter truncates fp32 -> bf16; GPUs round to nearest).
+# atol covers outputs that cancel to near zero, where only the fp32 accumulation error remains.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-3, 8e-3),
+}
+
+
+@pytest.fixture(params=["torch", "triton"])
+def any_backend(request):
+    """The torch path and the Triton kernels (interpreter on CPU)."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_backend")
+    return request.param
+
+
+@pytest.fixture
+def block_path(monkeypatch):
+    """Force the torch path's block-sparse route on small problems (32x32 tiles, any density)."""
+    monkeypatch.setattr(linear_torch, "CPU_MIN_MACS", 0)
+    monkeypatch.setattr(linear_torch, "CPU_CROSSOVER", {32: 2.0})
+
+
+def _random_mask(n, k, density):
+    return torch.rand(n, k) < density
+
+
+def _check(x_shape, mask, dtype=torch.float32, bias=True, poison=False):
+    """Run forward + backward and compare y, dX, dW, db with the float64 reference; dW exactly 0 off-mask."""
+    n, k = mask.shape
+    x = torch.randn(*x_shape, k, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, dtype=dtype)
+    if poison:
+        w[~mask] = float("nan")  # a value stored under a pruned entry must never reach the result
+    w.requires_grad_()
+    b = torch.randn(n, dtype=dtype, requires_grad=True) if bias else None
+    y = functional.masked_linear(x, w, mask, b)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    x64, w64 = x.detach().double(), w.detach().double()
+    b64 = None if b is None else b.detach().double()
+    ref_y = reference.masked_linear(x64, w64, mask, b64)
+    ref_dx, ref_dw, ref_db = reference.masked_linear_backward(grad.double(), x64, w64, mask, bias)
+    atol, rtol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == ref_y.shape
+    torch.testing.assert_close(y.double(), ref_y, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad.double(), ref_dx, atol=atol, rtol=rtol)
+    torch.testing.assert_close(w.grad.double(), ref_dw, atol=atol, rtol=rtol)
+    assert bool((w.grad[~mask] == 0).all()), "dW must be exactly zero where the mask is False"
+    if bias:
+        torch.testing.assert_close(b.grad.double(), ref_db, atol=atol, rtol=rtol)
+    return y, x, w, b
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+@pytest.mark.parametrize(
+    "x_shape,n,k",
+    [
+        ((37,), 29, 45),  # no dimension a multiple of the 16-tile
+        ((1,), 33, 17),  # batch 1
+        ((6,), 20, 1),  # K = 1
+        ((2, 3), 19, 23),  # 3-D input
+        ((), 18, 21),  # 1-D input
+    ],
+)
+@pytest.mark.parametrize("density", [0.1, 0.6])
+def test_matches_reference_on_odd_shapes(any_backend, x_shape, n, k, density):
+    _check(x_shape, _random_mask(n, k, density))
+
+
+@pytest.mark.parametrize("density", [0.02, 0.3, 0.9])
+def test_unstructured_masks(any_backend, density):
+    _check((24,), _random_mask(40, 50, density), bias=False)
+
+
+@pytest.mark.parametrize("block", [8, 16, 32])
+def test_block_masks(any_backend, block):
+    _check((20,), block_mask(70, 90, 0.7, block))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(any_backend, dtype):
+    _check((21,), _random_mask(35, 40, 0.5), dtype=dtype)
+
+
+def test_all_pruned_mask(any_backend):
+    mask = torch.zeros(30, 40, dtype=torch.bool)
+    y, x, w, b = _check((9,), mask, poison=True)
+    torch.testing.assert_close(y, b.detach().expand_as(y), rtol=0, atol=0)
+    assert bool((x.grad == 0).all()) and bool((w.grad == 0).all())
+
+
+def test_full_mask(any_backend):
+    _check((13,), torch.ones(30, 40, dtype=torch.bool))
+
+
+def test_nan_under_pruned_entries_does_not_leak(any_backend):
+    y, x, w, _ = _check((17,), block_mask(40, 48, 0.5, 16) & _random_mask(40, 48, 0.7), poison=True)
+    assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(w.grad).all())
+
+
+def test_empty_batch_and_k0(any_backend):
+    x = torch.randn(0, 7, requires_grad=True)
+    y = functional.masked_linear(x, torch.randn(5, 7), torch.ones(5, 7, dtype=torch.bool))
+    assert y.shape == (0, 5)
+    b = torch.randn(5)
+    y = functional.masked_linear(torch.randn(3, 0), torch.randn(5, 0), torch.ones(5, 0, dtype=torch.bool), b)
+    torch.testing.assert_close(y, b.expand(3, 5), rtol=0, atol=0)
+
+
+def test_non_contiguous_inputs(any_backend):
+    mask = _random_mask(24, 30, 0.4)
+    x = torch.randn(30, 11).t()  # [11, 30], column-major
+    w = torch.randn(24, 60)[:, ::2]  # strided weight
+    y = functional.masked_linear(x, w, mask)
+    torch.testing.assert_close(y.double(), reference.masked_linear(x.double(), w.double(), mask), **_tol32())
+
+
+def _tol32():
+    atol, rtol = TOL[torch.float32]
+    return {"atol": atol, "rtol": rtol}
+
+
+# ------------------------------------------------------------------------------------- the torch path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_block_path_matches_reference(block_path, dtype):
+    mask = block_mask(75, 70, 0.6, 32) & _random_mask(75, 70, 0.8)  # ragged edge tiles, holes inside tiles
+    assert linear_torch.plan(mask, 9) is not None
+    _check((9,), mask, dtype=dtype, poison=True)
+
+
+def test_block_path_is_chosen_by_measured_crossover():
+    n = k = 512
+    sparse = block_mask(n, k, 0.95, 32)
+    chosen = linear_torch.plan(sparse, 64)
+    assert chosen is not None and chosen.rows.numel() == round(0.05 * (n // 32) * (k // 32))
+    assert linear_torch.plan(torch.ones(n, k, dtype=torch.bool), 64) is None  # dense wins when all is alive
+    assert linear_torch.plan(sparse, 1) is None  # too little work to pay for the block path's extra ops
+    _check((64,), sparse)
+
+
+def test_gradcheck_float64_dense_path():
+    mask = _random_mask(6, 7, 0.5)
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: functional.masked_linear(x, w, mask, b), (x, w, b))
+
+
+def test_gradcheck_float64_block_path(block_path):
+    mask = block_mask(40, 36, 0.5, 32) & _random_mask(40, 36, 0.7)
+    x = torch.randn(3, 36, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 36, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    assert linear_torch.plan(mask, 3) is not None
+    # fast_mode checks random projections of the Jacobian: the full one (1,600 inputs) takes ~40 s here
+    fn = lambda x, w, b: functional.masked_linear(x, w, mask, b)
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+
+
+# ------------------------------------------------------------------------------------- ops and dispatch
+
+
+def test_custom_ops_pass_opcheck():
+    mask = _random_mask(10, 20, 0.5)
+    args = (torch.randn(3, 20, requires_grad=True), torch.randn(10, 20, requires_grad=True), mask, torch.randn(10))
+    torch.library.opcheck(torch.ops.lthfast.masked_linear_fwd.default, args)
+    for need_x, need_w in ((True, True), (False, True), (True, False)):
+        bwd_args = (torch.randn(3, 10), torch.randn(3, 20), torch.randn(10, 20), mask, need_x, need_w)
+        torch.library.opcheck(torch.ops.lthfast.masked_linear_bwd.default, bwd_args)
+
+
+def test_auto_backend_falls_back_to_dense_when_most_tiles_are_alive(triton_backend, monkeypatch):
+    from lthfast.kernels import masked_matmul
+
+    calls = []
+    real = masked_matmul.masked_linear_forward
+    monkeypatch.setattr(masked_matmul, "masked_linear_forward", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(5, 64), torch.randn(48, 64)
+    with lthfast.backend("auto"):
+        functional.masked_linear(x, w, torch.ones(48, 64, dtype=torch.bool))
+        assert not calls, "a full mask must run dense"
+        sparse = block_mask(48, 64, 0.9, 16)
+        y = functional.masked_linear(x, w, sparse)
+        assert calls, "a sparse mask must run the kernels"
+    torch.testing.assert_close(y.double(), reference.masked_linear(x.double(), w.double(), sparse), **_tol32())
+
+
+def test_cuda_tile_shape_follows_the_mask_granularity(triton_backend):
+    from lthfast.kernels.masked_matmul import choose_tile_shape
+
+    assert choose_tile_shape(torch.ones(256, 256, dtype=torch.bool)) == (64, 64)  # all alive: coarsest tile
+    assert choose_tile_shape(block_mask(256, 256, 0.9, 64)) == (64, 64)
+    assert choose_tile_shape(block_mask(256, 256, 0.9, 32)) == (32, 32)  # 64x64 would be ~3x the alive area
+
+
+def test_compiles_with_fullgraph():
+    mask = _random_mask(12, 20, 0.5)
+    x = torch.randn(2, 3, 20, requires_grad=True)
+    w = torch.randn(12, 20, requires_grad=True)
+    step = lambda x, w: functional.masked_linear(x, w, mask).square().sum()
+    torch.compile(step, fullgraph=True, backend="aot_eager")(x, w).backward()
+    expected = torch.autograd.grad(reference.masked_linear(x, w, mask).square().sum(), (x, w))
+    torch.testing.assert_close((x.grad, w.grad), expected, **_tol32())
+
+
+def test_float64_is_refused_by_the_forced_triton_backend(triton_backend):
+    with pytest.raises(TypeError, match="Triton kernels"):
+        functional.masked_linear(torch.randn(2, 4).double(), torch.randn(3, 4).double(), torch.ones(3, 4).bool())
+
+
+@pytest.mark.parametrize(
+    "change,error",
+    [
+        (lambda a: a.update(mask=a["mask"].float()), "bool"),
+        (lambda a: a.update(mask=a["mask"][:, :3]), "mask shape"),
+        (lambda a: a.update(x=a["x"][:, :3]), "does not end in K"),
+        (lambda a: a.update(x=a["x"].double()), "x is torch.float64"),
+        (lambda a: a.update(bias=torch.randn(7)), "bias"),
+        (lambda a: a.update(weight=a["weight"][0]), "2-D"),
+        (lambda a: a.update(weight=a["weight"].int(), x=a["x"].int()), "dtype"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(change, error):
+    args = {
+        "x": torch.randn(2, 4),
+        "weight": torch.randn(3, 4),
+        "mask": torch.ones(3, 4, dtype=torch.bool),
+        "bias": None,
+    }
+    change(args)
+    with pytest.raises((TypeError, ValueError), match=error):
+        functional.masked_linear(args["x"], args["weight"], args["mask"], args["bias"])
+    with pytest.raises((TypeError, ValueError), match="^fc1: "):  # the caller's name leads the message
+        linear_op.masked_linear(args["x"], args["weight"], args["mask"], args["bias"], where="fc1")
+
+
+# ------------------------------------------------------------------------------------------- MaskedLinear
+
+
+def test_masked_linear_module_state_dict_and_dense_round_trip():
+    layer = MaskedLinear(20, 12, mask=_random_mask(12, 20, 0.5))
+    assert list(layer.state_dict()) == ["weight", "bias", "mask"]
+    assert layer.state_dict()["mask"].dtype == torch.bool
+    x = torch.randn(4, 20)
+    dense = layer.to_dense()
+    torch.testing.assert_close(dense(x), layer(x), **_tol32())
+    plain = torch.nn.Linear(20, 12)
+    wrapped = MaskedLinear.from_dense(plain)
+    assert wrapped.weight is plain.weight and wrapped.bias is plain.bias
+    torch.testing.assert_close(wrapped(x), plain(x), **_tol32())
+
+
+def test_tile_index_follows_in_place_mask_changes(any_backend):
+    layer = MaskedLinear(40, 36)
+    x = torch.randn(7, 40)
+    layer(x)  # builds and caches the tile index of the full mask
+    with torch.no_grad():
+        layer.mask[:, 16:] = False  # in place: same tensor, new version
+    expected = reference.masked_linear(x.double(), layer.weight.double(), layer.mask, layer.bias.double())
+    torch.testing.assert_close(layer(x).double(), expected, **_tol32())
+    layer.set_mask_(torch.zeros(36, 40, dtype=torch.bool))
+    torch.testing.assert_close(layer(x), layer.bias.expand(7, 36), rtol=0, atol=0)
+
+
+def test_deepcopy_is_independent(any_backend):
+    layer = MaskedLinear(24, 16, mask=_random_mask(16, 24, 0.5))
+    x = torch.randn(5, 24)
+    clone = copy.deepcopy(layer)
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    clone.set_mask_(torch.zeros(16, 24, dtype=torch.bool))
+    assert bool(layer.mask.any())
+    expected = reference.masked_linear(x.double(), layer.weight.double(), layer.mask, layer.bias.double())
+    torch.testing.assert_close(layer(x).double(), expected, **_tol32())
+
+
+# ------------------------------------------------------------------------------------------- GPU (CUDA only)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block,sparsity", [(1, 0.5), (32, 0.9), (64, 0.98)])
+def test_gpu_large_shapes(triton_backend, dtype, block, sparsity):
+    n, k, m = 1536, 2048, 1000
+    mask = block_mask(n, k, sparsity, block).cuda()
+    x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+    y = functional.masked_linear(x, w, mask, b)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x64, w64, b64 = x.detach().double(), w.detach().double(), b.detach().double()
+    ref_dx, ref_dw, ref_db = reference.masked_linear_backward(grad.double(), x64, w64, mask, True)
+    atol, rtol = TOL[dtype]
+    scale = k**0.5  # outputs and gradients are sums of ~K unit-variance terms
+    for out, ref in ((y, reference.masked_linear(x64, w64, mask, b64)), (x.grad, ref_dx), (w.grad, ref_dw)):
+        torch.testing.assert_close(out.double(), ref, atol=atol * scale, rtol=rtol)
+    torch.testing.assert_close(b.grad.double(), ref_db, atol=atol * m**0.5, rtol=rtol)
+    assert bool((w.grad[~mask] == 0).all())
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_does_not_use_tf32_by_default(triton_backend):
+    assert not torch.backends.cuda.matmul.allow_tf32
+    x = torch.randn(256, 512, device="cuda")
+    w = torch.randn(384, 512, device="cuda")
+    mask = block_mask(384, 512, 0.5, 32).cuda()
+    y = functional.masked_linear(x, w, mask)
+    ref = reference.masked_linear(x.double(), w.double(), mask)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)  # TF32 would err by ~1e-2
