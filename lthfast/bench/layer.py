@@ -154,22 +154,19 @@ def prepare_provider(name: str, problem: Problem, rotation: timing.Rotation, exp
 
 def time_interleaved(calls: dict[str, Callable[[], object]], device, cfg) -> dict[str, timing.Timing]:
     """Time every call in ``cfg.repeats`` rounds, each round visiting the providers in a rotated order, and pool
-    each provider's rounds: load that comes and goes on a shared machine then hits every provider alike."""
+    each provider's rounds: load that comes and goes on a shared machine then hits every provider alike.
+    CPU warm-up calls run in the first round only (GPU: do_bench warms up every round, by time)."""
     rounds: dict[str, list[timing.Timing]] = {name: [] for name in calls}
     names = list(calls)
     for r in range(max(1, cfg.repeats) if names else 0):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            rounds[name].append(
-                timing.measure(
-                    calls[name],
-                    device,
-                    warmup=cfg.warmup,
-                    min_run_time=cfg.min_run_time,
-                    warmup_ms=cfg.warmup_ms,
-                    rep_ms=cfg.rep_ms,
-                )  # fmt: skip
-            )
+            warmup = cfg.warmup if r == 0 else 0
+            t = timing.measure(
+                calls[name], device,
+                warmup=warmup, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms,
+            )  # fmt: skip
+            rounds[name].append(t)
     return {name: timing.merge(ts) for name, ts in rounds.items()}
 
 
