@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from lthfast.pruning.layers import Layer, check_finite, check_fraction, matches
+from lthfast.pruning.layers import Layer, any_alive, check_finite, check_fraction, matches
 from lthfast.pruning.masks import Masks
 
 
@@ -66,12 +67,26 @@ def overrides_by_name(overrides: Mapping | None, names: list[str], what: str) ->
     return out
 
 
-def check_can_prune(layer: Layer, mask: torch.Tensor, what: str) -> None:
-    """A layer asked to prune more must have alive weights, all finite."""
-    if mask.numel() and not bool(mask.any()):
+def check_can_prune(layer: Layer, mask: torch.Tensor, what: str, finite: bool = True) -> None:
+    """A layer asked to prune more must have alive weights (and, with ``finite``, all of them finite)."""
+    if mask.numel() and not any_alive(mask):
         raise ValueError(f"{what}: layer {layer.name!r} is already fully pruned and was asked to prune further")
-    weight = layer.param.detach()
-    check_finite(torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), layer.name)
+    if finite:
+        check_finite(layer.param, mask, layer.name)
+
+
+@contextlib.contextmanager
+def naming_bad_weights(pairs: list[tuple[Layer, torch.Tensor]]):
+    """lthfast.threshold checks for NaN / inf among alive weights for free, but names tensors by index: on its
+    error, find the layer and raise naming it."""
+    try:
+        yield
+    except ValueError as exc:
+        if "NaN" not in str(exc):
+            raise
+        for layer, mask in pairs:
+            check_finite(layer.param, mask, layer.name)
+        raise
 
 
 def two_d(t: torch.Tensor) -> torch.Tensor:

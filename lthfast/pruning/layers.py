@@ -53,28 +53,50 @@ class Layer:
         """Store ``mask`` (validated bool, the weight's shape/device) and zero the pruned stored weights."""
         if self.layout == "masked":
             self.module.set_mask_(mask)
-            self.module.apply_mask_()
+            zero_pruned_(self.module.weight, mask)
             return
         if self.layout == "torch":
             self.module.weight_mask.copy_(mask)
-            self.module.weight_orig.masked_fill_(~mask, 0)
+            zero_pruned_(self.module.weight_orig, mask)
             self._refresh_torch_weight()
             return
-        self.module.weight.masked_fill_(~mask, 0)
+        zero_pruned_(self.module.weight, mask)
 
     @torch.no_grad()
-    def zero_pruned_(self) -> None:
+    def enforce_mask_(self) -> None:
         """Zero the stored weights where the module's own mask is False (no-op for "plain")."""
         if self.layout == "masked":
-            self.module.apply_mask_()
+            zero_pruned_(self.module.weight, self.module.mask)
         elif self.layout == "torch":
-            self.module.weight_orig.masked_fill_(self.module.weight_mask == 0, 0)
+            zero_pruned_(self.module.weight_orig, self.module.weight_mask != 0)
             self._refresh_torch_weight()
 
     def _refresh_torch_weight(self) -> None:
         # torch's layout: ``weight`` is the attribute orig * mask (its forward pre-hook recomputes it too).
         with torch.enable_grad():
             self.module.weight = self.module.weight_orig * self.module.weight_mask.to(self.param.dtype)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def zero_pruned_(tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """``tensor[~mask] = 0`` in place (exact +0.0, also over NaN / inf); ``mask`` bool, same shape and device.
+
+    Multiplies the bit patterns, viewed as integers, by the mask: 32 ms instead of masked_fill_'s 130 ms (and
+    float mul_'s 49 ms, which keeps NaN) for ResNet-50's 25.5M float32 weights on one thread of the 2-core
+    EPYC VM.
+    """
+    t = tensor.detach()
+    if t.is_floating_point():
+        t = t.view(_SAME_SIZE_INT[t.element_size()])
+    t.mul_(mask)
+
+
+def any_alive(mask: torch.Tensor) -> bool:
+    """Whether a bool mask has a True entry (``amax`` over uint8: 1 ms vs ``any``'s 45 ms for 25.5M entries)."""
+    return mask.numel() > 0 and bool(mask.view(torch.uint8).amax())
 
 
 def is_torch_pruned(module: nn.Module, name: str = "weight") -> bool:
@@ -170,8 +192,16 @@ def check_fraction(value, what: str) -> float:
     return value
 
 
-def check_finite(weight: torch.Tensor, where: str) -> None:
-    """Raise naming ``where`` when ``weight`` holds NaN or infinite values (their magnitude has no rank)."""
-    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"{where}: weight holds {bad} NaN/inf values; cannot rank magnitudes")
+def check_finite(weight: torch.Tensor, mask: torch.Tensor | None, where: str) -> None:
+    """Raise naming ``where`` when an alive entry of ``weight`` is NaN or infinite (such magnitudes have no rank).
+
+    A finite sum proves every entry finite (8 ms vs ``isfinite().all()``'s 180 ms for 25.5M float32 weights on
+    one thread); otherwise the alive entries are checked one by one.
+    """
+    if not weight.is_floating_point() or bool(torch.isfinite(weight.detach().sum())):
+        return
+    bad = ~torch.isfinite(weight.detach())
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        raise ValueError(f"{where}: {int(bad.sum())} alive weights are NaN or infinite; cannot rank magnitudes")

@@ -16,49 +16,43 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lthfast.nn import check_mask
-from lthfast.pruning.layers import Layer, all_layers
+from lthfast.pruning.layers import Layer, all_layers, zero_pruned_
 
 
 class _Guard:
-    """Resolves masks at every step (masks are replaced by pruning) and caches their complement per version."""
+    """Resolves masks at every step (pruning may replace them); caches torch's float masks as bool per version."""
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -> None:
         self.model = model
         self.masks = dict(masks) if masks is not None else {}
-        self._pruned: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._bool: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
-    def _pruned_of(self, layer: Layer) -> torch.Tensor | None:
+    def _mask_of(self, layer: Layer) -> torch.Tensor | None:
         mask = self.masks.get(layer.name)
-        if mask is None:
-            if layer.layout == "masked":
-                mask = layer.module.mask
-            elif layer.layout == "torch":
-                mask = layer.module.weight_mask
-            else:
-                return None
-        cached = self._pruned.get(id(layer.param))
-        if cached is not None and cached[0] is mask and cached[1] == mask._version:
-            return cached[2]
-        pruned = mask == 0 if mask.dtype != torch.bool else ~mask
-        self._pruned[id(layer.param)] = (mask, mask._version, pruned)
-        return pruned
+        if mask is not None or layer.layout == "plain":
+            return mask
+        if layer.layout == "masked":
+            return layer.module.mask
+        mask = layer.module.weight_mask
+        cached = self._bool.get(id(layer.param))
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = (mask, mask._version, mask != 0)
+            self._bool[id(layer.param)] = cached
+        return cached[2]
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer, args=None, kwargs=None) -> None:
-        # Layers are looked up at every step (~0.1 ms for 50 layers) so that sparsify / from_torch_prune after
-        # registration are followed.
+        # Layers are looked up at every step (~0.3 ms for ResNet-50's 54) so that sparsify / from_torch_prune
+        # after registration are followed.
         for layer in all_layers(self.model):
-            pruned = self._pruned_of(layer)
-            if pruned is None:
+            mask = self._mask_of(layer)
+            if mask is None:
                 continue
             param = layer.param
-            param.masked_fill_(pruned, 0)
-            state = optimizer.state.get(param)
-            if not state:
-                continue
-            for value in state.values():
+            zero_pruned_(param, mask)
+            for value in (optimizer.state.get(param) or {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape and value.is_floating_point():
-                    value.masked_fill_(pruned, 0)
+                    zero_pruned_(value, mask)
 
 
 def mask_optimizer(
@@ -68,8 +62,9 @@ def mask_optimizer(
 
     Masks come from the model's masked modules and torch-pruned modules, read at every step (so later
     prunes are followed); ``masks`` (name -> bool tensor, e.g. ``Masks``) adds or overrides masks, which
-    is how plain, unconverted modules are guarded. Only the model's prunable weights are touched. Cost: one
-    ``masked_fill_`` per guarded weight and state tensor per step. Returns the hook handle (``.remove()``).
+    is how plain, unconverted modules are guarded. Only the model's prunable weights are touched. Cost per
+    step: one in-place integer multiply per guarded weight and per state tensor (``zero_pruned_``). Returns
+    the hook handle (``.remove()``).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"mask_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")

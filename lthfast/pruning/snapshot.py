@@ -14,7 +14,7 @@ import random
 import torch
 from torch import nn
 
-from lthfast.pruning.layers import all_layers
+from lthfast.pruning.layers import all_layers, zero_pruned_
 
 
 def _mask_keys(model: nn.Module) -> set[str]:
@@ -53,11 +53,11 @@ def _zero_pruned_state_(model: nn.Module, optimizer: torch.optim.Optimizer | Non
         mask = layer.current_mask()
         if mask is None:
             continue
-        layer.zero_pruned_()
+        layer.enforce_mask_()
         state = optimizer.state.get(layer.param) if optimizer is not None else None
         for value in (state or {}).values():
             if isinstance(value, torch.Tensor) and value.shape == layer.param.shape and value.is_floating_point():
-                value.masked_fill_(~mask, 0)
+                zero_pruned_(value, mask)
 
 
 class Snapshot:

@@ -23,6 +23,7 @@ from torch import nn
 from lthfast.pruning._common import (
     check_can_prune,
     matched,
+    naming_bad_weights,
     overrides_by_name,
     parse_rate,
     prune_each_,
@@ -66,19 +67,20 @@ def magnitude(
     pairs = resolve(model, masks, "magnitude")
     shared, own = _plan(pairs, fraction, overrides, leave_dense, "magnitude")
     for i in shared if fraction > 0 else []:
-        check_can_prune(pairs[i][0], pairs[i][1], "magnitude")
+        check_can_prune(pairs[i][0], pairs[i][1], "magnitude", finite=False)
     for i, rate in own.items():
         if rate > 0:
-            check_can_prune(pairs[i][0], pairs[i][1], "magnitude")
+            check_can_prune(pairs[i][0], pairs[i][1], "magnitude", finite=False)
     new = [m.clone() for _, m in pairs]
     weights = [layer.param.detach() for layer, _ in pairs]
-    if layerwise:
-        each = {**{i: fraction for i in shared}, **own}
-    else:
-        prune_global_([weights[i] for i in shared], [new[i] for i in shared], amount=fraction)
-        each = own
-    idx = sorted(each)
-    prune_each_([weights[i] for i in idx], [new[i] for i in idx], amounts=[each[i] for i in idx])
+    with naming_bad_weights(pairs):
+        if layerwise:
+            each = {**{i: fraction for i in shared}, **own}
+        else:
+            prune_global_([weights[i] for i in shared], [new[i] for i in shared], amount=fraction)
+            each = own
+        idx = sorted(each)
+        prune_each_([weights[i] for i in idx], [new[i] for i in idx], amounts=[each[i] for i in idx])
     return to_masks(pairs, new)
 
 
@@ -116,7 +118,7 @@ def one_shot(
         if k < 0:
             raise ValueError(f"one_shot: {where} is already below density {target} (masks only shrink)")
         for i in indices if k > 0 else []:
-            check_can_prune(pairs[i][0], pairs[i][1], "one_shot")
+            check_can_prune(pairs[i][0], pairs[i][1], "one_shot", finite=False)
         return k
 
     groups = [[i] for i in shared] if layerwise else ([shared] if shared else [])
@@ -128,11 +130,14 @@ def one_shot(
     ks = [count(g, t, names[g[0]] if len(g) == 1 else "the global ranking") for g, t in zip(groups, targets)]
     new = [m.clone() for _, m in pairs]
     weights = [layer.param.detach() for layer, _ in pairs]
-    for group, k in zip(groups, ks):
-        if len(group) == 1:
-            prune_each_([weights[group[0]]], [new[group[0]]], ks=[k])
-        else:
-            prune_global_([weights[i] for i in group], [new[i] for i in group], k=k)
+    with naming_bad_weights(pairs):
+        singles = [g[0] for g in groups if len(g) == 1]
+        prune_each_(
+            [weights[i] for i in singles], [new[i] for i in singles], ks=[k for g, k in zip(groups, ks) if len(g) == 1]
+        )
+        for group, k in zip(groups, ks):
+            if len(group) > 1:
+                prune_global_([weights[i] for i in group], [new[i] for i in group], k=k)
     return to_masks(pairs, new)
 
 

@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lthfast.pruning._common import check_can_prune, matched, prune_each_, prune_global_, resolve, to_masks, two_d
+from lthfast.pruning._common import (
+    check_can_prune,
+    matched,
+    naming_bad_weights,
+    prune_each_,
+    prune_global_,
+    resolve,
+    to_masks,
+    two_d,
+)
 from lthfast.pruning.layers import check_fraction
 from lthfast.pruning.masks import Masks
 
@@ -75,13 +84,14 @@ def block_magnitude(
     dense = matched(leave_dense, names, "block_magnitude leave_dense")
     active = [i for i, n in enumerate(names) if n not in dense]
     for i in active if fraction > 0 else []:
-        check_can_prune(pairs[i][0], pairs[i][1], "block_magnitude")
+        check_can_prune(pairs[i][0], pairs[i][1], "block_magnitude", finite=False)
     scored = [tile_scores(pairs[i][0].param.detach(), pairs[i][1], block, norm) for i in active]
     scores, tile_masks = [s for s, _ in scored], [a.clone() for _, a in scored]
-    if layerwise:
-        prune_each_(scores, tile_masks, amounts=[fraction] * len(scores))
-    else:
-        prune_global_(scores, tile_masks, amount=fraction)
+    with naming_bad_weights(pairs):  # a NaN weight makes its tile's score NaN, which the threshold rejects
+        if layerwise:
+            prune_each_(scores, tile_masks, amounts=[fraction] * len(scores))
+        else:
+            prune_global_(scores, tile_masks, amount=fraction)
     new = [m.clone() for _, m in pairs]
     for i, tiles in zip(active, tile_masks):
         keep = _expand(tiles, block, tuple(two_d(new[i]).shape))

@@ -94,17 +94,14 @@ def _gather(parameters, importance_scores) -> list[tuple]:
         scores = importance_scores.get((module, name), stored)
         if scores.shape != stored.shape:
             raise ValueError(f"{where}: importance scores shape {tuple(scores.shape)} != {tuple(stored.shape)}")
-        check_finite(torch.where(mask, scores.detach(), 0), where)
         entries.append((module, name, where, stored, mask, scores.detach()))
     return entries
 
 
-def _k_from_amount(amount, alive: int, what: str) -> int:
-    if isinstance(amount, numbers.Integral):
-        if amount > alive:
-            raise ValueError(f"{what}: amount={amount} should be smaller than the number of alive parameters={alive}")
-        return int(amount)
-    return round(amount * alive)
+def _check_count(amount: int, alive: int) -> int:
+    if amount > alive:
+        raise ValueError(f"global_unstructured: amount={amount} exceeds the number of alive parameters={alive}")
+    return int(amount)
 
 
 def _new_masks(entries, pruning_method, kwargs) -> list[torch.Tensor]:
@@ -116,18 +113,26 @@ def _new_masks(entries, pruning_method, kwargs) -> list[torch.Tensor]:
             'Only "unstructured" PRUNING_TYPE supported for '
             f"the `pruning_method`. Found method {pruning_method} of type {method.PRUNING_TYPE}"
         )
-    masks = [e[4].clone() for e in entries]
-    alive = sum(int(m.sum()) for m in masks)
+    masks = [e[4] for e in entries]  # new tensors already
     # float64 scores would be ranked in float32 by the threshold (possible new ties): torch's path keeps them exact.
     natively = all(e[5].dtype in RANKABLE_DTYPES for e in entries)
     if type(method) is torch_prune.RandomUnstructured or (type(method) is torch_prune.L1Unstructured and natively):
-        k = _k_from_amount(method.amount, alive, "global_unstructured")
+        count = {"amount": method.amount}  # a float: the threshold computes round(amount * alive) as torch does
+        if isinstance(method.amount, numbers.Integral):
+            alive = sum(int(torch.count_nonzero(m)) for m in masks)
+            count = {"k": _check_count(method.amount, alive)}
         if type(method) is torch_prune.L1Unstructured:
             scores = [e[5] for e in entries]
+            try:
+                threshold.prune_(scores, masks, **count)
+            except ValueError as exc:
+                if "NaN" in str(exc):  # name the parameter (the threshold names tensor indices)
+                    for _, _, where, _, mask, score in entries:
+                        check_finite(score, mask, where)
+                raise
         else:
             scores = [torch.rand(e[5].shape, dtype=torch.float32, device=e[5].device) for e in entries]
-        if k:
-            threshold.prune_(scores, masks, k=k)
+            threshold.prune_(scores, masks, **count)
         return masks
     # Any other unstructured method: torch's own computation over the alive entries (correct, not faster).
     flat_scores = torch.cat([e[5].reshape(-1) for e in entries])

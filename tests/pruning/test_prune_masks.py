@@ -134,3 +134,20 @@ def test_apply_rejects_unknown_layer():
     masks["9.weight"] = torch.ones(3, 3, dtype=torch.bool)
     with pytest.raises(KeyError, match="9.weight"):
         masks.apply_(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_zero_pruned_is_exact_even_over_nan(dtype):
+    from lthfast.pruning.layers import zero_pruned_
+
+    t = torch.randn(7, 9, dtype=dtype)
+    t[0, 0], t[1, 1], t[2, 2] = float("nan"), float("inf"), -0.0
+    mask = torch.rand(7, 9) < 0.5
+    mask[0, 0], mask[1, 1] = False, True
+    expected = torch.where(mask, t, torch.zeros((), dtype=dtype))
+    view = t.t()  # non-contiguous works too
+    zero_pruned_(view, mask.t())
+    assert torch.equal(t[~mask], torch.zeros(int((~mask).sum()), dtype=dtype))
+    assert torch.equal(t[mask].isinf(), expected[mask].isinf())
+    assert torch.equal(t[mask & ~t.isinf()], expected[mask & ~expected.isinf()])
+    assert not torch.signbit(t[~mask]).any()
