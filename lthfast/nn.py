@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lthfast import functional
+from lthfast.ops import conv as _conv_op
 from lthfast.reference import masked_weight
 
 
@@ -115,7 +116,17 @@ class MaskedConv2d(_Masked, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = nn.functional.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return functional.masked_conv2d(x, weight, self.mask, bias, self.stride, padding, self.dilation, self.groups)
+        # The op itself (what functional.masked_conv2d calls), so that errors and the one-time groups > 1
+        # warning name this layer.
+        return _conv_op.masked_conv2d(
+            x, weight, self.mask, bias, self.stride, padding, self.dilation, self.groups, where=self._where()
+        )
+
+    def _where(self) -> str:
+        return (
+            f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, groups={self.groups})"
+        )
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> MaskedConv2d:

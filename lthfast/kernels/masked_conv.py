@@ -1,0 +1,422 @@
+"""Masked conv2d as implicit GEMM in Triton: forward, dX, and dW restricted to the alive weight tiles.
+
+The weight [N=Cout, C=Cin, KH, KW] is the GEMM matrix [N, C*KH*KW] in its own (c, kh, kw) order. A weight tile
+is BLOCK_N output channels x BLOCK_C input channels x all KH*KW taps, i.e. the [BLOCK_N, BLOCK_C*KH*KW] tiles of
+``tile_index(mask.view(N, -1), BLOCK_N, BLOCK_C*KH*KW)``: the kernels loop over the alive tiles of that cached
+index only, and inside a tile over the taps, gathering a [BLOCK_M, BLOCK_C] slab of the input per tap (no im2col
+is materialized). The mask is applied elementwise (``tl.where``) inside alive tiles.
+
+  forward  Y[m, n]  = sum_k Xcol[m, k] (W*M)[n, k]   grid: M-tiles x N-tiles, loop over the CSR row of the N-tile
+  dX       dX[b, c, h, w] = sum_{n, tap} dY[b, n, p, q] (W*M)[n, c, tap] where h = p*stride - pad + r*dil:
+           the transposed implicit GEMM in gather form (no atomics); grid: input-pixel tiles x C-blocks, loop over
+           the CSC column of the C-block
+  dW       (dY^T Xcol) * M on the alive tiles only (an SDDMM over the COO tile list), one program per
+           (alive tile, tap, M-split); partial sums of several splits are reduced by a second small kernel.
+
+Inputs may be NCHW or channels_last (all strides are passed). float32/float16/bfloat16 in, fp32 accumulation.
+Launchers check nothing beyond what the ops layer (``lthfast.ops.conv``) already validated.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from lthfast import _backend
+from lthfast.kernels.tile_index import TileIndex, tile_index
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Interpreter tiles: the smallest tl.dot accepts, so CI runs few and cheap loop iterations.
+INTERPRETER_TILE = (16, 16, 16)  # (BLOCK_M, BLOCK_N, BLOCK_C)
+
+
+def conv_tiles(device: torch.device) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_C) of the weight tiles on ``device``: the tile index granularity (skipping unit)."""
+    if device.type == "cuda" and not _backend.interpreter_enabled():
+        # 64 x 32 keeps a wgmma-sized N while an 8-channel-aligned C-block stays small; not yet tuned on a GPU.
+        return 64, 32
+    return INTERPRETER_TILE[1], INTERPRETER_TILE[2]
+
+
+# (id(mask), memory format) -> (weakref to mask, mask._version, copy). A mask is needed in two layouts: contiguous
+# for the tile index (a [N, C*KH*KW] view) and channels_last for the kernels' loads. Copies are kept until the
+# mask is edited in place or freed, so that neither a copy nor the index (a host sync) is rebuilt every step.
+_copies: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def mask_as(mask: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``mask`` (bool [N, C, KH, KW]) in ``memory_format``: itself if already so, else a cached copy."""
+    if mask.is_contiguous(memory_format=memory_format):
+        return mask
+    if mask.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(mask):
+        return mask.contiguous(memory_format=memory_format)
+    key = (id(mask), str(memory_format))
+    entry = _copies.get(key)
+    if entry is None or entry[0]() is not mask or entry[1] != mask._version:
+        copy = mask.contiguous(memory_format=memory_format)
+        entry = (weakref.ref(mask, lambda _ref, key=key: _copies.pop(key, None)), mask._version, copy)
+        _copies[key] = entry
+    return entry[2]
+
+
+def conv_tile_index(mask: torch.Tensor) -> TileIndex:
+    """The cached tile index of a conv mask [N, C, KH, KW] (bool) at the kernels' tile size on its device."""
+    block_n, block_c = conv_tiles(mask.device)
+    n, _, kh, kw = mask.shape
+    return tile_index(mask_as(mask, torch.contiguous_format).view(n, -1), block_n, block_c * kh * kw)
+
+
+def _channels_last(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The kernels read [BLOCK_C]-long runs of one (n, tap): contiguous (coalesced) in channels_last, 9 elements
+    # apart for a 3x3 NCHW weight. The weight copy costs one pass over the weight, small next to the activations.
+    return weight.contiguous(memory_format=torch.channels_last), mask_as(mask, torch.channels_last)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 convolutions follow torch's own rule for cuDNN (``torch.backends.cudnn.allow_tf32``); the interpreter
+    # computes in numpy at full precision either way.
+    if dtype == torch.float32 and not _backend.interpreter_enabled() and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    # Triton's interpreter multiplies the raw bit patterns of bfloat16 dot operands (triton-lang/triton#11584,
+    # unsupported upstream); bf16 x bf16 products are exact in fp32, so upcasting there changes nothing else.
+    return dtype == torch.bfloat16 and _backend.interpreter_enabled()
+
+
+def _tuned(kernel, key: list[str]):
+    """Autotuned on CUDA; the interpreter runs the plain kernel at INTERPRETER_TILE (autotuning would time it)."""
+    if _backend.interpreter_enabled():
+        return kernel
+    configs = [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+        if not (bm == 64 and w == 8)
+    ]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def _meta() -> dict:
+    return {"BLOCK_M": INTERPRETER_TILE[0]} if _backend.interpreter_enabled() else {}
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    # pointers: input, weight, mask, bias, output; CSR of the tile index (alive C-blocks of each N-tile)
+    x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, row_ptr, row_cols,
+    # sizes: batch, in channels, input H, W, out channels, output H (P), W (Q)
+    B, C, H, W, N, P, Q,
+    # strides (elements) of x [B, C, H, W], weight and mask [N, C, KH, KW], y [B, N, P, Q]
+    sxb, sxc, sxh, sxw, swn, swc, swh, sww, smn, smc, smh, smw, syb, syn, syp, syq,
+    # convolution: stride, top/left padding, dilation
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """y[B, N, P, Q] = conv2d(x, W*M) + bias over the alive tiles of each N-tile."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n  # neighbouring programs share an M-tile, so its input slab is reused from L2
+    pid_m = pid // num_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < B * P * Q
+    n_ok = offs_n < N
+    q = offs_m % Q
+    p = (offs_m // Q) % P
+    b = offs_m // (P * Q)
+    x_row = b.to(tl.int64) * sxb
+    ih0 = p * stride_h - pad_h
+    iw0 = q * stride_w - pad_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lo = tl.load(row_ptr + pid_n)
+    hi = tl.load(row_ptr + pid_n + 1)
+    for i in range(lo * (KH * KW), hi * (KH * KW)):
+        offs_c = tl.load(row_cols + i // (KH * KW)) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        r = (i % (KH * KW)) // KW
+        s = i % KW
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_off = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a = tl.load(x_ptr + x_off[:, None] + offs_c[None, :].to(tl.int64) * sxc,
+                    mask=pix_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+        wc_ok = c_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_ptr + offs_c[:, None] * swc + offs_n[None, :] * swn + r * swh + s * sww, mask=wc_ok, other=0.0)
+        keep = tl.load(m_ptr + offs_c[:, None] * smc + offs_n[None, :] * smn + r * smh + s * smw, mask=wc_ok, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = b.to(tl.int64) * syb + p.to(tl.int64) * syp + q.to(tl.int64) * syq
+    y_ptrs = y_ptr + y_off[:, None] + offs_n[None, :].to(tl.int64) * syn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv_dx_kernel(
+    # pointers: output gradient, weight, mask, input gradient; CSC of the tile index (alive N-tiles of a C-block)
+    dy_ptr, w_ptr, m_ptr, dx_ptr, col_ptr, col_rows,
+    B, C, H, W, N, P, Q,
+    # strides of dy [B, N, P, Q], weight, mask, dx [B, C, H, W]
+    sdb, sdn, sdp, sdq, swn, swc, swh, sww, smn, smc, smh, smw, sxb, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dx[B, C, H, W]: each program gathers, for its input pixels and C-block, every (n, tap) that reads them."""
+    pid = tl.program_id(0)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % num_c
+    pid_m = pid // num_c
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < B * H * W
+    c_ok = offs_c < C
+    iw = offs_m % W
+    ih = (offs_m // W) % H
+    b = offs_m // (H * W)
+    dy_row = b.to(tl.int64) * sdb
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    lo = tl.load(col_ptr + pid_c)
+    hi = tl.load(col_ptr + pid_c + 1)
+    for i in range(lo * (KH * KW), hi * (KH * KW)):
+        offs_n = tl.load(col_rows + i // (KH * KW)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        r = (i % (KH * KW)) // KW
+        s = i % KW
+        hp = ih + pad_h - r * dil_h  # = p * stride_h for the output row p that reads input row ih through tap r
+        wq = iw + pad_w - s * dil_w
+        p = hp // stride_h
+        q = wq // stride_w
+        pix_ok = m_ok & (hp >= 0) & (wq >= 0) & (p * stride_h == hp) & (q * stride_w == wq) & (p < P) & (q < Q)
+        dy_off = dy_row + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
+        g = tl.load(dy_ptr + dy_off[:, None] + offs_n[None, :].to(tl.int64) * sdn,
+                    mask=pix_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+        wn_ok = n_ok[:, None] & c_ok[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, mask=wn_ok, other=0.0)
+        keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=wn_ok, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+    dx_off = b.to(tl.int64) * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    dx_ptrs = dx_ptr + dx_off[:, None] + offs_c[None, :].to(tl.int64) * sxc
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_dw_kernel(
+    # pointers: input, output gradient, mask, weight gradient, fp32 workspace [SPLIT, programs, BN, BC]; COO list
+    x_ptr, dy_ptr, m_ptr, dw_ptr, ws_ptr, tile_rows, tile_cols,
+    B, C, H, W, N, P, Q, M_PER_SPLIT,
+    # strides of x, dy, mask, dw
+    sxb, sxc, sxh, sxw, sdb, sdn, sdp, sdq, smn, smc, smh, smw, swn, swc, swh, sww,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, DIRECT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dW[tile, tap] = (dY^T Xcol) * M over one M-split; DIRECT stores into dw, else into the workspace."""
+    pid = tl.program_id(0)  # alive tile * KH*KW + tap
+    split = tl.program_id(1)
+    tile = pid // (KH * KW)
+    r = (pid % (KH * KW)) // KW
+    s = pid % KW
+    offs_n = tl.load(tile_rows + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.load(tile_cols + tile) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = offs_n < N
+    c_ok = offs_c < C
+    m_lo = split * M_PER_SPLIT
+    m_hi = tl.minimum(m_lo + M_PER_SPLIT, B * P * Q)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_hi
+        q = offs_m % Q
+        p = (offs_m // Q) % P
+        b = (offs_m // (P * Q)).to(tl.int64)
+        dy_off = b * sdb + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
+        g = tl.load(dy_ptr + dy_off[None, :] + offs_n[:, None].to(tl.int64) * sdn,
+                    mask=n_ok[:, None] & m_ok[None, :], other=0.0)  # fmt: skip
+        ih = p * stride_h - pad_h + r * dil_h
+        iw = q * stride_w - pad_w + s * dil_w
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_off = b * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        a = tl.load(x_ptr + x_off[:, None] + offs_c[None, :].to(tl.int64) * sxc,
+                    mask=pix_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+        if DOT_FP32:
+            g = g.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
+    if DIRECT:
+        nc_ok = n_ok[:, None] & c_ok[None, :]
+        keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=nc_ok, other=0)
+        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+        dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nc_ok)
+    else:
+        block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        tl.store(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block, acc)
+
+
+@triton.jit
+def _conv_dw_reduce_kernel(
+    ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, SPLIT, N, C,
+    smn, smc, smh, smw, swn, swc, swh, sww,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype."""
+    pid = tl.program_id(0)
+    tile = pid // (KH * KW)
+    r = (pid % (KH * KW)) // KW
+    s = pid % KW
+    offs_n = tl.load(tile_rows + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.load(tile_cols + tile) * BLOCK_C + tl.arange(0, BLOCK_C)
+    block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for split in range(SPLIT):
+        acc += tl.load(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block)
+    nc_ok = (offs_n < N)[:, None] & (offs_c < C)[None, :]
+    keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=nc_ok, other=0)
+    acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+    dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nc_ok)
+
+
+_fwd = _tuned(_conv_fwd_kernel, ["N", "C", "P", "Q", "KH", "KW", "stride_h", "stride_w"])
+_dx = _tuned(_conv_dx_kernel, ["N", "C", "H", "W", "KH", "KW", "stride_h", "stride_w"])
+_dw = _tuned(_conv_dw_kernel, ["N", "C", "P", "Q", "KH", "KW", "M_PER_SPLIT", "DIRECT"])
+
+
+def _conv_args(stride, padding, dilation) -> tuple[int, ...]:
+    return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+
+
+def conv2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    index: TileIndex | None = None,
+) -> torch.Tensor:
+    """Write conv2d(x, W*M) + bias into ``out`` [B, N, P, Q] (any strides) and return it.
+
+    x [B, C, H, W], weight [N, C, KH, KW], mask bool like weight, bias [N] or None: one dtype of KERNEL_DTYPES, one
+    device. padding is (top, bottom, left, right); only top/left enter (the output size already holds the rest).
+    ``index`` defaults to ``conv_tile_index(mask)``; a different one is honoured (tests use it to prove skipping).
+    """
+    batch, c, h, w = x.shape
+    n, _, kh, kw = weight.shape
+    p, q = out.shape[2:]
+    index = conv_tile_index(mask) if index is None else index
+    weight, mask = _channels_last(weight, mask)
+    block_n, block_c = conv_tiles(x.device)
+    grid = lambda meta: (triton.cdiv(batch * p * q, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)
+    _fwd[grid](
+        x, weight, mask, bias if bias is not None else weight, out, index.row_ptr, index.row_cols,
+        batch, c, h, w, n, p, q,
+        *x.stride(), *weight.stride(), *mask.stride(), *out.stride(),
+        *_conv_args(stride, padding, dilation),
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
+        BLOCK_N=block_n, BLOCK_C=block_c, **_meta(),
+    )  # fmt: skip
+    return out
+
+
+def conv2d_grad_input(
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    grad_x: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    index: TileIndex | None = None,
+) -> torch.Tensor:
+    """Write dX = conv2d's input gradient through W*M into ``grad_x`` [B, C, H, W] (any strides); return it."""
+    batch, c, h, w = grad_x.shape
+    n, _, kh, kw = weight.shape
+    p, q = grad_out.shape[2:]
+    index = conv_tile_index(mask) if index is None else index
+    weight, mask = _channels_last(weight, mask)
+    block_n, block_c = conv_tiles(grad_x.device)
+    grid = lambda meta: (triton.cdiv(batch * h * w, meta["BLOCK_M"]) * triton.cdiv(c, block_c),)
+    _dx[grid](
+        grad_out, weight, mask, grad_x, index.col_ptr, index.col_rows,
+        batch, c, h, w, n, p, q,
+        *grad_out.stride(), *weight.stride(), *mask.stride(), *grad_x.stride(),
+        *_conv_args(stride, padding, dilation),
+        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(grad_x.dtype), DOT_FP32=_dot_fp32(grad_x.dtype),
+        BLOCK_N=block_n, BLOCK_C=block_c, **_meta(),
+    )  # fmt: skip
+    return grad_x
+
+
+def _dw_split(m: int, programs: int, device: torch.device) -> int:
+    """M-splits for dW: enough programs to fill the GPU (4 per SM), each reducing at least 2048 rows."""
+    if device.type != "cuda" or _backend.interpreter_enabled():
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(4 * sms, programs), m // 2048))
+
+
+def conv2d_grad_weight(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    grad_w: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    index: TileIndex | None = None,
+    split: int | None = None,
+) -> torch.Tensor:
+    """Write dW = (dY^T Xcol) * M into ``grad_w`` [N, C, KH, KW] on the alive tiles and return it.
+
+    ``grad_w`` must hold zeros outside the alive tiles (e.g. ``torch.zeros_like(weight)``); only alive tiles are
+    written, with exact zeros where the mask is False. ``split`` (M-splits) defaults to a device heuristic.
+    """
+    batch, c, h, w = x.shape
+    n, _, kh, kw = grad_w.shape
+    p, q = grad_out.shape[2:]
+    index = conv_tile_index(mask) if index is None else index
+    programs = index.alive_tiles * kh * kw
+    m = batch * p * q
+    if programs == 0 or m == 0:
+        return grad_w
+    block_n, block_c = conv_tiles(x.device)
+    split = _dw_split(m, programs, x.device) if split is None else split
+    m_per_split = triton.cdiv(m, split)
+    split = triton.cdiv(m, m_per_split)
+    direct = split == 1
+    ws = grad_w if direct else torch.empty((split, programs, block_n, block_c), device=x.device, dtype=torch.float32)
+    _dw[(programs, split)](
+        x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols,
+        batch, c, h, w, n, p, q, m_per_split,
+        *x.stride(), *grad_out.stride(), *mask.stride(), *grad_w.stride(),
+        *_conv_args(stride, padding, dilation),
+        KH=kh, KW=kw, DIRECT=direct, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
+        BLOCK_N=block_n, BLOCK_C=block_c, **_meta(),
+    )  # fmt: skip
+    if not direct:
+        _conv_dw_reduce_kernel[(programs,)](
+            ws, mask, grad_w, index.tile_rows, index.tile_cols, split, n, c,
+            *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, BLOCK_N=block_n, BLOCK_C=block_c,
+        )  # fmt: skip
+    return grad_w
