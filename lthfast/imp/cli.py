@@ -1,7 +1,125 @@
-"""`lthfast imp`, `lthfast report` and `lthfast demo` subcommands."""
+"""`lthfast imp`, `lthfast report` and `lthfast demo` subcommands.
+
+``lthfast imp`` has one flag per ``Config`` option (``--prune-fraction``, ``--one-shot/--no-one-shot``, ...);
+``--config FILE`` (YAML or JSON) sets any option and flags override it. Bad input ends with one line
+``lthfast: error: ...`` on stderr and exit status 2, before any training.
+"""
 
 from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+
+from lthfast.imp.config import Config
+
+ALIASES = {"replicates": ["--replicate"]}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("options (each may also be set in --config)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        if hints[f.name] is bool:
+            group.add_argument(flag, *ALIASES.get(f.name, []), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)  # fmt: skip
+        else:
+            group.add_argument(flag, *ALIASES.get(f.name, []), dest=f.name, default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=help_text)  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then the --config file, then the flags given on the command line."""
+    from lthfast.imp.config import read_config_file
+
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    names = {f.name for f in dataclasses.fields(Config)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return Config.from_dict(values, where=args.config if getattr(args, "config", None) else "options")
+
+
+def _guarded(func):
+    """Run a subcommand; known input errors become one line on stderr and exit status 2."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        from lthfast.data import DataError
+        from lthfast.imp.errors import ImpError
+
+        try:
+            return func(args)
+        except (ImpError, DataError) as exc:
+            print(f"lthfast: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("lthfast: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+@_guarded
+def _cmd_imp(args: argparse.Namespace) -> int:
+    from lthfast.imp.driver import run
+    from lthfast.imp.report import report
+
+    result = run(config_from_args(args))
+    print(report(result.path, plots=False))
+    print(f"run directory: {result.path}")
+    return 0
+
+
+@_guarded
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lthfast.imp.report import report
+
+    print(report(args.run_dir, plots=not args.no_plots))
+    if not args.no_plots:
+        print(f"plots: {args.run_dir.rstrip('/')}/plots/")
+    return 0
+
+
+@_guarded
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lthfast.imp.demo import DEMO
+    from lthfast.imp.driver import run
+    from lthfast.imp.report import report
+
+    start = time.perf_counter()
+    overrides = {k: v for k, v in vars(args).items() if k in ("out_dir", "quiet", "force", "backend", "name")}
+    result = run(Config.from_dict({**DEMO, **overrides}, where="demo"))
+    print(report(result.path, plots=False))
+    print(f"run directory: {result.path} (plots in {result.path}/plots/)")
+    print(f"demo finished in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def register(subparsers) -> None:
     """Add this package's subcommands to the top-level parser."""
+    imp = subparsers.add_parser(
+        "imp",
+        help="iterative magnitude pruning with rewinding and controls (resumable)",
+        description="Train, prune, rewind, repeat. Running the same command again resumes the run.",
+    )
+    imp.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags override it")
+    _add_config_flags(imp)
+    imp.set_defaults(func=_cmd_imp)
+
+    rep = subparsers.add_parser("report", help="print a run's table and redraw its plots")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/mlp-mnist1d-1a2b3c4d")
+    rep.add_argument("--no-plots", action="store_true", help="print the table only")
+    rep.set_defaults(func=_cmd_report)
+
+    demo = subparsers.add_parser("demo", help="the embedded lottery-ticket demo (MLP on MNIST-1D, a few minutes)")
+    demo.add_argument("--out-dir", default="runs", help="parent folder of the run directory (default: runs)")
+    demo.add_argument("--name", default=argparse.SUPPRESS, help="run directory name")
+    demo.add_argument("--backend", default=argparse.SUPPRESS, help="auto, torch or triton")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--force", action="store_true", help="replace a run directory made with another config")
+    demo.set_defaults(func=_cmd_demo)

@@ -1,0 +1,302 @@
+"""The IMP run configuration: one dataclass holding every option, its parsing and its validation.
+
+Durations (``train_steps``, ``rewind``, ``warmup``, ``milestones``, ``eval_every``, ``checkpoint_every``) are
+written as iterations ("500it", or a bare integer) or epochs ("2ep", fractional allowed), as in open_lth. They are
+turned into iterations by ``Config.steps(...)`` once the dataset (hence the steps per epoch) is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+from lthfast.imp.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+CONTROLS = ("random_reinit", "random_prune", "rearrange")
+DEVICES = ("auto", "cpu", "cuda")
+# Options that say where and how loudly a run happens, not what it computes: they may change on resume.
+NOT_IDENTITY = ("out_dir", "name", "quiet", "force", "cache_dir", "data_dir", "checkpoint_every", "threads", "plots")
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = field(default="mlp", metadata={"help": "mlp, lenet, conv2/4/6, vgg11/16/19, resnet20/56/18"})
+    hidden: tuple[int, ...] = field(default=(300, 100), metadata={"help": "mlp hidden widths, e.g. 300,100"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on fully-connected hidden layers"})
+    dataset: str = field(default="mnist1d", metadata={"help": "mnist1d, digits, synthetic, mnist, cifar10"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder holding local mnist / cifar10 files"})
+    num_samples: int = field(default=10_000, metadata={"help": "examples generated (mnist1d, synthetic)"})
+    synthetic_shape: tuple[int, ...] = field(default=(3, 32, 32), metadata={"help": "synthetic input shape"})
+    val_size: float = field(default=0.1, metadata={"help": "validation split: fraction (<1) or count of train"})
+    augment: bool = field(default=False, metadata={"help": "random crop + flip (image data)"})
+    # training
+    batch_size: int = field(default=100, metadata={"help": "minibatch size"})
+    train_steps: str = field(default="3000it", metadata={"help": "training length per level: 3000it or 40ep"})
+    optimizer: str = field(default="adam", metadata={"help": "sgd, momentum, adam, adamw"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum (optimizer momentum)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    schedule: str = field(default="constant", metadata={"help": "constant, step, cosine"})
+    milestones: tuple[str, ...] = field(default=(), metadata={"help": "step schedule milestones, e.g. 80ep,120ep"})
+    gamma: float = field(default=0.1, metadata={"help": "step schedule decay factor"})
+    warmup: str = field(default="0it", metadata={"help": "linear learning-rate warmup length"})
+    # pruning
+    levels: int = field(default=11, metadata={"help": "pruning levels after the dense level 0"})
+    prune_fraction: float = field(default=0.2, metadata={"help": "fraction of alive weights pruned per level"})
+    layerwise: bool = field(default=False, metadata={"help": "prune each layer separately (default: global)"})
+    layer_fractions: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "per-layer rates, e.g. out.weight=x0.5,fc1.weight=0.3"}
+    )
+    leave_dense: tuple[str, ...] = field(default=(), metadata={"help": "layer name patterns never pruned"})
+    one_shot: bool = field(default=False, metadata={"help": "prune the trained dense network to each density"})
+    rewind: str = field(default="0it", metadata={"help": "rewind point: 0it (init), 500it, 2ep"})
+    # controls and replicates
+    controls: tuple[str, ...] = field(default=(), metadata={"help": "random_reinit, random_prune, rearrange or all"})
+    control_levels: tuple[int, ...] = field(default=(), metadata={"help": "levels with controls (default: all)"})
+    replicates: int = field(default=1, metadata={"help": "independent replicates (init, data order, pruning)"})
+    seed: int = field(default=0, metadata={"help": "base seed of every replicate's seeds"})
+    # bookkeeping
+    eval_every: str = field(default="100it", metadata={"help": "evaluation interval"})
+    checkpoint_every: str = field(default="1000it", metadata={"help": "checkpoint interval (at evaluations)"})
+    backend: str = field(default="auto", metadata={"help": "lthfast backend: auto, torch, triton"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
+    name: str | None = field(default=None, metadata={"help": "run directory name (default: from the config)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "generated-data cache (default: OUT_DIR/.cache)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    plots: bool = field(default=True, metadata={"help": "draw plots/*.png at the end of the run"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars or level lines"})
+    force: bool = field(default=False, metadata={"help": "replace a run directory made with another config"})
+
+    def __post_init__(self) -> None:
+        if tuple(self.controls) == ("all",):
+            self.controls = CONTROLS
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> Config:
+        """A Config from a mapping of option -> value (dashes or underscores; strings or native values)."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{where}: unknown option {key!r}")
+            kwargs[name] = coerce(name, hints[name], value, where)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str) -> Config:
+        """A Config from a YAML (.yaml/.yml) or JSON file."""
+        return cls.from_dict(read_config_file(path), where=path)
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> dict:
+        """The options that determine the results (compared on resume, hashed into the run name)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
+    def short_hash(self) -> str:
+        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        return self.name or f"{self.model}-{self.dataset}-{self.short_hash()}"
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def validate(self, *, custom_model: bool = False, custom_data: bool = False) -> Config:
+        """Check every option that needs no data; raise ConfigError with a one-line message. Returns self."""
+        from lthfast._backend import BACKENDS
+        from lthfast.data import DATASETS
+        from lthfast.models import MODELS
+
+        if not custom_model and self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}: expected one of {', '.join(MODELS)}")
+        if not custom_data and self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}: expected one of {', '.join(DATASETS)}")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("device", self.device, DEVICES)
+        for control in self.controls:
+            _choice("control", control, CONTROLS)
+        if len(set(self.controls)) != len(self.controls):
+            raise ConfigError(f"controls {list(self.controls)} lists a control twice")
+        if not 0 < self.prune_fraction < 1:
+            raise ConfigError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
+        for name, rate in self.layer_fractions.items():
+            _check_rate(name, rate)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (0 < self.val_size < 1 or (self.val_size >= 1 and float(self.val_size).is_integer())):
+            raise ConfigError(f"val_size must be a fraction in (0, 1) or a whole count >= 1, got {self.val_size}")
+        for name, low in (("levels", 0), ("replicates", 1), ("batch_size", 1), ("num_samples", 10), ("threads", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if any(w < 1 for w in self.hidden) or any(s < 1 for s in self.synthetic_shape):
+            raise ConfigError("hidden widths and synthetic_shape must be positive integers")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1 or not 0 < self.gamma <= 1:
+            raise ConfigError("lr must be > 0, weight_decay >= 0, momentum in [0, 1) and gamma in (0, 1]")
+        bad_levels = [lv for lv in self.control_levels if not 1 <= lv <= self.levels]
+        if bad_levels:
+            raise ConfigError(f"control_levels {bad_levels} outside the pruned levels 1..{self.levels}")
+        for name in ("train_steps", "rewind", "warmup", "eval_every", "checkpoint_every"):
+            parse_duration(getattr(self, name), name)
+        for text in self.milestones:
+            parse_duration(text, "milestones")
+        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ConfigError(f"name {self.name!r} must be a plain folder name")
+        return self
+
+    def controls_at(self) -> list[int]:
+        """Levels at which the controls run (every pruned level unless ``control_levels`` names some)."""
+        if not self.controls:
+            return []
+        return sorted(set(self.control_levels)) if self.control_levels else list(range(1, self.levels + 1))
+
+    def steps(self, steps_per_epoch: int) -> Steps:
+        """Every duration in iterations, checked against the training length (rewind and warmup inside it)."""
+        to_it = lambda text, what: to_iterations(text, steps_per_epoch, what)
+        steps = Steps(
+            train=to_it(self.train_steps, "train_steps"),
+            rewind=to_it(self.rewind, "rewind"),
+            warmup=to_it(self.warmup, "warmup"),
+            milestones=tuple(to_it(m, "milestones") for m in self.milestones),
+            eval_every=to_it(self.eval_every, "eval_every"),
+            checkpoint_every=to_it(self.checkpoint_every, "checkpoint_every"),
+            steps_per_epoch=steps_per_epoch,
+        )
+        if steps.train < 1:
+            raise ConfigError(f"train_steps {self.train_steps} is less than one iteration")
+        if steps.rewind >= steps.train:
+            raise ConfigError(
+                f"rewind point {self.rewind} ({steps.rewind} it) is past the end of training "
+                f"({self.train_steps} = {steps.train} it)"
+            )
+        if steps.warmup > steps.train or any(m > steps.train for m in steps.milestones):
+            raise ConfigError(f"warmup and milestones must lie within training ({steps.train} it)")
+        if steps.eval_every < 1:
+            raise ConfigError(f"eval_every {self.eval_every} is less than one iteration")
+        return steps
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Durations of a run in iterations."""
+
+    train: int
+    rewind: int
+    warmup: int
+    milestones: tuple[int, ...]
+    eval_every: int
+    checkpoint_every: int
+    steps_per_epoch: int
+
+
+def parse_duration(text, what: str) -> tuple[float, str]:
+    """ "500it" / "500" -> (500, "it"); "2ep" / "0.5ep" -> (2.0, "ep"). Raises ConfigError."""
+    s = str(text).strip().lower()
+    unit = "ep" if s.endswith("ep") else "it"
+    number = s[:-2] if s.endswith(("ep", "it")) else s
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not a duration like 500it or 2ep") from None
+    if not math.isfinite(value) or value < 0 or (unit == "it" and not value.is_integer()):
+        raise ConfigError(f"{what}: {text!r} must be a whole number of iterations or a number of epochs >= 0")
+    return value, unit
+
+
+def to_iterations(text, steps_per_epoch: int, what: str) -> int:
+    value, unit = parse_duration(text, what)
+    return int(value) if unit == "it" else int(round(value * steps_per_epoch))
+
+
+def read_config_file(path: str) -> dict:
+    """The mapping in a YAML or JSON config file; ConfigError naming the file when it cannot be used."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    try:
+        if str(path).endswith(".json"):
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - yaml and json raise many types; all mean "malformed"
+        raise ConfigError(f"config file {path}: cannot parse ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of option: value, got {type(values).__name__}")
+    return values
+
+
+def coerce(name: str, hint, value, where: str = "config"):
+    """Convert a string (command line) or a native value (YAML / JSON) to the option's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ValueError("null is not allowed")
+        if origin in (typing.Union, types.UnionType):
+            (inner,) = [a for a in args if a is not type(None)]
+            return coerce(name, inner, value, where)
+        if origin is tuple:
+            items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            return tuple(coerce(name, args[0], item, where) for item in items)
+        if origin is dict:
+            if isinstance(value, str):
+                pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError("expected name=value pairs")
+                value = dict(pairs)
+            return {str(k).strip(): str(v).strip() for k, v in dict(value).items()}
+        if hint is bool:
+            if isinstance(value, str):
+                if value.strip().lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.strip().lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError("expected true or false")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected a whole number")
+            return int(value)
+        return hint(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: option {name}={value!r}: {exc}") from None
+
+
+def _choice(what: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}: expected one of {', '.join(allowed)}")
+
+
+def _check_rate(name: str, rate: str) -> None:
+    text = str(rate).strip()
+    try:
+        value = float(text[1:]) if text[:1] in ("x", "*") else float(text)
+    except ValueError:
+        raise ConfigError(
+            f"layer_fractions[{name}]={rate!r}: expected a fraction like 0.1 or a multiplier like x0.5"
+        ) from None
+    if value < 0 or (text[:1] not in ("x", "*") and value >= 1):
+        raise ConfigError(f"layer_fractions[{name}]={rate!r}: a fraction must be in [0, 1), a multiplier >= 0")

@@ -1,0 +1,171 @@
+"""One replicate of the IMP loop: dense level, pruned levels, and the control branches, each resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lthfast.imp import rundir
+from lthfast.imp.config import Config, Steps
+from lthfast.imp.errors import CheckpointError
+from lthfast.imp.train import Unit, train_unit
+from lthfast.pruning import Masks, Snapshot, sparsify, strategies
+
+
+def derive_seed(*keys) -> int:
+    """A 31-bit seed from any keys (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+class Replicate:
+    """State shared by the units of replicate ``r``; ``run()`` trains whatever is not finished yet."""
+
+    def __init__(self, cfg: Config, steps: Steps, rd, r: int, seeds: dict, make_model, data, sampler, device, progress):
+        self.cfg, self.steps, self.rd, self.r = cfg, steps, rd, r
+        self.seeds, self.make_model, self.data, self.sampler = seeds, make_model, data, sampler
+        self.device, self.progress = device, progress
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> None:
+        controls_at = set(self.cfg.controls_at())
+        self._level0()
+        for level in range(1, self.cfg.levels + 1):
+            self._ticket(level)
+            if level in controls_at:
+                for control in self.cfg.controls:
+                    self._control(level, control)
+
+    def _fresh_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return sparsify(self.make_model().to(self.device))
+
+    def _level0(self) -> None:
+        path = self.rd.unit(self.r, 0)
+        if rundir.is_done(path):
+            return
+        model = self._fresh_model(self.seeds["init"])
+        rewind_path = self.rd.rewind_path(self.r)
+        capture = None
+        if self.steps.rewind == 0:
+            if not rewind_path.exists():
+                rundir.save_torch(rewind_path, Snapshot(model, device="cpu", step=0).state_dict())
+        elif not rewind_path.exists():
+
+            def capture(it: int, model: nn.Module, optimizer) -> None:
+                if it == self.steps.rewind:
+                    rundir.save_torch(rewind_path, Snapshot(model, device="cpu", step=it).state_dict())
+
+        if (path / "checkpoint.pt").exists() and not rewind_path.exists():
+            self._check_rewind_before_checkpoint(path)
+        self._train(model, path, 0, "ticket", start=0, on_iteration=capture)
+
+    def _check_rewind_before_checkpoint(self, path: Path) -> None:
+        state = rundir.load_torch(path / "checkpoint.pt")
+        if json.loads(state["state"])["iteration"] > self.steps.rewind:
+            raise CheckpointError(
+                f"{self.rd.rewind_path(self.r)} is missing but level 0 trained past the rewind point; "
+                f"delete {path} to redo level 0"
+            )
+
+    def _ticket(self, level: int) -> None:
+        path = self.rd.unit(self.r, level)
+        if rundir.is_done(path):
+            return
+        model = self._fresh_model(self.seeds["init"])
+        masks = self._prune(model, level)
+        self._rewind(model, masks)
+        self._train(model, path, level, "ticket", start=self.steps.rewind)
+
+    def _control(self, level: int, control: str) -> None:
+        path = self.rd.unit(self.r, level, control)
+        if rundir.is_done(path):
+            return
+        ticket = rundir.load_masks(self.rd.unit(self.r, level) / "mask.safetensors", device=self.device)
+        generator = torch.Generator().manual_seed(derive_seed(self.seeds["prune"], level, control))
+        if control == "random_reinit":
+            model = self._fresh_model(derive_seed(self.seeds["init"], level, control))
+            ticket.apply_(model)
+        else:
+            model = self._fresh_model(self.seeds["init"])
+            if control == "random_prune":
+                masks = strategies.random_like(ticket, generator=generator)
+            else:
+                masks = strategies.rearrange(ticket, generator=generator)
+            self._rewind(model, masks)
+        self._train(model, path, level, control, start=self.steps.rewind)
+
+    # ---- steps ------------------------------------------------------------------------------------------
+    def _load_trained(self, model: nn.Module, level: int) -> None:
+        """Load the final weights and masks of the ticket at ``level`` into ``model`` (in place)."""
+        unit = self.rd.unit(self.r, level)
+        if not rundir.is_done(unit):
+            raise CheckpointError(f"{unit} is not finished but a later level needs it; delete the later levels")
+        tensors = rundir.load_tensors(unit / "model.safetensors")
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{unit / 'model.safetensors'} does not fit the model ({str(exc).splitlines()[0]})"
+            ) from None
+
+    def _prune(self, model: nn.Module, level: int) -> Masks:
+        """The masks of ``level``: from level-1's trained weights (iterative) or level 0's (one-shot)."""
+        cfg = self.cfg
+        if cfg.one_shot:
+            self._load_trained(model, 0)
+            density = (1 - cfg.prune_fraction) ** level
+            overrides = {k: (1 - _rate(v, cfg.prune_fraction)) ** level for k, v in cfg.layer_fractions.items()}
+            return strategies.one_shot(
+                model, density, layerwise=cfg.layerwise, overrides=overrides or None, leave_dense=cfg.leave_dense
+            )
+        self._load_trained(model, level - 1)
+        return strategies.magnitude(
+            model, Masks.from_model(model), cfg.prune_fraction, layerwise=cfg.layerwise,
+            overrides=dict(cfg.layer_fractions) or None, leave_dense=cfg.leave_dense,
+        )  # fmt: skip
+
+    def _rewind(self, model: nn.Module, masks: Masks) -> None:
+        """Give ``model`` the masks and the rewind-point weights (pruned weights zero)."""
+        state = rundir.load_torch(self.rd.rewind_path(self.r))
+        masks.apply_(model)
+        try:
+            Snapshot.from_state_dict(state).rewind_(model)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{self.rd.rewind_path(self.r)} does not fit the model ({exc})") from exc
+
+    def _train(self, model, path: Path, level: int, branch: str, start: int, on_iteration=None) -> None:
+        seed = derive_seed(self.seeds["dropout"], level, branch)
+        label = f"r{self.r} L{level} {branch}"
+        unit = Unit(path=path, label=label, start=start, seed=seed)
+        result = train_unit(
+            model, self.data, self.cfg, self.steps, unit, self.sampler,
+            on_iteration=on_iteration, progress=self.progress.iterations,
+        )  # fmt: skip
+        masks = Masks.from_model(model)
+        result.update(
+            replicate=self.r, level=level, branch=branch, density=masks.density(),
+            alive=masks.alive_count(), total=masks.total_count(),
+            backend=self.cfg.backend, device=str(self.device),
+        )  # fmt: skip
+        rundir.save_masks(path / "mask.safetensors", masks)
+        rundir.save_tensors(path / "model.safetensors", model.state_dict())
+        layers = {n: {"density": d, "alive": int(masks[n].sum()), "total": masks[n].numel()}
+                  for n, d in masks.layer_density().items()}  # fmt: skip
+        rundir.write_json(path / "sparsity.json", {"density": masks.density(), "layers": layers})
+        rundir.write_json(path / rundir.DONE, result)  # last: marks the unit finished
+        self.progress.done()
+        final = result["final"]
+        self.progress.line(
+            f"{label:24s} {100 * result['density']:7.2f}% weights  test acc {final['test_acc']:.4f}  "
+            f"early stop @{result['early_stop_iteration']:<6d} {result['samples_per_s']:9.0f} samples/s"
+        )
+
+
+def _rate(value: str, base: float) -> float:
+    """A per-level layer rate: "x0.5" scales the base fraction, a number is the layer's own fraction."""
+    text = str(value).strip()
+    return float(text[1:]) * base if text[:1] in ("x", "*") else float(text)

@@ -1,0 +1,140 @@
+"""Reading a run directory back: summary rows, ``summary.csv``, the printed table, and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import statistics
+from pathlib import Path
+
+from lthfast.imp import rundir
+from lthfast.imp.config import CONTROLS
+from lthfast.imp.errors import RunDirError
+
+BRANCHES = ("ticket", *CONTROLS)
+COLUMNS = (
+    "replicate", "level", "branch", "weights_remaining_pct", "density", "test_acc", "test_loss", "val_acc",
+    "train_acc", "early_stop_iteration", "early_stop_test_acc", "start_iteration", "iterations", "wall_s",
+    "train_s", "samples_per_s", "peak_mem_mb", "backend", "device",
+)  # fmt: skip
+
+
+def collect(root: str | Path) -> list[dict]:
+    """One row per finished unit (replicate, level, branch), sorted; unfinished units are left out."""
+    root = Path(root)
+    rows = []
+    for done in root.glob("replicate_*/level_*/**/" + rundir.DONE):
+        rec = rundir.load_json(done)
+        final = rec["final"]
+        rows.append({
+            "replicate": rec["replicate"], "level": rec["level"], "branch": rec["branch"],
+            "weights_remaining_pct": 100 * rec["density"], "density": rec["density"],
+            "test_acc": final["test_acc"], "test_loss": final["test_loss"], "val_acc": final["val_acc"],
+            "train_acc": final["train_acc"], "early_stop_iteration": rec["early_stop_iteration"],
+            "early_stop_test_acc": rec["early_stop_test_acc"], "start_iteration": rec["start_iteration"],
+            "iterations": rec["iterations"], "wall_s": rec["wall_s"], "train_s": rec["train_s"],
+            "samples_per_s": rec["samples_per_s"], "peak_mem_mb": rec["peak_mem_mb"],
+            "backend": rec["backend"], "device": rec["device"],
+        })  # fmt: skip
+    order = {b: i for i, b in enumerate(BRANCHES)}
+    rows.sort(key=lambda r: (r["replicate"], r["level"], order.get(r["branch"], len(order)), r["branch"]))
+    return rows
+
+
+def write_summary(root: str | Path, rows: list[dict]) -> Path:
+    """``summary.csv`` at the top of the run directory (atomic)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in COLUMNS} for row in rows)
+    path = Path(root) / "summary.csv"
+    rundir.write_text(path, buf.getvalue())
+    return path
+
+
+def aggregate(rows: list[dict]) -> dict[tuple[int, str], dict]:
+    """(level, branch) -> means and standard deviations over replicates of the main figures."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["level"], row["branch"]), []).append(row)
+    out = {}
+    for key, group in groups.items():
+        stats = {"n": len(group)}
+        for field in ("weights_remaining_pct", "test_acc", "early_stop_test_acc", "early_stop_iteration",
+                      "samples_per_s"):  # fmt: skip
+            values = [g[field] for g in group if g[field] is not None and not _isnan(g[field])]
+            stats[field] = statistics.fmean(values) if values else float("nan")
+            stats[field + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[key] = stats
+    return out
+
+
+def _isnan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _acc(stats: dict | None, field: str = "test_acc") -> str:
+    if stats is None:
+        return "-"
+    text = f"{100 * stats[field]:.2f}"
+    return text + (f"±{100 * stats[field + '_std']:.2f}" if stats["n"] > 1 else "")
+
+
+def format_table(rows: list[dict]) -> str:
+    """The report table: per level, weights remaining, ticket test accuracy (final and at the early-stop
+    iteration), each control's test accuracy, the ticket's early-stop iteration and samples/s.
+
+    Accuracies in percent, mean ± standard deviation over replicates when there are several.
+    """
+    if not rows:
+        return "(no finished levels yet)"
+    agg = aggregate(rows)
+    levels = sorted({lv for lv, _ in agg})
+    controls = [c for c in CONTROLS if any(b == c for _, b in agg)]
+    head = ["level", "weights %", "ticket acc", "ticket@ES", *[c.replace("_", " ") for c in controls],
+            "ES iter", "samples/s"]  # fmt: skip
+    body = []
+    for lv in levels:
+        t = agg.get((lv, "ticket"))
+        weights = t["weights_remaining_pct"] if t else agg[next(k for k in agg if k[0] == lv)]["weights_remaining_pct"]
+        body.append([
+            str(lv), f"{weights:.2f}", _acc(t), _acc(t, "early_stop_test_acc"),
+            *[_acc(agg.get((lv, c))) for c in controls],
+            f"{t['early_stop_iteration']:.0f}" if t else "-", f"{t['samples_per_s']:.0f}" if t else "-",
+        ])  # fmt: skip
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    n = max(s["n"] for s in agg.values())
+    lines.append(
+        f"test accuracy in %{' (mean±std over ' + str(n) + ' replicates)' if n > 1 else ''}; ticket acc = at the end "
+        "of training, ticket@ES = at the early-stop iteration (best validation accuracy); controls at the end."
+    )
+    return "\n".join(lines)
+
+
+def plot(root: str | Path, rows: list[dict]) -> list[Path]:
+    """Redraw ``plots/*.png`` from ``rows``; returns the files written."""
+    from lthfast.imp.plots import draw_all
+
+    return draw_all(Path(root) / "plots", rows, aggregate(rows))
+
+
+def report(root: str | Path, plots: bool = True) -> str:
+    """Rebuild ``summary.csv`` (and the plots) of a run directory and return the table as text."""
+    root = Path(root)
+    if not (root / "config.json").is_file():
+        raise RunDirError(f"{root} is not an lthfast run directory (no config.json)")
+    rows = collect(root)
+    write_summary(root, rows)
+    if plots and rows:
+        plot(root, rows)
+    config = rundir.load_json(root / "config.json").get("config", {})
+    title = f"{root}: {config.get('model')} on {config.get('dataset')}"
+    if config.get("one_shot"):
+        title += ", one-shot"
+    title += f", {re.sub(r'^0(it|ep)$', 'init', str(config.get('rewind', '0it')))} rewind"
+    return title + "\n" + format_table(rows)

@@ -1,0 +1,217 @@
+"""The run directory: layout, atomic writes, completion markers, and readers that explain corrupt files.
+
+Layout (``runs/<name>/``)::
+
+    config.json  env.json  summary.csv  plots/*.png
+    replicate_<r>/rewind.pt                      the rewind state (lthfast.pruning.Snapshot, a deep copy)
+    replicate_<r>/level_<k>/                     one "unit": the ticket trained at level k
+        mask.safetensors  model.safetensors  checkpoint.pt  metrics.jsonl  sparsity.json  done.json
+    replicate_<r>/level_<k>/<control>/           the same files for a control branch at level k
+
+Every file is written to a temporary name in its folder and renamed over the target (``os.replace`` is atomic on
+POSIX), so a kill at any moment leaves either the old or the new file, never a torn one. A unit is finished only
+when ``done.json`` exists, and it is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lthfast.imp.errors import CheckpointError, RunDirError
+
+DONE = "done.json"
+
+
+# ---- atomic writes ------------------------------------------------------------------------------------------
+def _atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_torch(path: Path, obj) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file of CPU, contiguous copies of ``tensors``."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(cpu, tmp))
+
+
+def save_masks(path: Path, masks) -> None:
+    _atomic(path, lambda tmp: masks.save(tmp))
+
+
+# ---- readers that name the file and the way out -------------------------------------------------------------
+def recovery_hint(path: Path) -> str:
+    folder = Path(path).parent
+    return f"delete {folder} to redo that part of the run, or rerun with --force to start the whole run over"
+
+
+def load_torch(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the file cannot be trusted
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(exc).__name__}); {recovery_hint(path)}") from exc
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(exc).__name__}); {recovery_hint(path)}") from exc
+
+
+def load_masks(path: Path, device=None):
+    from lthfast.pruning import Masks
+
+    try:
+        return Masks.load(path, device=device)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(exc).__name__}); {recovery_hint(path)}") from exc
+
+
+def load_json(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or unreadable ({type(exc).__name__}); {recovery_hint(path)}") from exc
+
+
+# ---- layout -------------------------------------------------------------------------------------------------
+class RunDir:
+    """Paths of one run directory (nothing is created until ``prepare``)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.json")
+    env = property(lambda self: self.root / "env.json")
+    summary = property(lambda self: self.root / "summary.csv")
+    plots = property(lambda self: self.root / "plots")
+
+    def replicate(self, r: int) -> Path:
+        return self.root / f"replicate_{r}"
+
+    def unit(self, r: int, level: int, branch: str = "ticket") -> Path:
+        """Folder of the ticket (branch "ticket") or of a control branch at ``level`` of replicate ``r``."""
+        path = self.replicate(r) / f"level_{level}"
+        return path if branch == "ticket" else path / branch
+
+    def rewind_path(self, r: int) -> Path:
+        return self.replicate(r) / "rewind.pt"
+
+    def prepare(self, identity: dict, full_config: dict, force: bool) -> bool:
+        """Create the folder, or check that an existing one was made with the same config.
+
+        Returns True when an existing run is resumed. Raises RunDirError when the folder cannot be written or
+        holds a run with another config (unless ``force``: then its contents are deleted first).
+        """
+        resumed = False
+        if self.config.exists():
+            old = load_json(self.config)
+            old_identity = old.get("identity", {}) if isinstance(old, dict) else {}
+            if old_identity != identity:
+                if not force:
+                    changed = sorted(
+                        k for k in set(old_identity) | set(identity) if old_identity.get(k) != identity.get(k)
+                    )
+                    diff = ", ".join(f"{k}: {old_identity.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
+                    raise RunDirError(
+                        f"{self.root} holds a run with a different config ({diff}); "
+                        "use --force to start it over or --name to pick another run directory"
+                    )
+                self._wipe()
+            else:
+                resumed = True
+        elif self.root.exists() and any(self.root.iterdir()) and not force:
+            raise RunDirError(f"{self.root} exists and is not an lthfast run directory; use --force or another --name")
+        elif self.root.exists() and force:
+            self._wipe()
+        check_writable(self.root)
+        write_json(self.config, {"identity": identity, "config": full_config})
+        return resumed
+
+    def _wipe(self) -> None:
+        import shutil
+
+        for child in self.root.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe file in it; RunDirError naming it when that fails."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunDirError(f"cannot write to output directory {folder}: {exc.strerror or exc}") from None
+
+
+def is_done(unit: Path) -> bool:
+    return (Path(unit) / DONE).is_file()
+
+
+def git_commit() -> str:
+    """The checkout's commit (with "-dirty" when it has changes), or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """Versions, device, backend (``lthfast._backend.describe()``) and the git commit."""
+    import platform
+    import sys
+
+    from lthfast._backend import describe
+
+    env = dict(describe())
+    env.update(git_commit=git_commit(), host=platform.node(), argv=sys.argv)
+    return env

@@ -1,0 +1,247 @@
+"""Training one unit (a level's ticket or a control branch): the loop, evaluation, metrics and checkpoints.
+
+A unit trains from iteration ``start`` (0, or the rewind point) to ``steps.train``. It evaluates on the
+validation and test sets every ``eval_every`` iterations and at the end; at an evaluation at least
+``checkpoint_every`` iterations after the last checkpoint it writes ``checkpoint.pt`` (model, optimizer, RNG,
+metrics so far). Restarting the unit from that checkpoint reproduces the uninterrupted run exactly: the data
+order is a function of the iteration (``BatchSampler``) and every RNG state is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lthfast.data import BatchSampler, Dataset, augment_crop_flip
+from lthfast.imp import rundir
+from lthfast.imp.config import Config, Steps
+from lthfast.imp.errors import CheckpointError
+from lthfast.pruning import mask_optimizer
+
+
+@dataclass
+class Unit:
+    """One training run of the IMP loop and the folder it records into."""
+
+    path: Path
+    label: str  # e.g. "r0 L3 ticket", for progress bars
+    start: int  # first iteration (the rewind point for pruned levels)
+    seed: int  # seeds dropout and augmentation
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """SGD, SGD with momentum, Adam or AdamW at ``cfg.lr`` (the schedule rescales it every iteration)."""
+    params = list(params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "momentum":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(iteration: int, cfg: Config, steps: Steps) -> float:
+    """Learning rate of ``iteration``: linear warmup, then constant, step (x gamma per milestone) or cosine."""
+    factor = 1.0
+    if steps.warmup and iteration < steps.warmup:
+        factor = (iteration + 1) / steps.warmup
+    if cfg.schedule == "step":
+        factor *= cfg.gamma ** sum(iteration >= m for m in steps.milestones)
+    elif cfg.schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * iteration / steps.train))
+    return cfg.lr * factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on (x, y), in eval mode; restores the training mode."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    for i in range(0, len(y), batch):
+        logits = model(x[i : i + batch])
+        loss += F.cross_entropy(logits, y[i : i + batch], reduction="sum")
+        correct += (logits.argmax(1) == y[i : i + batch]).sum()
+    model.train(was_training)
+    return loss.item() / len(y), correct.item() / len(y)
+
+
+def _rng_state(aug: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "aug": aug.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, aug: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    aug.set_state(state["aug"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_unit(
+    model: nn.Module,
+    data: Dataset,
+    cfg: Config,
+    steps: Steps,
+    unit: Unit,
+    sampler: BatchSampler,
+    *,
+    on_iteration: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
+    progress=None,
+) -> dict:
+    """Train ``model`` (in place, masks already applied) for ``unit``; returns the unit's result record.
+
+    Resumes from ``unit.path/checkpoint.pt`` when it exists. ``on_iteration(it, model, optimizer)`` is called
+    before the step of every iteration (the driver captures the rewind state with it). ``progress`` is a tqdm
+    bar (or None) advanced once per iteration. Writes checkpoint.pt and metrics.jsonl; the caller writes the
+    rest of the unit's files and, last, its done.json.
+    """
+    device = data.x_train.device
+    optimizer = make_optimizer(cfg, model.parameters())
+    guard = mask_optimizer(optimizer, model)
+    aug = torch.Generator().manual_seed(unit.seed + 1)
+    torch.manual_seed(unit.seed)
+    augment = cfg.augment and data.x_train.dim() == 4
+    ckpt_path = unit.path / "checkpoint.pt"
+    state = {"iteration": unit.start, "metrics": [], "best": None, "train_s": 0.0, "wall_s": 0.0, "samples": 0}
+    if ckpt_path.exists():
+        state = _resume(ckpt_path, model, optimizer, aug)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    t_wall = time.perf_counter()
+    wall_before = state["wall_s"]
+    last_ckpt = state["iteration"]
+    it = state["iteration"]
+    if not state["metrics"]:
+        _record(model, data, state, it, cfg.lr, None, None)
+    if progress is not None:
+        progress.reset(total=steps.train - unit.start)
+        progress.update(it - unit.start)
+        progress.set_description(unit.label)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    _sync(device)
+    t_train = time.perf_counter()
+    while it < steps.train:
+        if on_iteration is not None:
+            on_iteration(it, model, optimizer)
+        lr = lr_at(it, cfg, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = sampler.indices(it).to(device, non_blocking=True)
+        x, y = data.x_train[idx], data.y_train[idx]
+        if augment:
+            x = augment_crop_flip(x, aug)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        it += 1
+        seen += len(y)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        if progress is not None:
+            progress.update(1)
+        if it % steps.eval_every == 0 or it == steps.train:
+            _sync(device)
+            state["train_s"] += time.perf_counter() - t_train
+            state["samples"] += seen
+            _record(model, data, state, it, lr, loss_sum.item() / seen, correct.item() / seen)
+            loss_sum.zero_(), correct.zero_()
+            seen = 0
+            state["iteration"] = it
+            if it - last_ckpt >= steps.checkpoint_every or it == steps.train:
+                state["wall_s"] = wall_before + time.perf_counter() - t_wall
+                _checkpoint(ckpt_path, model, optimizer, aug, state)
+                last_ckpt = it
+            t_train = time.perf_counter()
+    guard.remove()
+    state["wall_s"] = wall_before + time.perf_counter() - t_wall
+    return _result(state, unit, device)
+
+
+def _record(model, data: Dataset, state: dict, it: int, lr: float, train_loss, train_acc) -> None:
+    val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+    row = {
+        "iteration": it, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+        "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+    }  # fmt: skip
+    state["metrics"].append(row)
+    # Early stopping (Frankle & Carbin): the first iteration of the best validation accuracy.
+    if state["best"] is None or val_acc > state["best"]["val_acc"]:
+        state["best"] = row
+
+
+def _checkpoint(path: Path, model, optimizer, aug, state: dict) -> None:
+    rundir.save_torch(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(aug),
+            "state": json.dumps(state),
+        },
+    )
+    rundir.write_text(path.parent / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["metrics"]))
+
+
+def _resume(path: Path, model, optimizer, aug) -> dict:
+    ckpt = rundir.load_torch(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], aug)
+        return json.loads(ckpt["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} does not match this run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"{rundir.recovery_hint(path)}"
+        ) from exc
+
+
+def _result(state: dict, unit: Unit, device: torch.device) -> dict:
+    final, best = state["metrics"][-1], state["best"]
+    peak, kind = _peak_memory_mb(device)
+    return {
+        "start_iteration": unit.start,
+        "iterations": state["iteration"],
+        "final": final,
+        "early_stop_iteration": best["iteration"],
+        "early_stop_val_acc": best["val_acc"],
+        "early_stop_test_acc": best["test_acc"],
+        "train_s": state["train_s"],
+        "wall_s": state["wall_s"],
+        "samples": state["samples"],
+        "samples_per_s": state["samples"] / state["train_s"] if state["train_s"] > 0 else float("nan"),
+        "peak_mem_mb": peak,
+        "peak_mem_kind": kind,
+    }
