@@ -125,7 +125,7 @@ def _cmd_layer(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lthfast.bench.train import VARIANTS, TrainConfig, run_train
+    from lthfast.bench.train import VARIANTS, TrainConfig, default_blocks, run_train
 
     device = _device(args)
     overrides = {
@@ -137,6 +137,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=args.model, batch=args.batch, device=device, providers=providers, seed=args.seed,
         **{k: v for k, v in overrides.items() if v is not None},
     )  # fmt: skip
+    if cfg.blocks is None:
+        cfg.blocks = default_blocks(cfg.model)
     command = _command("train", args, cfg)
     body = run_train(cfg)
     return _finish("train", f"train-{cfg.model}", body, cfg, args, command)

@@ -38,7 +38,7 @@ class TrainConfig:
     model: str = "lenet300"
     batch: int = 128
     sparsities: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.98])
-    blocks: list[int] = field(default_factory=lambda: [1, 32])
+    blocks: list[int] | None = None  # None: 1,16 for resnet20 (16-64 channels), 1,32 otherwise
     providers: list[str] = field(default_factory=lambda: list(VARIANTS))
     dtype: str = "float32"
     device: str = "cpu"
@@ -51,6 +51,11 @@ class TrainConfig:
     rep_ms: float = 500.0  # GPU
     buffers: int | None = None
     seed: int = 0
+
+
+def default_blocks(model: str) -> list[int]:
+    """Unstructured and one block size that a model's layers are wide enough for (resnet20: 16 to 64 channels)."""
+    return [1, 16] if model == "resnet20" else [1, 32]
 
 
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -202,6 +207,8 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dic
         raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(VARIANTS)}")
     if "dense" not in cfg.providers:
         cfg.providers = ["dense", *cfg.providers]
+    if cfg.blocks is None:
+        cfg.blocks = default_blocks(cfg.model)
     dtype, device = _dtype(cfg.dtype), torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     base, input_shape, classes, source = models.build(cfg.model)
