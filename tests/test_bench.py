@@ -133,9 +133,9 @@ def test_parse_providers():
 
 
 def test_classify_separates_unsupported_from_errors():
-    assert layer._classify(NotImplementedError("x"))[0] == "skipped"
-    assert layer._classify(RuntimeError("addmm: computation on CPU is not implemented for X"))[0] == "skipped"
-    assert layer._classify(RuntimeError("index out of range"))[0] == "error"
+    assert layer.classify_failure(NotImplementedError("x"))[0] == "skipped"
+    assert layer.classify_failure(RuntimeError("addmm: computation on CPU is not implemented for X"))[0] == "skipped"
+    assert layer.classify_failure(RuntimeError("index out of range"))[0] == "error"
 
 
 # ---- timing --------------------------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ from lthfast.bench.masks import block_mask, conv_block_mask
 from lthfast.bench.providers import PREPARE, PROVIDERS, Problem, Unsupported
 from lthfast.kernels.tile_index import build_tile_index
 
-# Substrings of the errors torch raises for an op it has no kernel for (dtype, device, layout): such a
-# provider is "skipped" with torch's message; any other failure is an "error".
 # Providers that compute the dense product whatever the mask: their floor is the dense one.
 DENSE_WORK = ("dense", "mask-multiply")
+# Substrings of the errors torch raises for an op it has no kernel for (dtype, device, layout): such a
+# provider is "skipped" with torch's message; any other failure is an "error".
 _UNSUPPORTED_HINTS = ("not implemented", "not supported", "unsupported", "only supports", "is supported only")
 
 
@@ -77,7 +77,7 @@ def default_layer_config(op: str, device: str, **overrides) -> LayerConfig:
     return LayerConfig(op=op, device=device, **base)
 
 
-def _dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype:
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "fp64": "float64"}
     dtype = getattr(torch, aliases.get(name, name), None)
     if not isinstance(dtype, torch.dtype) or dtype not in check.TOLERANCE:
@@ -117,7 +117,8 @@ def _input_sets(cfg: LayerConfig, dtype, device, generator) -> timing.Rotation:
     return timing.Rotation(sets)
 
 
-def _classify(exc: Exception) -> str:
+def classify_failure(exc: Exception) -> tuple[str, str]:
+    """("skipped" or "error", one-line message) for an exception raised while preparing or running a provider."""
     text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     unsupported = isinstance(exc, NotImplementedError) or any(h in text.lower() for h in _UNSUPPORTED_HINTS)
     return ("skipped" if unsupported else "error"), text
@@ -137,7 +138,7 @@ def prepare_provider(name: str, problem: Problem, rotation: timing.Rotation, exp
     except Unsupported as exc:
         return _entry(name, "skipped", str(exc)), None
     except Exception as exc:  # noqa: BLE001 - a provider that cannot be built here is reported, not fatal
-        status, text = _classify(exc)
+        status, text = classify_failure(exc)
         return _entry(name, status, f"prepare: {text}"), None
     try:
         outputs = prepared.call(*rotation.sets[0])
@@ -146,7 +147,7 @@ def prepare_provider(name: str, problem: Problem, rotation: timing.Rotation, exp
     except check.CheckFailed as exc:
         return _entry(name, "error", f"output check failed: {exc}", detail=prepared.detail), None
     except Exception as exc:  # noqa: BLE001
-        status, text = _classify(exc)
+        status, text = classify_failure(exc)
         return _entry(name, status, text, detail=prepared.detail), None
     density = float(prepared.mask.float().mean())
     return _entry(name, "ok", None, detail=prepared.detail, density=density, max_err=max_err), prepared
@@ -185,7 +186,7 @@ def _add_rates(results: list[dict], cfg: LayerConfig, rates: tuple[float, float]
         r["floor_ms"] = r["of_floor"] = None
         if rates is not None:
             work = 1.0 if r["provider"] in DENSE_WORK else r["density"]
-            nbytes = floor.layer_bytes(s, work, _dtype(cfg.dtype).itemsize, cfg.mode == "train")
+            nbytes = floor.layer_bytes(s, work, parse_dtype(cfg.dtype).itemsize, cfg.mode == "train")
             r["floor_ms"] = floor.floor_ms(flops * work, nbytes, rates)
             r["of_floor"] = r["floor_ms"] / r["median_ms"]
 
@@ -257,7 +258,7 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
 
 def make_tensors(cfg: LayerConfig) -> tuple[torch.Tensor, torch.Tensor, timing.Rotation]:
     """Random weight (scaled by 1/sqrt(fan-in)), bias and rotated input sets on ``cfg.device`` in ``cfg.dtype``."""
-    dtype, device = _dtype(cfg.dtype), torch.device(cfg.device)
+    dtype, device = parse_dtype(cfg.dtype), torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -22,7 +22,7 @@ from torch.nn.utils import prune
 
 from lthfast.bench import models, timing
 from lthfast.bench.check import CheckFailed
-from lthfast.bench.layer import _classify, _dtype, time_interleaved
+from lthfast.bench.layer import classify_failure, parse_dtype, time_interleaved
 from lthfast.bench.masks import block_mask, conv_block_mask
 from lthfast.kernels.tile_index import build_tile_index
 from lthfast.nn import MaskedConv2d, MaskedLinear
@@ -142,7 +142,7 @@ def prepare_variant(name, base, masks, reference, rotation, cfg: TrainConfig, dt
     except CheckFailed as exc:
         return {"provider": name, "status": "error", "reason": f"output check failed: {exc}"}, None
     except Exception as exc:  # noqa: BLE001 - reported per variant, the others still run
-        status, text = _classify(exc)
+        status, text = classify_failure(exc)
         return {"provider": name, "status": status, "reason": text}, None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     entry = {"provider": name, "status": "ok", "reason": None, "max_err": err}
@@ -209,7 +209,7 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dic
         cfg.providers = ["dense", *cfg.providers]
     if cfg.blocks is None:
         cfg.blocks = default_blocks(cfg.model)
-    dtype, device = _dtype(cfg.dtype), torch.device(cfg.device)
+    dtype, device = parse_dtype(cfg.dtype), torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     base, input_shape, classes, source = models.build(cfg.model)
     base = base.to(device, dtype)
