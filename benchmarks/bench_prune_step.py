@@ -13,15 +13,17 @@ Each library runs in its own subprocess (so its RSS is its own), in the order of
 ``--repeats`` times in alternation; a prune step changes the model, so every round is timed once with
 ``time.perf_counter`` (one call: 0.03 s to seconds) and the reported time is the median over rounds and repeats.
 Memory after round 1 and after the last round: tensor bytes held by the model (unique storages reachable from
-its parameters, buffers, attributes and pruning hooks) and the process RSS. The final masks of every library
-are compared with torch's (only ties at the threshold may differ; random float32 weights have a few).
+its parameters, buffers, attributes and pruning hooks) and the process RSS, also after glibc's malloc_trim.
+The final masks of every library are compared with torch's (only ties at the threshold may differ).
 
-    .venv/bin/python benchmarks/bench_prune_step.py            # writes benchmarks/results/prune_step-cpu.json
+    .venv/bin/python benchmarks/bench_prune_step.py        # writes benchmarks/results/prune_step-cpu.json
+    .venv/bin/python benchmarks/bench_prune_step.py --threads 1 --out benchmarks/results/prune_step-cpu-1thread.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -94,6 +96,19 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def memory(model: nn.Module) -> dict:
+    """Model tensor bytes, RSS, and RSS after ``malloc_trim(0)`` (glibc hands back freed heap pages: without it
+    RSS wanders by ~10 MiB between rounds with what the allocator keeps cached, not what is held)."""
+    gc.collect()
+    out = {"model_tensor_bytes": held_tensor_bytes(model), "rss_bytes": rss_bytes()}
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["rss_trimmed_bytes"] = rss_bytes()
+    except OSError:
+        out["rss_trimmed_bytes"] = None
+    return out
+
+
 def final_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in model.named_children():
@@ -119,11 +134,10 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
         lthfast.sparsify(model)
         masks = lthfast.Masks.from_model(model)
     params = [(m, "weight") for m in model.values()]
-    gc.collect()
     out = {"library": library, "params": sum(m.weight.numel() for m in model.values()), "round_s": [], "memory": {}}
     out["threads"] = torch.get_num_threads()
     parts = {"magnitude": [], "apply": [], "tile_index": []}
-    out["memory"]["before"] = {"model_tensor_bytes": held_tensor_bytes(model), "rss_bytes": rss_bytes()}
+    out["memory"]["before"] = memory(model)
     for r in range(1, rounds + 1):
         start = time.perf_counter()
         if library == "torch":
@@ -143,10 +157,7 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
         out["round_s"].append(time.perf_counter() - start)
         if r in (1, rounds):
             gc.collect()
-            out["memory"][f"after_round_{r}"] = {
-                "model_tensor_bytes": held_tensor_bytes(model),
-                "rss_bytes": rss_bytes(),
-            }
+            out["memory"][f"after_round_{r}"] = memory(model)
     if library == "lthfast":
         out["parts_s"] = parts
     final = final_masks(model)
@@ -162,6 +173,11 @@ def _run_worker(library: str, args, masks_path: str) -> dict:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _diff(mem: dict, rounds: int, key: str) -> int | None:
+    last, first = mem[f"after_round_{rounds}"][key], mem["after_round_1"][key]
+    return None if last is None or first is None else last - first
 
 
 def _git() -> dict:
@@ -220,6 +236,7 @@ def main() -> None:
             "model_tensor_growth_bytes": mem[f"after_round_{args.rounds}"]["model_tensor_bytes"]
             - mem["after_round_1"]["model_tensor_bytes"],
             "rss_growth_bytes": mem[f"after_round_{args.rounds}"]["rss_bytes"] - mem["after_round_1"]["rss_bytes"],
+            "rss_trimmed_growth_bytes": _diff(mem, args.rounds, "rss_trimmed_bytes"),
         }
         if "parts_s" in results[0]:
             entry["median_part_ms"] = {
@@ -256,10 +273,12 @@ def main() -> None:
             f"{lib:15s} median {e['median_round_ms']:9.1f} ms  x{e.get('speedup_vs_torch', float('nan')):6.1f} vs torch"
             f"  model tensors {e['memory']['after_round_1']['model_tensor_bytes'] / mib:7.1f} -> "
             f"{e['memory'][f'after_round_{args.rounds}']['model_tensor_bytes'] / mib:7.1f} MiB"
-            f"  RSS {e['memory']['after_round_1']['rss_bytes'] / mib:7.1f} -> "
-            f"{e['memory'][f'after_round_{args.rounds}']['rss_bytes'] / mib:7.1f} MiB"
+            f"  RSS (trimmed) {(e['memory']['after_round_1']['rss_trimmed_bytes'] or 0) / mib:7.1f} -> "
+            f"{(e['memory'][f'after_round_{args.rounds}']['rss_trimmed_bytes'] or 0) / mib:7.1f} MiB"
             f"  masks != torch: {e.get('masks_differ_from_torch')}"
         )
+        if "median_part_ms" in e:
+            print("    " + ", ".join(f"{k} {v:.1f} ms" for k, v in e["median_part_ms"].items()))
     print(f"wrote {args.out}")
 
 
