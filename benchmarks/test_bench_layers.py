@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lthfast._backend import interpreter_enabled
 from lthfast.bench import layer, providers
 
 CUDA = torch.cuda.is_available()
@@ -23,6 +24,11 @@ LINEAR = {"shape": (4096, 4096), "tokens": 8192} if CUDA else {"shape": (512, 51
 CONV = {"shape": (256, 256, 3, 3), "batch": 64, "image": (32, 32)} if CUDA else {"shape": (32, 32, 3, 3), "batch": 8}
 DTYPE = "bfloat16" if CUDA else "float32"
 MASKS = [(0.0, 1), (0.9, 1), (0.9, 32), (0.98, 32)]  # (sparsity, block)
+if not CUDA and interpreter_enabled():
+    pytest.skip(
+        "TRITON_INTERPRET=1 on CPU: lthfast would time Triton's interpreter (and interpreter-sized tiles); unset it",
+        allow_module_level=True,
+    )
 
 _tensors: dict[tuple, tuple] = {}
 
