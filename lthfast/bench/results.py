@@ -84,6 +84,8 @@ def document(kind: str, body: dict, device: torch.device, command: str, notes: s
     machine = {
         "platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # at the end of the run: other processes' load explains noisy CPU numbers
+        "load_avg_1_5_15_min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
     doc = {
         "schema": SCHEMA,
