@@ -158,6 +158,7 @@ def _tile(cfg: TrainConfig, mask: torch.Tensor | None) -> tuple[int, int]:
 
 
 def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, log) -> dict:
+    """Masks at one (sparsity, block), the tile-index build, then every variant built, checked and timed."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round(sparsity * 1e6) * 101 + block)
     masks = random_masks(base, sparsity, block, generator)
     row_base = copy.deepcopy(base)
