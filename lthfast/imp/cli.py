@@ -93,7 +93,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     overrides = {k: v for k, v in vars(args).items() if k in ("out_dir", "quiet", "force", "backend", "name")}
-    result = run(Config.from_dict({**DEMO, **overrides}, where="demo"))
+    cfg = Config.from_dict({**DEMO, **overrides}, where="demo")
+    # Named from the config, so that a changed demo starts a new run instead of being refused.
+    result = run(cfg if cfg.name else cfg.replace(name=f"demo-{cfg.short_hash()}"))
     print(report(result.path, plots=False))
     print(f"run directory: {result.path} (plots in {result.path}/plots/)")
     print(f"demo finished in {time.perf_counter() - start:.1f} s")

@@ -7,11 +7,11 @@ two threads on a busy 2-core machine were 20x slower than one in our measurement
 
 DEMO = {
     "model": "mlp",
-    "hidden": [256, 256],
+    "hidden": [100, 100],
     "dataset": "mnist1d",
     "num_samples": 10_000,
     "optimizer": "adam",
-    "lr": 1e-3,
+    "lr": 2e-3,
     "batch_size": 100,
     "train_steps": "1000it",
     "eval_every": "100it",
@@ -20,5 +20,4 @@ DEMO = {
     "controls": ["random_reinit", "random_prune"],
     "control_levels": [3, 5, 7, 9, 11],
     "threads": 1,
-    "name": "demo",
 }

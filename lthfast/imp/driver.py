@@ -81,20 +81,21 @@ def run(
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     name = cfg.name or f"{'custom' if model_fn else cfg.model}-{data.name}-{digest}"
     rd = rundir.RunDir(out_dir / name)
-    rd.prepare(identity, cfg.to_dict(), cfg.force)
-    rundir.write_json(rd.env, rundir.environment())
-    data = data.to(device)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        _run_replicates(cfg, steps, rd, make_model, data, device)
-    finally:
-        torch.set_num_threads(threads)
-    rows = report.collect(rd.root)
-    report.write_summary(rd.root, rows)
-    if cfg.plots:
-        report.plot(rd.root, rows)
+    with rd.lock():
+        rd.prepare(identity, cfg.to_dict(), cfg.force)
+        rundir.write_json(rd.env, rundir.environment())
+        data = data.to(device)
+        threads = torch.get_num_threads()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        try:
+            _run_replicates(cfg, steps, rd, make_model, data, device)
+        finally:
+            torch.set_num_threads(threads)
+        rows = report.collect(rd.root)
+        report.write_summary(rd.root, rows)
+        if cfg.plots:
+            report.plot(rd.root, rows)
     return RunResult(rd.root, rows)
 
 

@@ -133,12 +133,33 @@ class RunDir:
     def rewind_path(self, r: int) -> Path:
         return self.replicate(r) / "rewind.pt"
 
+    def lock(self):
+        """Hold an exclusive lock on the run directory until the returned file is closed (or the process dies).
+
+        Raises RunDirError when another process holds it: two processes writing one run would interleave.
+        """
+        import fcntl
+
+        check_writable(self.root)
+        handle = open(self.root / ".lock", "w")  # noqa: SIM115 - closed by the caller
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise RunDirError(
+                f"{self.root} is in use by another lthfast process; wait for it or pick another --name"
+            ) from None
+        return handle
+
     def prepare(self, identity: dict, full_config: dict, force: bool) -> bool:
         """Create the folder, or check that an existing one was made with the same config.
 
         Returns True when an existing run is resumed. Raises RunDirError when the folder cannot be written or
-        holds a run with another config (unless ``force``: then its contents are deleted first).
+        holds a run with another config (unless ``force``: then its contents are deleted first). Temporary files
+        left by a killed run are removed.
         """
+        for stale in self.root.rglob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
         resumed = False
         if self.config.exists():
             old = load_json(self.config)
@@ -156,9 +177,9 @@ class RunDir:
                 self._wipe()
             else:
                 resumed = True
-        elif self.root.exists() and any(self.root.iterdir()) and not force:
+        elif any(p.name != ".lock" for p in self.root.iterdir()) and not force:
             raise RunDirError(f"{self.root} exists and is not an lthfast run directory; use --force or another --name")
-        elif self.root.exists() and force:
+        elif force:
             self._wipe()
         check_writable(self.root)
         write_json(self.config, {"identity": identity, "config": full_config})
@@ -168,6 +189,8 @@ class RunDir:
         import shutil
 
         for child in self.root.iterdir():
+            if child.name == ".lock":
+                continue
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 

@@ -154,6 +154,16 @@ def test_rerun_resumes_and_different_config_is_refused(tiny):
     assert not (forced.path / "replicate_0" / "level_1").exists()
 
 
+def test_a_run_directory_in_use_is_refused(tiny):
+    from lthfast.imp.rundir import RunDir
+
+    first = run({**tiny, "name": "busy", "levels": 0})
+    with RunDir(first.path).lock():  # as if another process were running it
+        with pytest.raises(RunDirError, match="in use by another lthfast process"):
+            run({**tiny, "name": "busy", "levels": 0})
+    run({**tiny, "name": "busy", "levels": 0})
+
+
 def test_corrupt_checkpoint_names_the_file(tiny):
     result = run({**tiny, "name": "corrupt"})
     unit = result.path / "replicate_0" / "level_2"
