@@ -29,7 +29,7 @@ NOT_IDENTITY = ("out_dir", "name", "quiet", "force", "cache_dir", "data_dir", "c
 class Config:
     # model and data
     model: str = field(default="mlp", metadata={"help": "mlp, lenet, conv2/4/6, vgg11/16/19, resnet20/56/18"})
-    hidden: tuple[int, ...] = field(default=(100, 100), metadata={"help": "mlp hidden widths, e.g. 300,100"})
+    hidden: tuple[int, ...] = field(default=(256, 256), metadata={"help": "mlp hidden widths, e.g. 300,100"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on fully-connected hidden layers"})
     dataset: str = field(default="mnist1d", metadata={"help": "mnist1d, digits, synthetic, mnist, cifar10"})
     data_dir: str | None = field(default=None, metadata={"help": "folder holding local mnist / cifar10 files"})
@@ -41,7 +41,7 @@ class Config:
     batch_size: int = field(default=100, metadata={"help": "minibatch size"})
     train_steps: str = field(default="2000it", metadata={"help": "training length per level: 3000it or 40ep"})
     optimizer: str = field(default="adam", metadata={"help": "sgd, momentum, adam, adamw"})
-    lr: float = field(default=2e-3, metadata={"help": "learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "momentum (optimizer momentum)"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     schedule: str = field(default="constant", metadata={"help": "constant, step, cosine"})

@@ -42,8 +42,13 @@ def _series(agg: dict, branch: str, field: str):
 
 
 def _weights_axis(ax) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
     ax.set_xscale("log")
     ax.invert_xaxis()
+    ax.xaxis.set_major_locator(FixedLocator([100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("weights remaining (%)")
     ax.grid(True, which="both", alpha=0.3)
 

@@ -82,6 +82,13 @@ def _acc(stats: dict | None, field: str = "test_acc") -> str:
     return text + (f"±{100 * stats[field + '_std']:.2f}" if stats["n"] > 1 else "")
 
 
+def _iteration(stats: dict | None) -> str:
+    if stats is None:
+        return "-"
+    text = f"{stats['early_stop_iteration']:.0f}"
+    return text + (f"±{stats['early_stop_iteration_std']:.0f}" if stats["n"] > 1 else "")
+
+
 def format_table(rows: list[dict]) -> str:
     """The report table: per level, weights remaining, ticket test accuracy (final and at the early-stop
     iteration), each control's test accuracy, the ticket's early-stop iteration and samples/s.
@@ -102,7 +109,7 @@ def format_table(rows: list[dict]) -> str:
         body.append([
             str(lv), f"{weights:.2f}", _acc(t), _acc(t, "early_stop_test_acc"),
             *[_acc(agg.get((lv, c))) for c in controls],
-            f"{t['early_stop_iteration']:.0f}" if t else "-", f"{t['samples_per_s']:.0f}" if t else "-",
+            _iteration(t), f"{t['samples_per_s']:.0f}" if t else "-",
         ])  # fmt: skip
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]

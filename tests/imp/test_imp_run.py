@@ -11,7 +11,8 @@ from torch import nn
 
 from lthfast.cli import main
 from lthfast.data import load_dataset
-from lthfast.imp import CheckpointError, RunDirError, report, run
+from lthfast.imp import CheckpointError, RunDirError, run
+from lthfast.imp.report import report
 from lthfast.pruning import Masks, sparsify, strategies
 
 UNIT_FILES = ("mask.safetensors", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "sparsity.json", "done.json")
