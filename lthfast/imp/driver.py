@@ -100,7 +100,7 @@ def run(
 
 
 def _run_replicates(cfg: Config, steps, rd, make_model, data: Dataset, device: torch.device) -> None:
-    with lthfast.backend(cfg.backend), Progress(cfg, _unit_count(cfg), quiet=cfg.quiet) as progress:
+    with lthfast.backend(cfg.backend), Progress(_unit_count(cfg), quiet=cfg.quiet) as progress:
         progress.done(sum(1 for _ in rd.root.glob("replicate_*/level_*/**/done.json")))
         for r in range(cfg.replicates):
             seeds = {k: derive_seed(cfg.seed, r, k) for k in ("init", "data", "prune", "dropout")}

@@ -8,9 +8,9 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    """``with Progress(cfg, total_units, quiet) as p``: ``p.iterations`` is the inner bar (None when quiet)."""
+    """``with Progress(total_units, quiet) as p``: ``p.iterations`` is the inner bar (None when quiet)."""
 
-    def __init__(self, cfg, total_units: int, quiet: bool = False) -> None:
+    def __init__(self, total_units: int, quiet: bool = False) -> None:
         self.quiet = quiet
         self.total = total_units
         self.units = None

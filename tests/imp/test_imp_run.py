@@ -207,3 +207,14 @@ def test_report_table_and_cli(controls_run, capsys):
     assert (result.path / "plots" / "accuracy.png").stat().st_size > 1000
     assert main(["report", str(result.path / "nope")]) == 2
     assert "not an lthfast run directory" in capsys.readouterr().err
+
+
+def test_claims_checker_reads_the_run(controls_run):
+    from lthfast.imp.claims import check
+
+    result, _ = controls_run
+    text = check(result.path, one_shot=result.path)
+    dense = result.rows[0]["test_acc"]
+    assert f"dense test accuracy {100 * dense:.2f}%" in text
+    assert "no level <= 10% with both controls" in text  # the controls ran at 64% weights only
+    assert all(f"({claim})" in text for claim in "abcd")
