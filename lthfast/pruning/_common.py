@@ -38,19 +38,24 @@ def matched(patterns: str | Iterable[str] | None, names: list[str], what: str) -
     return out
 
 
+def is_multiplier(value) -> bool:
+    return isinstance(value, str) and value.strip()[:1] in ("x", "*")
+
+
 def parse_rate(value, base: float, where: str) -> float:
-    """An override value: a number is the layer's own fraction; "x0.5" (or "*0.5") multiplies ``base``."""
+    """An override value: a number (or numeric string, "0.3") is the layer's own fraction; "x0.5" (or "*0.5")
+    multiplies ``base``."""
     if isinstance(value, str):
         text = value.strip()
-        if text[:1] not in ("x", "*"):
-            raise ValueError(f"{where}: override {value!r} must be a number or a multiplier like 'x0.5'")
         try:
-            factor = float(text[1:])
+            number = float(text[1:] if is_multiplier(text) else text)
         except ValueError:
             raise ValueError(f"{where}: override {value!r} must be a number or a multiplier like 'x0.5'") from None
-        if factor < 0:
+        if not is_multiplier(text):
+            return check_fraction(number, where)
+        if number < 0:
             raise ValueError(f"{where}: multiplier {value!r} must be >= 0")
-        return check_fraction(factor * base, f"{where} ({value!r} x {base})")
+        return check_fraction(number * base, f"{where} ({value!r} x {base})")
     return check_fraction(value, where)
 
 

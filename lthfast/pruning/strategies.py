@@ -22,6 +22,7 @@ from torch import nn
 
 from lthfast.pruning._common import (
     check_can_prune,
+    is_multiplier,
     matched,
     naming_bad_weights,
     overrides_by_name,
@@ -86,9 +87,9 @@ def magnitude(
 
 def _density_rate(value, density: float, where: str) -> float:
     """one_shot override: a number is the layer's target density; "x0.5" prunes 0.5 x (1 - density)."""
-    if isinstance(value, str):
+    if is_multiplier(value):
         return 1.0 - parse_rate(value, 1.0 - density, where)
-    return check_fraction(value, where)
+    return parse_rate(value, density, where)
 
 
 def one_shot(

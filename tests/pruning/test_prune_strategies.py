@@ -102,7 +102,7 @@ def test_ties_are_deterministic_and_exact():
 
 def test_overrides_and_leave_dense(convnet):
     old = random_masks(convnet)
-    new = S.magnitude(convnet, old, 0.4, overrides={"out": "x0.5", "conv*": 0.1}, leave_dense=["body.1"])
+    new = S.magnitude(convnet, old, 0.4, overrides={"out": "x0.5", "conv*": "0.1"}, leave_dense=["body.1"])
     assert torch.equal(new["body.1.weight"], old["body.1.weight"])
     for name, rate in (("out.weight", 0.2), ("conv1.weight", 0.1), ("conv2.weight", 0.1)):
         alive = int(old[name].sum())
@@ -134,7 +134,7 @@ def test_one_shot_reaches_density(convnet, layerwise):
 
 
 def test_one_shot_overrides(convnet):
-    masks = S.one_shot(convnet, 0.1, overrides={"out": 0.5, "conv1": "x0.5"})
+    masks = S.one_shot(convnet, 0.1, overrides={"out": "0.5", "conv1": "x0.5"})
     assert int(masks["out.weight"].sum()) == round(0.5 * masks["out.weight"].numel())
     assert int(masks["conv1.weight"].sum()) == round((1 - 0.5 * 0.9) * masks["conv1.weight"].numel())
     shared = ["conv2.weight", "body.1.weight"]
