@@ -70,8 +70,10 @@ def conv_tile_index(mask: torch.Tensor) -> TileIndex:
 
 
 def _channels_last(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # The kernels read [BLOCK_C]-long runs of one (n, tap): contiguous (coalesced) in channels_last, 9 elements
-    # apart for a 3x3 NCHW weight. The weight copy costs one pass over the weight, small next to the activations.
+    # The kernels read [BLOCK_C]-long runs of one (n, tap): contiguous in channels_last, 9 elements apart for a
+    # 3x3 NCHW weight. Compiled offline for sm_90 (bf16, channels_last x), the forward has 42 scalar global loads
+    # with an NCHW weight and 10 with a channels_last one (the rest become 16-byte cp.async). The copy costs one
+    # pass over the weight, small next to the activations.
     return weight.contiguous(memory_format=torch.channels_last), mask_as(mask, torch.channels_last)
 
 
