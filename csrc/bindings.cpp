@@ -1,7 +1,84 @@
-// pybind11 bindings for lthfast._C. Placeholder until the threshold kernels land.
+// pybind11 bindings for lthfast._C. Tensors arrive as plain buffers (address, element count, dtype code):
+// the extension does not link libtorch. lthfast/threshold.py validates shapes, devices, dtypes and
+// contiguity before calling in, and keeps the tensors alive during the call.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <limits>
+
+#include "threshold.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& masks,
+                const std::vector<int64_t>& numels, const std::vector<int>& dtypes, const std::vector<float>& scales,
+                const std::vector<std::vector<int>>& groups, const std::vector<double>& amounts,
+                const std::vector<int64_t>& ks, bool write, int threads, int64_t grain) {
+  const size_t n = data.size();
+  if (masks.size() != n || numels.size() != n || dtypes.size() != n || (!scales.empty() && scales.size() != n))
+    throw std::invalid_argument("lthfast._C.select: per-tensor lists differ in length");
+  if ((amounts.empty() == ks.empty()) || (amounts.empty() ? ks.size() : amounts.size()) != groups.size())
+    throw std::invalid_argument("lthfast._C.select: give one amount or one k per group");
+  lthfast::Request req;
+  req.tensors.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    lthfast::TensorRef& t = req.tensors[i];
+    t.data = reinterpret_cast<const void*>(data[i]);
+    t.mask = reinterpret_cast<uint8_t*>(masks[i]);
+    t.numel = numels[i];
+    t.dtype = dtypes[i];
+    if (t.dtype < lthfast::F32 || t.dtype > lthfast::BF16) throw std::invalid_argument("lthfast._C.select: dtype code");
+    if (write && t.mask == nullptr && t.numel > 0) throw std::invalid_argument("lthfast._C.select: write needs every mask");
+    t.scaled = !scales.empty();
+    t.scale = t.scaled ? scales[i] : 1.0f;
+  }
+  for (const auto& g : groups)
+    for (int t : g)
+      if (t < 0 || static_cast<size_t>(t) >= n) throw std::invalid_argument("lthfast._C.select: group index");
+  req.groups = groups;
+  req.amounts = amounts;
+  req.ks = ks;
+  req.write = write;
+  req.threads = threads < 1 ? 1 : threads;
+  req.grain = grain < 1 ? 1 : grain;
+  lthfast::Result res;
+  {
+    py::gil_scoped_release release;
+    res = lthfast::select_threshold(req);
+  }
+  std::vector<double> thresholds;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    float f;
+    std::memcpy(&f, &res.threshold[g], 4);
+    thresholds.push_back(res.k[g] > 0 ? double{f} : -std::numeric_limits<double>::infinity());
+  }
+  py::dict out;
+  out["status"] = res.status;
+  out["bad_tensors"] = res.bad_tensors;
+  out["alive"] = res.alive;
+  out["k"] = res.k;
+  out["threshold"] = thresholds;
+  out["pruned"] = res.pruned;
+  out["passes"] = res.passes;
+  out["ms"] = py::dict(py::arg("sample") = res.sample_ms, py::arg("count") = res.count_ms,
+                       py::arg("apply") = res.apply_ms);
+  return out;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lthfast C++ extension: global magnitude threshold by radix select";
-  m.attr("ABI_VERSION") = 1;
+  m.attr("ABI_VERSION") = 2;
+  m.attr("STATUS_OK") = static_cast<int>(lthfast::OK);
+  m.attr("STATUS_NONFINITE") = static_cast<int>(lthfast::NONFINITE);
+  m.attr("STATUS_K_TOO_LARGE") = static_cast<int>(lthfast::K_TOO_LARGE);
+  m.def("select", &select_py, py::arg("data"), py::arg("masks"), py::arg("numels"), py::arg("dtypes"),
+        py::arg("scales"), py::arg("groups"), py::arg("amounts"), py::arg("ks"), py::arg("write"),
+        py::arg("threads"), py::arg("grain"),
+        "Threshold select over plain buffers (dtype codes: 0 float32, 1 float16, 2 bfloat16; mask address 0 = "
+        "all alive). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes (per group).");
 }

@@ -46,3 +46,65 @@ def masked_conv2d(
 ) -> torch.Tensor:
     """``F.conv2d`` with weight W ⊙ M. x [B, Cin, H, W], weight/mask [Cout, Cin/groups, kh, kw]."""
     return F.conv2d(x, masked_weight(weight, mask), bias, stride, padding, dilation, groups)
+
+
+# ---- Global / layer-wise magnitude threshold: the oracle of lthfast.threshold ----
+
+
+def magnitude_keys(weight: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Ranking keys of ``weight``: float32 |w| (times float32(scale), one float32 multiply), flat, row-major."""
+    keys = weight.detach().reshape(-1).abs().to(torch.float32)
+    if scale is not None:
+        keys = keys * torch.tensor(scale, dtype=torch.float32, device=keys.device)
+    return keys
+
+
+def threshold_prune(
+    tensors: list[torch.Tensor],
+    masks: list[torch.Tensor] | None = None,
+    amount=None,
+    k=None,
+    scales: list[float] | None = None,
+    layerwise: bool = False,
+) -> tuple[list[torch.Tensor], list[float], int]:
+    """Sort-based magnitude pruning: what ``lthfast.threshold.prune_`` must compute, bit for bit.
+
+    Per group (all tensors; one group per tensor when ``layerwise``), the alive weights (mask nonzero; all when
+    ``masks`` is None) are ranked by (key, tensor index, flat index) with a stable sort and the first
+    ``k = round(amount * alive)`` (Python round: half to even) or the given ``k`` are pruned. ``amount``/``k``
+    may be per-tensor lists in layer-wise mode. Returns (new masks, same dtype as the given ones, bool when
+    None; the threshold of each group = largest pruned key, -inf when k == 0; total pruned). Inputs are not
+    modified and not validated.
+    """
+    n = len(tensors)
+    old = masks if masks is not None else [None] * n
+    new_masks = [
+        m.clone(memory_format=torch.contiguous_format)
+        if m is not None
+        else torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        for t, m in zip(tensors, old)
+    ]
+    groups = [[i] for i in range(n)] if layerwise else [list(range(n))]
+    thresholds, total = [], 0
+    for g, ids in enumerate(groups):
+        keys = [magnitude_keys(tensors[i], None if scales is None else scales[i]) for i in ids]
+        alive = [new_masks[i].reshape(-1) != 0 for i in ids]
+        flat_keys = torch.cat(keys) if keys else torch.zeros(0)
+        flat_alive = torch.cat(alive) if alive else torch.zeros(0, dtype=torch.bool)
+        alive_pos = torch.nonzero(flat_alive).reshape(-1)
+        count = _pick(k, g) if k is not None else round(float(_pick(amount, g)) * alive_pos.numel())
+        order = torch.sort(flat_keys[alive_pos], stable=True).indices
+        pruned_pos = alive_pos[order[:count]]
+        thresholds.append(float(flat_keys[pruned_pos[-1]]) if count > 0 else float("-inf"))
+        total += count
+        start = 0
+        for i in ids:
+            numel = tensors[i].numel()
+            local = pruned_pos[(pruned_pos >= start) & (pruned_pos < start + numel)] - start
+            new_masks[i].view(-1)[local] = 0
+            start += numel
+    return new_masks, thresholds, total
+
+
+def _pick(value, group: int):
+    return value[group] if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,99 @@
+// Global / layer-wise magnitude threshold by bracketed radix select over order-preserving key bits.
+//
+// Key of an element: the float32 bit pattern of |w| (times the tensor's float32 scale when scales are given,
+// rounded to nearest-even by one IEEE float32 multiply). For non-negative floats the bit pattern, read as an
+// unsigned integer, orders exactly like the value, so selection works on integers. Keys of finite weights lie
+// in [0, KEY_MAX] (a scaled key can overflow to +inf = KEY_MAX, which still orders correctly).
+//
+// Order: elements of a group are ranked by (key, position), position = index in the concatenation of the
+// group's tensors in list order, each flattened row-major. The k smallest alive elements are pruned (mask
+// byte set to 0); the threshold is the largest pruned key. Exactly the same set for any thread count.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace lthfast {
+
+constexpr uint32_t KEY_MAX = 0x7f800000u;  // bits of +inf
+constexpr int SUB_BITS = 10;               // sub-buckets per bracket: 1024
+constexpr int SUB_BUCKETS = 1 << SUB_BITS;
+
+enum DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+struct TensorRef {
+  const void* data = nullptr;  // contiguous, numel elements of dtype
+  uint8_t* mask = nullptr;     // contiguous bool/uint8 bytes (nonzero = alive), or nullptr = all alive
+  int64_t numel = 0;
+  int dtype = F32;
+  bool scaled = false;
+  float scale = 1.0f;
+};
+
+struct Request {
+  std::vector<TensorRef> tensors;
+  std::vector<std::vector<int>> groups;  // tensor indices per group, ascending
+  std::vector<double> amounts;           // per group: fraction of alive (or empty)
+  std::vector<int64_t> ks;               // per group: count (or empty)
+  bool write = false;                    // update masks in place
+  int threads = 1;
+  int64_t grain = 1 << 16;  // minimum elements per thread; smaller groups run on fewer threads
+};
+
+enum Status : int { OK = 0, NONFINITE = 1, K_TOO_LARGE = 2 };
+
+struct Result {
+  int status = OK;
+  std::vector<int> bad_tensors;     // tensors holding NaN/Inf among their alive weights
+  std::vector<int64_t> alive;       // per group
+  std::vector<int64_t> k;           // per group: k = round-half-even(amount * alive), or the given k
+  std::vector<uint32_t> threshold;  // per group: key bits of the k-th smallest alive key (unused when k == 0)
+  std::vector<int64_t> pruned;      // per group: masks cleared (k when write, else 0)
+  std::vector<int> passes;          // per group: full passes over the weights (for tests and benchmarks)
+  double sample_ms = 0, count_ms = 0, apply_ms = 0;  // wall time per phase, all groups (for benchmarks)
+};
+
+// Runs validation (count pass) for every group first; masks are written only if every group is valid.
+Result select_threshold(const Request& req);
+
+// ---- per-piece kernels (threshold_kernels.cpp): one contiguous range [begin, end) of one tensor ----
+
+// Count pass. "below": alive keys < lo. Alive keys in [lo, hi] go to sub[(key - lo) >> shift].
+struct CountArgs {
+  uint32_t lo = 0, hi = 0;  // hi < lo: empty bracket
+  int shift = 0;
+};
+struct CountOut {
+  int64_t alive = 0, below = 0;
+  bool bad = false;
+  uint32_t* sub = nullptr;  // SUB_BUCKETS counters
+};
+void count_piece(const TensorRef& t, int64_t begin, int64_t end, const CountArgs& a, CountOut& out);
+
+struct Candidate {
+  uint32_t key;
+  uint64_t pos;  // position in the group
+  bool operator<(const Candidate& o) const { return key < o.key || (key == o.key && pos < o.pos); }
+};
+
+// Apply pass. Alive keys < lo are pruned (when write). Alive keys in [clo, chi] are "rare": in candidate mode
+// they are appended to cand; in tie mode (clo == chi) the first `quota` of them are pruned.
+struct ApplyArgs {
+  uint32_t lo = 0, clo = 1, chi = 0;
+  bool tie_mode = false;
+  bool write = false;
+};
+struct ApplyOut {
+  int64_t pruned = 0;
+  Candidate* cand = nullptr;
+  int64_t ncand = 0;     // candidates seen; only the first `cand_cap` are stored (the driver checks equality)
+  int64_t cand_cap = 0;
+  int64_t quota = 0;
+};
+void apply_piece(const TensorRef& t, int64_t begin, int64_t end, uint64_t gpos, const ApplyArgs& a, ApplyOut& out);
+
+// Scalar key of element i (for sampling). Returns false for NaN/Inf weights.
+bool key_at(const TensorRef& t, int64_t i, uint32_t& key);
+
+}  // namespace lthfast
