@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lthfast import _backend, reference
+from lthfast.ops import autocast
 
 # "auto" runs dense cuDNN on W*M when the tile density (fraction of alive weight tiles) is above this value,
 # the Triton kernels at or below it. PROVISIONAL: no GPU was available when the kernels were written; the
@@ -80,13 +81,14 @@ def _check(x, weight, mask, bias, groups, where: str) -> None:
             f"{where}: x has {x.shape[-3]} channels but weight {tuple(weight.shape)} with groups={groups} "
             f"expects {cin_g * groups}"
         )
-    if not weight.is_floating_point() or x.dtype != weight.dtype:
+    mixed_ok = autocast.mixes(x.device.type, x, weight, bias)  # the autocast rule casts them to one dtype
+    if not weight.is_floating_point() or (x.dtype != weight.dtype and not mixed_ok):
         raise TypeError(f"{where}: x ({x.dtype}) and weight ({weight.dtype}) must share one floating dtype")
     tensors = [("x", x), ("mask", mask)]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (cout,):
             raise ValueError(f"{where}: bias must be a tensor of shape ({cout},), got {getattr(bias, 'shape', bias)}")
-        if bias.dtype != weight.dtype:
+        if bias.dtype != weight.dtype and not mixed_ok:
             raise TypeError(f"{where}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
         tensors.append(("bias", bias))
     for name, t in tensors:
@@ -270,6 +272,10 @@ def _backward(ctx, grad):
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup_context)
+# Under torch.autocast the forward computes in the autocast dtype, the gradients in the forward's dtypes.
+autocast.register("masked_conv2d", cast=True)
+autocast.register("masked_conv2d_grad_input", cast=False)
+autocast.register("masked_conv2d_grad_weight", cast=False)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -292,6 +298,8 @@ def masked_conv2d(
     padding: int, pair, "same" or "valid". Returns [B, Cout, P, Q] (channels_last when x or the weight is).
     Nothing is modified in place. groups > 1 runs dense conv2d on W*M (warned once per ``where`` when the
     Triton kernels were otherwise due). ``where`` names the caller (the layer) in errors and warnings.
+    Under ``torch.autocast`` x, weight and bias may differ in floating dtype: they are cast to the autocast
+    dtype, which the result has (``lthfast.ops.autocast``).
     """
     _check(x, weight, mask, bias, groups, where)
     stride = _pair(stride, "stride", where, 1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lthfast import _backend
-from lthfast.ops import linear_torch
+from lthfast.ops import autocast, linear_torch
 
 # "auto" backend on CUDA: above this tile density cuBLAS on W ⊙ M beats the sparse kernels, so it is used
 # instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). 0.5 is an
@@ -120,6 +120,9 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("lthfast::masked_linear_fwd", _backward, setup_context=_setup_context)
+# Under torch.autocast the forward computes in the autocast dtype, the backward in the forward's dtypes.
+autocast.register("masked_linear_fwd", cast=True)
+autocast.register("masked_linear_bwd", cast=False)
 
 
 # ------------------------------------------------------------------------------------------- public function
@@ -135,7 +138,8 @@ def _check(x, weight, mask, bias, where: str) -> None:
         raise TypeError(f"{where}: weight dtype {weight.dtype} is not one of {DTYPES}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{where}: x shape {tuple(x.shape)} does not end in K={weight.shape[1]} (weight)")
-    if x.dtype != weight.dtype:
+    mixed_ok = autocast.mixes(x.device.type, x, weight, bias)  # the autocast rule casts them to one dtype
+    if x.dtype != weight.dtype and not mixed_ok:
         raise TypeError(f"{where}: x is {x.dtype} but the weight is {weight.dtype}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{where}: mask must be bool, got {mask.dtype}")
@@ -146,7 +150,7 @@ def _check(x, weight, mask, bias, where: str) -> None:
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
             raise ValueError(f"{where}: bias must be a tensor of shape [{weight.shape[0]}]")
-        if bias.dtype != weight.dtype or bias.device != weight.device:
+        if (bias.dtype != weight.dtype and not mixed_ok) or bias.device != weight.device:
             raise TypeError(f"{where}: bias is {bias.dtype} on {bias.device}, weight {weight.dtype}")
 
 
@@ -161,6 +165,8 @@ def masked_linear(
 
     x [..., K]; weight [N, K]; mask [N, K] bool; bias [N] or None; one device, one dtype (float32, float16,
     bfloat16; float64 on the torch path). Returns [..., N] in x's dtype. Nothing is modified in place.
+    Under ``torch.autocast`` x, weight and bias may differ in dtype (float32/float16/bfloat16): all three are
+    cast to the autocast dtype, which the result has (see ``lthfast.ops.autocast``).
     The tile index of ``mask`` is cached on the mask and rebuilt after any in-place change to it.
     ``where`` names the caller (e.g. the layer) in error messages.
     """
