@@ -64,7 +64,9 @@ def masked_linear_fwd(
         index = _kernel_index(mask)
         if index is not None:
             return _kernels().masked_linear_forward(x, weight, mask, bias, index)
-    return linear_torch.forward(x, weight, mask, bias)
+    # contiguous, as the fake promises: the block path's result was a strided view when N is not a multiple of its
+    # tile, which inductor's stride assertions reject in compiled graphs (a no-op when already contiguous)
+    return linear_torch.forward(x, weight, mask, bias).contiguous()
 
 
 @masked_linear_fwd.register_fake
@@ -92,7 +94,8 @@ def masked_linear_bwd(
     else:
         grad_x, grad_w = linear_torch.backward(grad, x, weight, mask, need_x, need_w)
     empty = x.new_empty(0)
-    return (empty if grad_x is None else grad_x), (empty if grad_w is None else grad_w)
+    # contiguous, as the fake promises (see masked_linear_fwd)
+    return (empty if grad_x is None else grad_x.contiguous()), (empty if grad_w is None else grad_w.contiguous())
 
 
 @masked_linear_bwd.register_fake
