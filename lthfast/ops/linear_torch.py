@@ -1,23 +1,21 @@
 """The torch path of the masked linear op: block-sparse on CPU when few weight tiles are alive, dense otherwise.
 
-Block-sparse (CPU tensors only), per alive [b x b] weight tile t = (n-tile, k-tile), with X [M, K] viewed as
-[M, Tk, b] and dY [M, N] as [M, Tn, b] (never transposed):
-  forward  Y[:, n-tile]  += X[:, k-tile] @ W_t^T
-  dX       dX[:, k-tile] += dY[:, n-tile] @ W_t
-  dW       dW_t = (dY[:, n-tile]^T @ X[:, k-tile]) ⊙ M_t   (an SDDMM; dead tiles stay exactly zero)
-The tiles are processed in cache-sized chunks (gather the column blocks with ``index_select``, one batched matmul,
-scatter with ``index_add_``), the chunks split over a few threads so that each writes disjoint output blocks.
+Block-sparse (CPU tensors only). The alive [b x b] weight tiles are grouped by tile row (forward, dW) and by tile
+column (dX); each group is ONE matrix product whose inner dimension concatenates the group's tiles, with X [M, K]
+gathered once per call as its alive column blocks [M, nnz, b] (row-major tile order) and dY [M, N] as
+[M, nnz, b] (column-major tile order):
+  forward  Y[:, n-tile r]  = bias_r + Xg[:, tiles of r] @ [W_t^T stacked over r's tiles]      ([M, n_r b] @ [n_r b, b])
+  dX       dX[:, k-tile c] = dYg[:, tiles of c] @ [W_t stacked over c's tiles]               ([M, n_c b] @ [n_c b, b])
+  dW       [dW_t over r's tiles] = dY[:, n-tile r]^T @ Xg[:, tiles of r]   then ⊙ M           ([b, M] @ [M, n_r b])
+Products write straight into strided slices of the outputs (BLAS takes the leading dimension), so nothing is
+scattered or summed afterwards: each output block is one product, whichever worker computes it.
 Dense: torch on W ⊙ M (``torch.where``, so a NaN stored under a pruned entry cannot leak), MKL/cuBLAS GEMMs.
 
-Which one runs is decided per call from the mask's (cached) tile index: see ``plan``. The block path changes
-torch's intra-op thread count while it runs (process-wide, restored after): see ``BLOCK_PATH_THREADS``.
+Which one runs is decided per call from the mask's (cached) tile index: see ``plan``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,37 +26,29 @@ from lthfast.kernels.tile_index import TileIndex, tile_index
 from lthfast.reference import masked_weight
 
 # Tile sizes tried on CPU, and the tile density below which each beats dense MKL on the training step.
-# Measured with benchmarks/bench_masked_linear.py --crossover on the 2-core EPYC (AVX-512) CI machine,
-# Linear(2048, 2048), batch 512, fp32: the block path's time grows linearly with the alive tiles and meets the
-# dense step at these densities (16x16 tiles run batched GEMMs ~4x slower per flop than 32x32: never worth it).
+# Measured with benchmarks/bench_masked_linear.py --sections crossover on the 2-core EPYC dev VM, Linear(2048, 2048),
+# batch 512, fp32 (16x16 tiles make products ~4x slower per flop than 32x32: never worth it).
 CPU_CROSSOVER = {64: 0.40, 32: 0.25}
-# Below this many dense multiply-adds (M * N * K) the ~20 extra small ops of the block path cost more than
-# the GEMM they save (about 0.3 ms of overhead against ~60 GFLOP/s dense on this machine).
+# Below this many dense multiply-adds (M * N * K) the extra small ops of the block path cost more than the GEMM
+# they save (about 0.3 ms of overhead against ~60 GFLOP/s dense on this machine).
 CPU_MIN_MACS = 2**23
-# The block path works through the alive tiles in chunks whose gathered [rows, chunk, block] operand is about this
-# size: it stays in cache between the gather, the batched matmul and the scatter, and no large temporary is
-# allocated per call (one-shot 27 MB gathers page-faulted at 0.4 GB/s on the shared VM). Fewer, larger chunks
-# also mean fewer OpenMP regions, which matters when the cores are oversubscribed. Measured, 95% sparse training
-# step of Linear(2048, 2048) at batch 512, 1 thread: 2^19 and 2^21 B both 5.1x dense, 2^23 B 3.5x, 2^25 B 2.1x.
-CHUNK_BYTES = 2**21
-# Intra-op threads for the block path (None: torch's setting). Its ~20 + 3 per chunk ops are small (0.1-3 ms), and
-# an OpenMP region waits for every thread: on the shared 2-vCPU VM, whenever another process held the second core,
-# each region stalled a scheduler slice (a 1M-element add: 8 ms on 2 threads vs 0.09 ms on 1), and MKL's batched
-# 32x32 GEMMs gained nothing from the second thread even when it was free. See the report in
-# benchmarks/results/masked_linear-cpu.json for the measured step times.
-BLOCK_PATH_THREADS = 1
-# The chunk loops are split over this many Python threads (at most torch's thread count), each running its share
-# of tiles on one intra-op thread: ATen ops release the GIL, so the two cores work without an OpenMP barrier per op.
+# Python worker threads that split the groups, each on one intra-op thread (ATen releases the GIL in its products),
+# at most torch's thread count. Not one loop with every product on all intra-op threads: each small product is an
+# OpenMP region that waits for every thread, and on the shared 2-vCPU VM, while another process held a core, the
+# 95%-sparse 2048x2048 training step took 417 ms that way against 172 ms with 2 workers (dense: 479 ms).
 MAX_WORKERS = 8
 
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """Gather/scatter indices of the alive [block x block] tiles of one mask (int64, the mask's device).
+    """Gather indices of the alive [block x block] tiles of one mask [N, K] (int64 / bool, the mask's device).
 
-    rows, cols [nnz]: tile coordinates. elems [nnz * block^2]: flat offsets ``r * K + c`` of the tiles' weights;
-    positions past the weight's edge (partial edge tiles) point at offset 0 and have ``keep`` False, so they
-    gather a value that is then zeroed and scatter-add an exact zero. keep [nnz, block, block]: the mask.
+    Row-major tile order (sorted by tile row, then column): ``rows``, ``cols`` [nnz]; ``row_starts`` [Tn + 1] the
+    first tile of each tile row; ``elems_f`` [nnz * b * b] flat weight offsets ``r * K + c`` of each tile
+    transposed ([b (k), b (n)] per tile) and ``keep_f`` [nnz, b, b] its mask. Column-major order (by tile
+    column, then row): ``rows_c``, ``cols_c``, ``col_starts`` [Tk + 1], ``elems_b`` / ``keep_b`` ([b (n), b (k)]
+    per tile). Positions past the weight's edge point at offset 0 with keep False: they gather a value that is
+    then zeroed, and add an exact zero when dW is scattered.
     """
 
     block: int
@@ -67,66 +57,81 @@ class BlockPlan:
     tiles_k: int
     rows: torch.Tensor
     cols: torch.Tensor
-    elems: torch.Tensor
-    keep: torch.Tensor
+    row_starts: list[int]
+    elems_f: torch.Tensor
+    keep_f: torch.Tensor
+    rows_c: torch.Tensor
+    cols_c: torch.Tensor
+    col_starts: list[int]
+    elems_b: torch.Tensor
+    keep_b: torch.Tensor
     splits: dict = field(default_factory=dict, compare=False, repr=False)  # parts() cache
 
-    def reordered(self, order: torch.Tensor) -> BlockPlan:
-        """The same tiles in another order (e.g. column-major for dX)."""
-        b2 = self.block * self.block
-        elems = self.elems.view(-1, b2).index_select(0, order).reshape(-1)
-        return BlockPlan(self.block, self.shape, self.tiles_n, self.tiles_k, self.rows[order], self.cols[order],
-                         elems, self.keep[order])  # fmt: skip
+    @property
+    def nnz(self) -> int:
+        return self.rows.numel()
 
     def parts(self, key: str, count: int) -> list[tuple[int, int]]:
-        """Split the tiles into ``count`` ranges of about equal size that never split one value of ``key``
-        ("rows" or "cols", sorted in this plan), so that workers scatter into disjoint output blocks."""
+        """Split the tile rows ("rows") or columns ("cols") into at most ``count`` ranges [g0, g1) holding about
+        equal numbers of tiles: workers then write disjoint output blocks."""
         if (key, count) not in self.splits:
-            values = getattr(self, key).tolist()
-            nnz, bounds = len(values), [0]
+            starts = self.row_starts if key == "rows" else self.col_starts
+            groups, nnz, bounds = len(starts) - 1, starts[-1], [0]
             for i in range(1, count):
-                cut = max(bounds[-1], i * nnz // count)
-                while 0 < cut < nnz and values[cut] == values[cut - 1]:
-                    cut += 1
-                bounds.append(cut)
-            bounds.append(nnz)
+                g = bounds[-1]
+                while g < groups and starts[g] < i * nnz / count:
+                    g += 1
+                bounds.append(g)
+            bounds.append(groups)
             self.splits[(key, count)] = [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
         return self.splits[(key, count)]
 
 
-# id(TileIndex) -> (weakref to it, (row-major plan, column-major plan)); a TileIndex lives as long as its mask
-# version (tile_index's cache), so a plan can never outlive the mask contents it was built from.
-_plans: dict[int, tuple[weakref.ref, tuple[BlockPlan, BlockPlan]]] = {}
+# id(TileIndex) -> (weakref to it, plan); a TileIndex lives as long as its mask version (tile_index's cache), so a
+# plan can never outlive the mask contents it was built from.
+_plans: dict[int, tuple[weakref.ref, BlockPlan]] = {}
 
 
-def _build_plan(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
-    b = index.block_n
+def _tile_elems(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int, transpose: bool):
     n, k = mask.shape
-    rows, cols = index.tile_rows.long(), index.tile_cols.long()
     within = torch.arange(b, device=mask.device)
     row_ids = (rows[:, None] * b + within)[:, :, None]  # [nnz, b, 1] weight rows of each tile
     col_ids = (cols[:, None] * b + within)[:, None, :]  # [nnz, 1, b] weight columns
     inside = (row_ids < n) & (col_ids < k)
-    elems = torch.where(inside, row_ids * k + col_ids, 0).reshape(-1)
-    keep = mask.reshape(-1).index_select(0, elems).view(-1, b, b) & inside
-    return BlockPlan(b, (n, k), index.tiles_n, index.tiles_k, rows, cols, elems, keep)
+    elems = torch.where(inside, row_ids * k + col_ids, 0)
+    keep = mask.reshape(-1)[elems] & inside
+    if transpose:
+        elems, keep = elems.transpose(1, 2), keep.transpose(1, 2)
+    return elems.reshape(-1).contiguous(), keep.contiguous()
 
 
-def _plan_of(mask: torch.Tensor, index: TileIndex) -> tuple[BlockPlan, BlockPlan]:
+def _build_plan(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
+    b = index.block_n
+    rows, cols = index.tile_rows.long(), index.tile_cols.long()
+    order = torch.argsort(rows * index.tiles_k + cols)
+    rows, cols = rows[order], cols[order]
+    order_c = torch.argsort(cols * index.tiles_n + rows)
+    rows_c, cols_c = rows[order_c], cols[order_c]
+    row_starts = torch.searchsorted(rows, torch.arange(index.tiles_n + 1, device=mask.device)).tolist()
+    col_starts = torch.searchsorted(cols_c, torch.arange(index.tiles_k + 1, device=mask.device)).tolist()
+    elems_f, keep_f = _tile_elems(mask, rows, cols, b, transpose=True)
+    elems_b, keep_b = _tile_elems(mask, rows_c, cols_c, b, transpose=False)
+    return BlockPlan(b, tuple(mask.shape), index.tiles_n, index.tiles_k, rows, cols, row_starts, elems_f, keep_f,
+                     rows_c, cols_c, col_starts, elems_b, keep_b)  # fmt: skip
+
+
+def _plan_of(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
     entry = _plans.get(id(index))
     if entry is not None and entry[0]() is index:
         return entry[1]
-    by_rows = _build_plan(mask, index)
-    by_cols = by_rows.reordered(torch.argsort(by_rows.cols * index.tiles_n + by_rows.rows))
-    built = (by_rows, by_cols)
+    built = _build_plan(mask, index)
     key = id(index)
     _plans[key] = (weakref.ref(index, lambda _, key=key: _plans.pop(key, None)), built)
     return built
 
 
-def plan(mask: torch.Tensor, rows: int) -> tuple[BlockPlan, BlockPlan] | None:
-    """The block plans (tiles row-major, tiles column-major) to use for ``mask`` [N, K] with ``rows`` input rows,
-    or None for the dense path.
+def plan(mask: torch.Tensor, rows: int) -> BlockPlan | None:
+    """The block plan to use for ``mask`` [N, K] with ``rows`` input rows, or None for the dense path.
 
     Block-sparse only on CPU, for problems of at least ``CPU_MIN_MACS``, and with the tile size whose tile
     density is furthest below its measured crossover.
@@ -151,170 +156,151 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _blocks(t: torch.Tensor, tiles: int, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """t [M, C] as [M, tiles, block] in ``dtype``, columns past C zero: a view when t already fits, else one copy."""
+def _padded(t: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """t [M, C] as a contiguous [M, length >= C] in ``dtype``, columns past C zero (t itself when it fits)."""
     m, c = t.shape
-    if c == tiles * block and t.dtype == dtype and t.is_contiguous():
-        return t.view(m, tiles, block)
-    out = t.new_empty(m, tiles * block, dtype=dtype)
+    if c == length and t.dtype == dtype and t.is_contiguous():
+        return t
+    out = t.new_empty(m, length, dtype=dtype)
     out[:, :c] = t
     out[:, c:] = 0
-    return out.view(m, tiles, block)
+    return out
 
 
-def _unblocks(t: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """[M, tiles, block] -> [M, length] contiguous in ``dtype`` (a view when nothing is cut or cast)."""
-    flat = t.view(t.shape[0], -1)
-    if flat.shape[1] == length and t.dtype == dtype:
-        return flat
-    return flat[:, :length].to(dtype, memory_format=torch.contiguous_format)
+def _cut(t: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[M, L] -> [M, length] contiguous in ``dtype`` (t itself when nothing is cut or cast)."""
+    if t.shape[1] == length and t.dtype == dtype:
+        return t
+    return t[:, :length].to(dtype, memory_format=torch.contiguous_format)
 
 
-def _weight_tiles(weight: torch.Tensor, p: BlockPlan, dtype: torch.dtype) -> torch.Tensor:
-    """The alive tiles of W ⊙ M, [nnz, block (n), block (k)] in ``dtype``. (One flat gather: 0.8 ms for 205 tiles
-    of a 2048x2048 weight, faster than advanced indexing of the [Tn, b, Tk, b] view at 1.1 ms.)"""
-    tiles = weight.reshape(-1).index_select(0, p.elems).view(-1, p.block, p.block).to(dtype)
-    return torch.where(p.keep, tiles, torch.zeros((), dtype=dtype))
-
-
-# ------------------------------------------------------------------------------------------------ the ops
-# Layout: x [M, K] is viewed as [M, Tk, b] and dY [M, N] as [M, Tn, b], never transposed: a chunk of tiles gathers
-# its column blocks (index_select on dim 1), multiplies them as a batch whose operands MKL reads through strides,
-# and scatters the partial products back with index_add_. (A variant that first transposed X to [K, M] spent more
-# time in the transposing copies than in the matmuls: 28 ms vs 17 ms for the 95%-sparse 2048x2048 forward.)
-
-
-_scratch = threading.local()
-
-
-def _scratch_buffer(slot: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread scratch tensor reused across calls (grown when too small), never returned to the caller:
-    the chunk buffers then cost no allocation and no page faults per call."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    numel = math.prod(shape)
-    flat = buffers.get((slot, dtype, device))
-    if flat is None or flat.numel() < numel:
-        flat = torch.empty(numel, dtype=dtype, device=device)
-        buffers[(slot, dtype, device)] = flat
-    return flat[:numel].view(shape)
-
-
-@contextlib.contextmanager
-def _block_threads():
-    """Run the block path on ``BLOCK_PATH_THREADS`` intra-op threads (process-wide, restored on exit)."""
-    previous = torch.get_num_threads()
-    if BLOCK_PATH_THREADS is None or previous <= BLOCK_PATH_THREADS:
-        yield
-        return
-    torch.set_num_threads(BLOCK_PATH_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _chunk_tiles(p: BlockPlan, rows: int, dtype: torch.dtype) -> int:
-    """Tiles per chunk: the gathered [rows, chunk, block] operand is about ``CHUNK_BYTES``."""
-    return max(1, CHUNK_BYTES // (p.block * rows * dtype.itemsize))
+def _tiles(weight: torch.Tensor, elems: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The alive tiles of W ⊙ M in the plan's layout, [nnz, b, b] in ``dtype``."""
+    tiles = weight.reshape(-1).index_select(0, elems).view(keep.shape).to(dtype)
+    return torch.where(keep, tiles, torch.zeros((), dtype=dtype))
 
 
 _pool: ThreadPoolExecutor | None = None
 
 
 def _run_parts(work, parts: list[tuple[int, int]]) -> None:
-    """``work(start, end)`` for every part: the first on this thread, the others on the pool's threads."""
+    """``work(g0, g1)`` for every part: one on this thread, the others on the pool's threads, each part on one
+    intra-op thread (the workers are the parallelism)."""
     global _pool
-    if len(parts) > 1 and (_pool is None or _pool._max_workers < len(parts) - 1):
-        # one intra-op thread per worker: the workers are the parallelism
+    if len(parts) == 1:
+        work(*parts[0])
+        return
+    if _pool is None or _pool._max_workers < len(parts) - 1:
         _pool = ThreadPoolExecutor(len(parts) - 1, "lthfast-block", initializer=torch.set_num_threads, initargs=(1,))
-    futures = [_pool.submit(work, s, e) for s, e in parts[1:]]
-    work(*parts[0])
-    for f in futures:
-        f.result()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # grad mode is per thread: the products write into out= tensors, which autograd refuses
+        futures = [_pool.submit(torch.no_grad()(work), s, e) for s, e in parts[1:]]
+        work(*parts[0])
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _workers() -> int:
     return max(1, min(MAX_WORKERS, torch.get_num_threads()))
 
 
+# ------------------------------------------------------------------------------------------------ the ops
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, contiguous, x's dtype. Any device; block-sparse on CPU when sparse."""
-    plans = plan(mask, x.shape[0])
-    if plans is None:
+    p = plan(mask, x.shape[0])
+    if p is None:
         return torch.nn.functional.linear(x, masked_weight(weight, mask), bias).contiguous()
-    workers = _workers()
-    with _block_threads():
-        return _forward_blocks(x, weight, bias, plans[0], workers)
+    return _forward_blocks(x, weight, bias, p)
 
 
 def backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, need_x: bool, need_w: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dX [M, K], dW [N, K]) of ``forward`` for grad [M, N]; None where not needed. dW is zero where M is."""
-    plans = plan(mask, x.shape[0])
-    if plans is None:
+    p = plan(mask, x.shape[0])
+    if p is None:
         grad_x = grad @ masked_weight(weight, mask) if need_x else None
         grad_w = masked_weight(grad.t() @ x, mask) if need_w else None
         return grad_x, grad_w
-    workers = _workers()
-    with _block_threads():
-        return _backward_blocks(grad, x, weight, plans[1], need_x, need_w, workers)
-
-
-def _forward_blocks(x, weight, bias, p: BlockPlan, workers: int) -> torch.Tensor:
-    ct, m, b = _compute_dtype(x.dtype), x.shape[0], p.block
-    x3 = _blocks(x, p.tiles_k, b, ct)  # [M, Tk, b]
-    w_t = _weight_tiles(weight, p, ct).transpose(1, 2)  # [nnz, b (k), b (n)]
-    y3 = torch.empty(m, p.tiles_n, b, dtype=ct, device=x.device)  # starts as the bias (saves a pass over Y)
-    y3.view(m, -1)[:, : p.shape[0]] = 0 if bias is None else bias
-    y3.view(m, -1)[:, p.shape[0] :] = 0
-    step = _chunk_tiles(p, m, ct)
-
-    @torch.no_grad()
-    def work(start: int, end: int) -> None:  # tiles [start, end) cover whole tile rows: disjoint rows of Y
-        gathered = _scratch_buffer(0, (m, step, b), ct, x.device)
-        partial = _scratch_buffer(1, (step, m, b), ct, x.device)
-        for s in range(start, end, step):
-            e = min(s + step, end)
-            n = e - s
-            torch.index_select(x3, 1, p.cols[s:e], out=gathered[:, :n])
-            torch.bmm(gathered[:, :n].transpose(0, 1), w_t[s:e], out=partial[:n])  # [n, M, b]
-            y3.index_add_(1, p.rows[s:e], partial[:n].transpose(0, 1))
-
-    _run_parts(work, p.parts("rows", workers))
-    return _unblocks(y3, p.shape[0], x.dtype)
-
-
-def _backward_blocks(grad, x, weight, p: BlockPlan, need_x: bool, need_w: bool, workers: int):
-    ct, m, b = _compute_dtype(x.dtype), x.shape[0], p.block
-    g3 = _blocks(grad, p.tiles_n, b, ct)  # [M, Tn, b]
-    step = _chunk_tiles(p, m, ct)
-    w = _weight_tiles(weight, p, ct) if need_x else None  # [nnz, b (n), b (k)]
-    dx3 = torch.zeros(m, p.tiles_k, b, dtype=ct, device=x.device) if need_x else None
-    x3 = _blocks(x, p.tiles_k, b, ct) if need_w else None  # [M, Tk, b]
-    tiles = g3.new_empty(p.rows.numel(), b, b) if need_w else None
-
-    @torch.no_grad()
-    def work(start: int, end: int) -> None:  # tiles [start, end) cover whole tile columns: disjoint columns of dX
-        g_chunk = _scratch_buffer(0, (m, step, b), ct, x.device)
-        partial = _scratch_buffer(1, (step, m, b), ct, x.device)
-        x_chunk = _scratch_buffer(2, (m, step, b), ct, x.device)
-        for s in range(start, end, step):
-            e = min(s + step, end)
-            n = e - s
-            torch.index_select(g3, 1, p.rows[s:e], out=g_chunk[:, :n])  # one gather serves dX and dW
-            if need_x:
-                torch.bmm(g_chunk[:, :n].transpose(0, 1), w[s:e], out=partial[:n])  # [n, M, b (k)]
-                dx3.index_add_(1, p.cols[s:e], partial[:n].transpose(0, 1))
-            if need_w:
-                torch.index_select(x3, 1, p.cols[s:e], out=x_chunk[:, :n])
-                torch.bmm(g_chunk[:, :n].permute(1, 2, 0), x_chunk[:, :n].transpose(0, 1), out=tiles[s:e])
-
-    _run_parts(work, p.parts("cols", workers))
-    grad_x = _unblocks(dx3, p.shape[1], x.dtype) if need_x else None
-    grad_w = None
-    if need_w:
-        tiles = torch.where(p.keep, tiles, torch.zeros((), dtype=ct)).to(x.dtype)
-        # index_add_, not index_copy_: off-edge positions all point at offset 0 and must add exact zeros
-        grad_w = x.new_zeros(p.shape).view(-1).index_add_(0, p.elems, tiles.view(-1)).view(p.shape)
+    grad_x = _grad_input_blocks(grad, weight, p, x.dtype) if need_x else None
+    grad_w = _grad_weight_blocks(grad, x, p) if need_w else None
     return grad_x, grad_w
+
+
+def _gathered(t: torch.Tensor, tiles: int, b: int, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The column blocks ``index`` of t [M, C]: [M, len(index), b] in ``dtype``."""
+    return _padded(t, tiles * b, dtype).view(t.shape[0], tiles, b).index_select(1, index)
+
+
+@torch.no_grad()
+def _forward_blocks(x, weight, bias, p: BlockPlan) -> torch.Tensor:
+    ct, m, b = _compute_dtype(x.dtype), x.shape[0], p.block
+    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b]
+    wf = _tiles(weight, p.elems_f, p.keep_f, ct)  # [nnz, b (k), b (n)]
+    y = torch.empty(m, p.tiles_n * b, dtype=ct, device=x.device)
+    bias = None if bias is None else _padded(bias[None], p.tiles_n * b, ct)[0]
+    starts = p.row_starts
+
+    def work(g0: int, g1: int) -> None:
+        for r in range(g0, g1):
+            s, e = starts[r], starts[r + 1]
+            out = y[:, r * b : (r + 1) * b]
+            if s == e and bias is None:
+                out.zero_()
+            elif s == e:
+                out.copy_(bias[r * b : (r + 1) * b].expand(m, b))
+            elif bias is None:
+                torch.mm(xg[:, s:e].reshape(m, -1), wf[s:e].view(-1, b), out=out)
+            else:
+                torch.addmm(bias[r * b : (r + 1) * b], xg[:, s:e].reshape(m, -1), wf[s:e].view(-1, b), out=out)
+
+    _run_parts(work, p.parts("rows", _workers()))
+    return _cut(y, p.shape[0], x.dtype)
+
+
+@torch.no_grad()
+def _grad_input_blocks(grad, weight, p: BlockPlan, dtype: torch.dtype) -> torch.Tensor:
+    ct, m, b = _compute_dtype(dtype), grad.shape[0], p.block
+    gg = _gathered(grad, p.tiles_n, b, p.rows_c, ct)  # [M, nnz, b], column-major tiles
+    wb = _tiles(weight, p.elems_b, p.keep_b, ct)  # [nnz, b (n), b (k)]
+    dx = torch.empty(m, p.tiles_k * b, dtype=ct, device=grad.device)
+    starts = p.col_starts
+
+    def work(g0: int, g1: int) -> None:
+        for c in range(g0, g1):
+            s, e = starts[c], starts[c + 1]
+            out = dx[:, c * b : (c + 1) * b]
+            if s == e:
+                out.zero_()
+            else:
+                torch.mm(gg[:, s:e].reshape(m, -1), wb[s:e].view(-1, b), out=out)
+
+    _run_parts(work, p.parts("cols", _workers()))
+    return _cut(dx, p.shape[1], dtype)
+
+
+@torch.no_grad()
+def _grad_weight_blocks(grad, x, p: BlockPlan) -> torch.Tensor:
+    ct, m, b, nnz = _compute_dtype(x.dtype), x.shape[0], p.block, p.nnz
+    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b], row-major tiles (as in the forward)
+    g = _padded(grad, p.tiles_n * b, ct)
+    products = torch.empty(b, nnz, b, dtype=ct, device=x.device)  # [b (n), tile, b (k)]
+    starts = p.row_starts
+
+    def work(g0: int, g1: int) -> None:
+        for r in range(g0, g1):
+            s, e = starts[r], starts[r + 1]
+            if s < e:
+                torch.mm(g[:, r * b : (r + 1) * b].t(), xg[:, s:e].reshape(m, -1), out=products[:, s:e].view(b, -1))
+
+    _run_parts(work, p.parts("rows", _workers()))
+    # [tile, b (k), b (n)]: the layout of elems_f. index_add_, not index_put_: off-edge positions all point at
+    # offset 0 and must add exact zeros rather than race with the real entry there.
+    tiles = torch.where(p.keep_f, products.permute(1, 2, 0), torch.zeros((), dtype=ct)).to(x.dtype)
+    grad_w = x.new_zeros(p.shape[0] * p.shape[1]).index_add_(0, p.elems_f, tiles.reshape(-1))
+    return grad_w.view(p.shape)
