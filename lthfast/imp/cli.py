@@ -1,8 +1,9 @@
 """`lthfast imp`, `lthfast report` and `lthfast demo` subcommands.
 
-``lthfast imp`` has one flag per ``Config`` option (``--prune-fraction``, ``--one-shot/--no-one-shot``, ...);
-``--config FILE`` (YAML or JSON) sets any option and flags override it. Bad input ends with one line
-``lthfast: error: ...`` on stderr and exit status 2, before any training.
+``lthfast imp`` has one flag per ``Config`` option (``--prune-fraction``, ``--one-shot/--no-one-shot``, ``--amp``,
+``--compile``, ...); ``--config FILE`` (YAML or JSON) sets any option and flags override it. Bad input ends with one
+line ``lthfast: error: ...`` on stderr and exit status 2, before any training. Under ``torchrun`` (DDP) every rank
+runs the command; rank 0 prints the report, and errors name their rank.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ def _guarded(func):
 
     def wrapper(args: argparse.Namespace) -> int:
         from lthfast.data import DataError
+        from lthfast.distributed import DistributedError, env_rank, env_world_size
         from lthfast.imp.errors import ImpError
 
         try:
             return func(args)
-        except (ImpError, DataError) as exc:
-            print(f"lthfast: error: {exc}", file=sys.stderr)
+        except (ImpError, DataError, DistributedError) as exc:
+            where = f"[rank {env_rank()}] " if env_world_size() > 1 else ""
+            print(f"lthfast: error: {where}{exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("lthfast: interrupted; run the same command again to resume", file=sys.stderr)
@@ -66,12 +69,14 @@ def _guarded(func):
 
 @_guarded
 def _cmd_imp(args: argparse.Namespace) -> int:
+    from lthfast.distributed import env_rank
     from lthfast.imp.driver import run
     from lthfast.imp.report import report
 
     result = run(config_from_args(args))
-    print(report(result.path, plots=False))
-    print(f"run directory: {result.path}")
+    if env_rank() == 0:
+        print(report(result.path, plots=False))
+        print(f"run directory: {result.path}")
     return 0
 
 
@@ -87,6 +92,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 @_guarded
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from lthfast.distributed import env_rank
     from lthfast.imp.demo import DEMO
     from lthfast.imp.driver import run
     from lthfast.imp.report import report
@@ -96,6 +102,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = Config.from_dict({**DEMO, **overrides}, where="demo")
     # Named from the config, so that a changed demo starts a new run instead of being refused.
     result = run(cfg if cfg.name else cfg.replace(name=f"demo-{cfg.short_hash()}"))
+    if env_rank() != 0:
+        return 0
     print(report(result.path, plots=False))
     print(f"run directory: {result.path} (plots in {result.path}/plots/)")
     print(f"demo finished in {time.perf_counter() - start:.1f} s")

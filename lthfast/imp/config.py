@@ -21,8 +21,15 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 CONTROLS = ("random_reinit", "random_prune", "rearrange")
 DEVICES = ("auto", "cpu", "cuda")
-# Options that say where and how loudly a run happens, not what it computes: they may change on resume.
-NOT_IDENTITY = ("out_dir", "name", "quiet", "force", "cache_dir", "data_dir", "checkpoint_every", "threads", "plots")
+AMP = ("none", "bf16", "fp16")
+# Options that say where and how loudly a run happens, not what it computes: they may change on resume. (compile
+# changes the rounding of fused elementwise ops only, like threads, so a run may be resumed with or without it.)
+NOT_IDENTITY = (
+    "out_dir", "name", "quiet", "force", "cache_dir", "data_dir", "checkpoint_every", "threads", "plots", "compile",
+)  # fmt: skip
+# Options added after runs were made: they enter the identity only when not at these defaults, so that the runs made
+# before keep their names and can be resumed.
+LATE_OPTIONS = {"amp": "none"}
 
 
 @dataclass
@@ -67,7 +74,9 @@ class Config:
     eval_every: str = field(default="50it", metadata={"help": "evaluation interval"})
     checkpoint_every: str = field(default="1000it", metadata={"help": "checkpoint interval (at evaluations)"})
     backend: str = field(default="auto", metadata={"help": "lthfast backend: auto, torch, triton"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)"})
+    amp: str = field(default="none", metadata={"help": "mixed precision: none, bf16, fp16 (fp16 with a GradScaler)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model for training (fullgraph)"})
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     name: str | None = field(default=None, metadata={"help": "run directory name (default: from the config)"})
     cache_dir: str | None = field(default=None, metadata={"help": "generated-data cache (default: OUT_DIR/.cache)"})
@@ -107,7 +116,11 @@ class Config:
 
     def identity(self) -> dict:
         """The options that determine the results (compared on resume, hashed into the run name)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in NOT_IDENTITY and not (k in LATE_OPTIONS and v == LATE_OPTIONS[k])
+        }
 
     def short_hash(self) -> str:
         return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
@@ -130,6 +143,7 @@ class Config:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("backend", self.backend, BACKENDS)
         _choice("device", self.device, DEVICES)
+        _choice("amp", self.amp, AMP)
         for control in self.controls:
             _choice("control", control, CONTROLS)
         if len(set(self.controls)) != len(self.controls):

@@ -7,10 +7,16 @@ Per replicate r (its own seeds for init, data order and pruning):
   controls at chosen levels, as branches beside the ticket: random reinitialization (same mask, fresh init),
   random pruning (same per-layer counts, random positions), rearranged mask (each layer's mask permuted).
 Every step reads its inputs from the run directory and skips finished units, so running again resumes.
+
+Started by ``torchrun --nproc-per-node N -m lthfast imp ...``, every level trains with DistributedDataParallel
+(gloo on CPU, NCCL on CUDA; ``batch_size`` is the global batch, split evenly over the ranks). Rank 0 takes the
+run directory's lock and writes every file; the other ranks read the same files, so the run directory must be on
+a filesystem all ranks see (one node, or a shared filesystem). See ``lthfast.distributed`` and docs/scaling-out.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,9 +28,11 @@ import torch
 from torch import nn
 
 import lthfast
+from lthfast import distributed
 from lthfast.data import BatchSampler, DataError, Dataset, load_dataset
 from lthfast.imp import report, rundir
 from lthfast.imp.config import Config, ConfigError
+from lthfast.imp.errors import ImpError
 from lthfast.imp.levels import Replicate, derive_seed
 from lthfast.imp.progress import Progress
 from lthfast.models import ModelError, build_model
@@ -53,23 +61,30 @@ def run(
     config: a Config, a dict of options, or a YAML/JSON file path; ``overrides`` replace options. model_fn: a
     callable returning a fresh nn.Module (called after the init seed is set; nn.Linear / nn.Conv2d weights
     are pruned); data: a ``lthfast.data.Dataset``. Bad options raise ConfigError, unusable data DataError and
-    an unusable run directory RunDirError, all before any training.
+    an unusable run directory RunDirError, all before any training. Under torchrun (WORLD_SIZE > 1), or in a
+    process group the caller initialized, every rank calls ``run`` with the same arguments and gets the same
+    result; ranks that disagree (masks, a run directory they cannot see) raise ``DistributedError`` on every
+    rank, and a sharded model (FSDP) is refused with it.
     """
     cfg = _config(config, overrides)
     cfg.validate(custom_model=model_fn is not None, custom_data=data is not None)
-    device = _device(cfg.device)
+    return _run(cfg, distributed.setup(_device(cfg.device)), model_fn, data)
+
+
+def _run(cfg: Config, world: distributed.World, model_fn, data) -> RunResult:
+    device = world.device
     out_dir = Path(cfg.out_dir)
-    rundir.check_writable(out_dir)
+    world.on_main(lambda: rundir.check_writable(out_dir))
     if data is None:
-        cache = cfg.cache_dir or os.path.join(cfg.out_dir, ".cache")
-        data = load_dataset(
-            cfg.dataset, data_dir=cfg.data_dir, cache_dir=cache, val_size=cfg.val_size,
-            num_samples=cfg.num_samples, input_shape=cfg.synthetic_shape,
-        )  # fmt: skip
+        data = _load_data(cfg, world)
     elif not isinstance(data, Dataset):
         raise DataError(f"data must be a lthfast.data.Dataset, got {type(data).__name__}")
     if cfg.batch_size > len(data.y_train):
         raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(data.y_train)} training examples")
+    if cfg.batch_size % world.size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} (the global batch) does not split evenly over the {world.size} processes"
+        )
     steps = cfg.steps(len(data.y_train) // cfg.batch_size)
     make_model = model_fn or (
         lambda: build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden, dropout=cfg.dropout)
@@ -81,31 +96,94 @@ def run(
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     name = cfg.name or f"{'custom' if model_fn else cfg.model}-{data.name}-{digest}"
     rd = rundir.RunDir(out_dir / name)
-    with rd.lock():
-        rd.prepare(identity, cfg.to_dict(), cfg.force)
-        rundir.write_json(rd.env, rundir.environment())
+    with _main_lock(rd, world):
+
+        def prepare() -> None:
+            rd.prepare(identity, cfg.to_dict(), cfg.force)
+            env = rundir.environment()
+            env.update(world_size=str(world.size), dist_backend=distributed.backend_name())
+            rundir.write_json(rd.env, env)
+
+        world.on_main(prepare)
+        _check_visible(rd, identity, world)
         data = data.to(device)
         threads = torch.get_num_threads()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
-            _run_replicates(cfg, steps, rd, make_model, data, device)
+            _run_replicates(cfg, steps, rd, make_model, data, world)
         finally:
             torch.set_num_threads(threads)
-        rows = report.collect(rd.root)
-        report.write_summary(rd.root, rows)
-        if cfg.plots:
-            report.plot(rd.root, rows)
+
+        def finish() -> list[dict]:
+            rows = report.collect(rd.root)
+            report.write_summary(rd.root, rows)
+            if cfg.plots:
+                report.plot(rd.root, rows)
+            return rows
+
+        rows = world.on_main(finish)
     return RunResult(rd.root, rows)
 
 
-def _run_replicates(cfg: Config, steps, rd, make_model, data: Dataset, device: torch.device) -> None:
-    with lthfast.backend(cfg.backend), Progress(_unit_count(cfg), quiet=cfg.quiet) as progress:
+def _load_data(cfg: Config, world: distributed.World) -> Dataset:
+    """The configured dataset; under DDP rank 0 loads first (generating the cache), then the others read it."""
+    cache = cfg.cache_dir or os.path.join(cfg.out_dir, ".cache")
+    load = lambda: load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, cache_dir=cache, val_size=cfg.val_size,
+        num_samples=cfg.num_samples, input_shape=cfg.synthetic_shape,
+    )  # fmt: skip
+    data, error = None, None
+    if world.is_main:
+        try:
+            data = load()
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
+            error = exc
+    world.agree(error)
+    return data if data is not None else load()
+
+
+@contextlib.contextmanager
+def _main_lock(rd: rundir.RunDir, world: distributed.World):
+    """Rank 0 holds the run directory's lock (the other ranks of the job write nothing); errors reach every rank."""
+    handle, error = None, None
+    if world.is_main:
+        try:
+            handle = rd.lock()
+        except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
+            error = exc
+    world.agree(error)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _check_visible(rd: rundir.RunDir, identity: dict, world: distributed.World) -> None:
+    """Every rank must read the config.json rank 0 has just written: the ranks share the run directory's files."""
+    error = None
+    if not world.is_main:
+        try:
+            seen = rundir.load_json(rd.config) if rd.config.exists() else None
+        except ImpError:
+            seen = None
+        if not isinstance(seen, dict) or seen.get("identity") != identity:
+            error = distributed.DistributedError(
+                f"rank {world.rank} does not see {rd.config} as rank 0 wrote it: the run directory must be on a "
+                "filesystem every rank shares (the ranks read the files rank 0 writes)"
+            )
+    world.agree(error)
+
+
+def _run_replicates(cfg: Config, steps, rd, make_model, data: Dataset, world: distributed.World) -> None:
+    quiet = cfg.quiet or not world.is_main
+    with lthfast.backend(cfg.backend), Progress(_unit_count(cfg), quiet=quiet) as progress:
         progress.done(sum(1 for _ in rd.root.glob("replicate_*/level_*/**/done.json")))
         for r in range(cfg.replicates):
             seeds = {k: derive_seed(cfg.seed, r, k) for k in ("init", "data", "prune", "dropout")}
             sampler = BatchSampler(len(data.y_train), cfg.batch_size, seeds["data"])
-            Replicate(cfg, steps, rd, r, seeds, make_model, data, sampler, device, progress).run()
+            Replicate(cfg, steps, rd, r, seeds, make_model, data, sampler, world, progress).run()
 
 
 def _config(config, overrides) -> Config:
@@ -135,13 +213,18 @@ def _device(name: str) -> torch.device:
 
 
 def _check_model(make_model, data: Dataset) -> None:
-    """Build the model once and run two examples through it, so a mismatch fails before any training."""
+    """Build the model once and run two examples through it, so a mismatch fails before any training.
+
+    A sharded model (FSDP) is refused with DistributedError before it runs (``lthfast.distributed``)."""
     try:
         model = make_model()
+        distributed.refuse_sharded(model, "model_fn")
         with torch.no_grad():
             out = model.eval()(data.x_train[:2].cpu())
     except ModelError as exc:
         raise ConfigError(str(exc)) from None
+    except distributed.DistributedError:
+        raise
     except (RuntimeError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"the model cannot take {data.name} input {data.input_shape}: {first}") from None

@@ -1,4 +1,10 @@
-"""One replicate of the IMP loop: dense level, pruned levels, and the control branches, each resumable."""
+"""One replicate of the IMP loop: dense level, pruned levels, and the control branches, each resumable.
+
+Under DDP every rank runs the same loop on the same files: each computes the masks of a prune from the run
+directory (the previous level's weights, the rewind state) with the same seeds, the masks' checksum is compared
+across ranks before training (a mismatch raises on every rank), and rank 0 alone writes. Every unit ends with a
+collective after its files are written, so no rank reads a file before rank 0 has finished writing it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lthfast.distributed import World
 from lthfast.imp import rundir
 from lthfast.imp.config import Config, Steps
 from lthfast.imp.errors import CheckpointError
@@ -24,10 +31,12 @@ def derive_seed(*keys) -> int:
 class Replicate:
     """State shared by the units of replicate ``r``; ``run()`` trains whatever is not finished yet."""
 
-    def __init__(self, cfg: Config, steps: Steps, rd, r: int, seeds: dict, make_model, data, sampler, device, progress):
+    def __init__(
+        self, cfg: Config, steps: Steps, rd, r: int, seeds: dict, make_model, data, sampler, world: World, progress
+    ):
         self.cfg, self.steps, self.rd, self.r = cfg, steps, rd, r
         self.seeds, self.make_model, self.data, self.sampler = seeds, make_model, data, sampler
-        self.device, self.progress = device, progress
+        self.world, self.device, self.progress = world, world.device, progress
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -50,14 +59,15 @@ class Replicate:
         model = self._fresh_model(self.seeds["init"])
         rewind_path = self.rd.rewind_path(self.r)
         capture = None
+        save = lambda step: rundir.save_torch(rewind_path, Snapshot(model, device="cpu", step=step).state_dict())
         if self.steps.rewind == 0:
             if not rewind_path.exists():
-                rundir.save_torch(rewind_path, Snapshot(model, device="cpu", step=0).state_dict())
+                self.world.on_main(lambda: save(0))
         elif not rewind_path.exists():
 
             def capture(it: int, model: nn.Module, optimizer) -> None:
                 if it == self.steps.rewind:
-                    rundir.save_torch(rewind_path, Snapshot(model, device="cpu", step=it).state_dict())
+                    self.world.on_main(lambda: save(it))
 
         if (path / "checkpoint.pt").exists() and not rewind_path.exists():
             self._check_rewind_before_checkpoint(path)
@@ -77,6 +87,7 @@ class Replicate:
             return
         model = self._fresh_model(self.seeds["init"])
         masks = self._prune(model, level)
+        self.world.check_same(masks, f"the masks of replicate {self.r} level {level}")
         self._rewind(model, masks)
         self._train(model, path, level, "ticket", start=self.steps.rewind)
 
@@ -96,6 +107,7 @@ class Replicate:
             else:
                 masks = strategies.rearrange(ticket, generator=generator)
             self._rewind(model, masks)
+        self.world.check_same(Masks.from_model(model), f"the {control} masks of replicate {self.r} level {level}")
         self._train(model, path, level, control, start=self.steps.rewind)
 
     # ---- steps ------------------------------------------------------------------------------------------
@@ -143,20 +155,25 @@ class Replicate:
         unit = Unit(path=path, label=label, start=start, seed=seed)
         result = train_unit(
             model, self.data, self.cfg, self.steps, unit, self.sampler,
-            on_iteration=on_iteration, progress=self.progress.iterations,
+            on_iteration=on_iteration, progress=self.progress.iterations, world=self.world,
         )  # fmt: skip
         masks = Masks.from_model(model)
         result.update(
             replicate=self.r, level=level, branch=branch, density=masks.density(),
             alive=masks.alive_count(), total=masks.total_count(),
-            backend=self.cfg.backend, device=str(self.device),
+            backend=self.cfg.backend, device=str(self.device), world_size=self.world.size,
+            amp=self.cfg.amp, compile=self.cfg.compile,
         )  # fmt: skip
-        rundir.save_masks(path / "mask.safetensors", masks)
-        rundir.save_tensors(path / "model.safetensors", model.state_dict())
-        layers = {n: {"density": d, "alive": int(masks[n].sum()), "total": masks[n].numel()}
-                  for n, d in masks.layer_density().items()}  # fmt: skip
-        rundir.write_json(path / "sparsity.json", {"density": masks.density(), "layers": layers})
-        rundir.write_json(path / rundir.DONE, result)  # last: marks the unit finished
+
+        def write() -> None:
+            rundir.save_masks(path / "mask.safetensors", masks)
+            rundir.save_tensors(path / "model.safetensors", model.state_dict())
+            layers = {n: {"density": d, "alive": int(masks[n].sum()), "total": masks[n].numel()}
+                      for n, d in masks.layer_density().items()}  # fmt: skip
+            rundir.write_json(path / "sparsity.json", {"density": masks.density(), "layers": layers})
+            rundir.write_json(path / rundir.DONE, result)  # last: marks the unit finished
+
+        self.world.on_main(write)  # collective: every rank waits until the unit's files are written
         self.progress.done()
         final = result["final"]
         self.progress.line(

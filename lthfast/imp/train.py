@@ -5,6 +5,14 @@ validation and test sets every ``eval_every`` iterations and at the end; at an e
 ``checkpoint_every`` iterations after the last checkpoint it writes ``checkpoint.pt`` (model, optimizer, RNG,
 metrics so far). Restarting the unit from that checkpoint reproduces the uninterrupted run exactly: the data
 order is a function of the iteration (``BatchSampler``) and every RNG state is restored.
+
+Under DDP (``world.size`` processes) ``batch_size`` is the global batch: every rank draws the same indices and
+trains on its slice of them, and DDP averages the gradients, so an iteration sees the examples a single process
+would (up to the order of float sums). Augmentation is drawn for the whole batch on every rank (then sliced), so it
+matches a single process too; dropout draws differ per rank. Every rank evaluates (the same weights give the same
+numbers) and only rank 0 writes; checkpoints hold every rank's RNG state and refuse another world size.
+``cfg.amp`` trains (and evaluates) under ``torch.autocast`` (fp16 with a GradScaler, saved in checkpoints);
+``cfg.compile`` trains through ``torch.compile(fullgraph=True)`` and evaluates eagerly.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lthfast.data import BatchSampler, Dataset, augment_crop_flip
+from lthfast.distributed import World
 from lthfast.imp import rundir
 from lthfast.imp.config import Config, Steps
 from lthfast.imp.errors import CheckpointError
+from lthfast.nn import MaskedConv2d, MaskedLinear
 from lthfast.pruning import mask_optimizer
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -62,34 +74,61 @@ def lr_at(iteration: int, cfg: Config, steps: Steps) -> float:
     return cfg.lr * factor
 
 
+def autocast(cfg: Config, device: torch.device):
+    """The ``torch.autocast`` context of ``cfg.amp`` on ``device`` (disabled for "none")."""
+    dtype = AMP_DTYPES.get(cfg.amp)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on (x, y), in eval mode; restores the training mode."""
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2000, amp: str = "none"
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on (x, y), in eval mode; restores the training mode.
+
+    amp: "none", "bf16" or "fp16": the forward runs under that autocast, as in training (the loss in float32).
+    """
     if len(y) == 0:
         return float("nan"), float("nan")
     was_training = model.training
     model.eval()
     loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    dtype = AMP_DTYPES.get(amp)
     for i in range(0, len(y), batch):
-        logits = model(x[i : i + batch])
-        loss += F.cross_entropy(logits, y[i : i + batch], reduction="sum")
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x[i : i + batch])
+        loss += F.cross_entropy(logits.float(), y[i : i + batch], reduction="sum")
         correct += (logits.argmax(1) == y[i : i + batch]).sum()
     model.train(was_training)
     return loss.item() / len(y), correct.item() / len(y)
 
 
-def _rng_state(aug: torch.Generator) -> dict:
+def _rng_state(aug: torch.Generator, world: World) -> dict:
+    """RNG states to checkpoint. Under DDP rank r's CPU and CUDA states are entry r of "ranks" (gathered, a
+    collective); the augmentation generator is the same on every rank."""
     state = {"torch": torch.get_rng_state(), "aug": aug.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if not world.active:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+    own = {"torch": state["torch"]}
+    if world.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(world.device)
+    state["ranks"] = world.all_gather(own)
     return state
 
 
-def _set_rng_state(state: dict, aug: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
+def _set_rng_state(state: dict, aug: torch.Generator, world: World) -> None:
     aug.set_state(state["aug"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not world.active:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        return
+    own = state["ranks"][world.rank]
+    torch.set_rng_state(own["torch"])
+    if "cuda" in own:
+        torch.cuda.set_rng_state(own["cuda"], world.device)
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -113,39 +152,45 @@ def train_unit(
     *,
     on_iteration: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     progress=None,
+    world: World | None = None,
 ) -> dict:
     """Train ``model`` (in place, masks already applied) for ``unit``; returns the unit's result record.
 
     Resumes from ``unit.path/checkpoint.pt`` when it exists. ``on_iteration(it, model, optimizer)`` is called
     before the step of every iteration (the driver captures the rewind state with it). ``progress`` is a tqdm
-    bar (or None) advanced once per iteration. Writes checkpoint.pt and metrics.jsonl; the caller writes the
-    rest of the unit's files and, last, its done.json.
+    bar (or None) advanced once per iteration. Writes checkpoint.pt and metrics.jsonl (rank 0); the caller writes
+    the rest of the unit's files and, last, its done.json. ``world``: the DDP job (None: a single process); every
+    rank calls this with the same arguments.
     """
+    world = world or World(device=data.x_train.device)
     device = data.x_train.device
     optimizer = make_optimizer(cfg, model.parameters())
     guard = mask_optimizer(optimizer, model)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     aug = torch.Generator().manual_seed(unit.seed + 1)
-    torch.manual_seed(unit.seed)
+    torch.manual_seed(unit.seed + 1_000_003 * world.rank)  # dropout: rank 0 draws as a single process would
     augment = cfg.augment and data.x_train.dim() == 4
     ckpt_path = unit.path / "checkpoint.pt"
     state = {"iteration": unit.start, "metrics": [], "best": None, "train_s": 0.0, "wall_s": 0.0, "samples": 0}
     if ckpt_path.exists():
-        state = _resume(ckpt_path, model, optimizer, aug)
+        state = _resume(ckpt_path, model, optimizer, aug, scaler, world)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
+    net = _parallel(model, cfg, world)
     t_wall = time.perf_counter()
     wall_before = state["wall_s"]
     last_ckpt = state["iteration"]
     it = state["iteration"]
     if not state["metrics"]:
-        _record(model, data, state, it, cfg.lr, None, None)
+        _record(model, data, state, it, cfg.lr, None, None, cfg.amp)
     if progress is not None:
         progress.reset(total=steps.train - unit.start)
         progress.update(it - unit.start)
         progress.set_description(unit.label)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
+    shard = cfg.batch_size // world.size
+    mine = slice(world.rank * shard, (world.rank + 1) * shard)
+    totals = torch.zeros(2, device=device)  # train loss sum, correct count (this rank's examples)
     seen = 0
     _sync(device)
     t_train = time.perf_counter()
@@ -155,32 +200,41 @@ def train_unit(
         lr = lr_at(it, cfg, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = sampler.indices(it).to(device, non_blocking=True)
-        x, y = data.x_train[idx], data.y_train[idx]
-        if augment:
-            x = augment_crop_flip(x, aug)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        idx = sampler.indices(it)
+        if augment:  # drawn for the whole batch, so every rank's slice is what a single process would train on
+            x = augment_crop_flip(data.x_train[idx.to(device, non_blocking=True)], aug)[mine]
+        else:
+            x = data.x_train[idx[mine].to(device, non_blocking=True)]
+        y = data.y_train[idx[mine].to(device, non_blocking=True)]
+        with autocast(cfg, device):
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         it += 1
-        seen += len(y)
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y) * world.size
+        totals[0] += loss.detach().float() * len(y)
+        totals[1] += (logits.detach().argmax(1) == y).sum()
         if progress is not None:
             progress.update(1)
         if it % steps.eval_every == 0 or it == steps.train:
             _sync(device)
             state["train_s"] += time.perf_counter() - t_train
             state["samples"] += seen
-            _record(model, data, state, it, lr, loss_sum.item() / seen, correct.item() / seen)
-            loss_sum.zero_(), correct.zero_()
+            loss_sum, correct = world.all_reduce_sum_(totals).tolist()
+            _record(model, data, state, it, lr, loss_sum / seen, correct / seen, cfg.amp)
+            totals.zero_()
             seen = 0
             state["iteration"] = it
             if it - last_ckpt >= steps.checkpoint_every or it == steps.train:
                 state["wall_s"] = wall_before + time.perf_counter() - t_wall
-                _checkpoint(ckpt_path, model, optimizer, aug, state)
+                _checkpoint(ckpt_path, model, optimizer, aug, scaler, state, world)
                 last_ckpt = it
             t_train = time.perf_counter()
     guard.remove()
@@ -188,9 +242,30 @@ def train_unit(
     return _result(state, unit, device)
 
 
-def _record(model, data: Dataset, state: dict, it: int, lr: float, train_loss, train_acc) -> None:
-    val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+def _parallel(model: nn.Module, cfg: Config, world: World) -> nn.Module:
+    """What the training loop calls: ``model``, wrapped in DDP under torchrun, compiled with ``cfg.compile``.
+
+    DDP leaves the mask buffers alone: broadcasting them before every forward (DDP's default for buffers) would
+    write them in place, so the ops' tile index, cached per mask version, would be rebuilt at every iteration, and
+    a rank whose mask differed would be overwritten silently instead of refused (the driver checks the masks'
+    checksum across ranks after every prune instead). Other buffers (BatchNorm statistics) follow rank 0 as usual.
+    """
+    net = model
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        masks = [f"{name}.mask" for name, m in model.named_modules() if isinstance(m, (MaskedLinear, MaskedConv2d))]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, masks)
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        net = torch.compile(net, fullgraph=True)
+    return net
+
+
+def _record(model, data: Dataset, state: dict, it: int, lr: float, train_loss, train_acc, amp: str) -> None:
+    val_loss, val_acc = evaluate(model, data.x_val, data.y_val, amp=amp)
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, amp=amp)
     row = {
         "iteration": it, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
         "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
@@ -201,27 +276,41 @@ def _record(model, data: Dataset, state: dict, it: int, lr: float, train_loss, t
         state["best"] = row
 
 
-def _checkpoint(path: Path, model, optimizer, aug, state: dict) -> None:
-    rundir.save_torch(
-        path,
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(aug),
-            "state": json.dumps(state),
-        },
-    )
-    rundir.write_text(path.parent / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["metrics"]))
+def _checkpoint(path: Path, model, optimizer, aug, scaler, state: dict, world: World) -> None:
+    """Collective under DDP (the RNG states are gathered); rank 0 writes."""
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_state(aug, world),
+        "state": json.dumps(state),
+        "world_size": world.size,
+    }
+    if scaler is not None:
+        ckpt["scaler"] = scaler.state_dict()
+
+    def write() -> None:
+        rundir.save_torch(path, ckpt)
+        rundir.write_text(path.parent / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["metrics"]))
+
+    world.on_main(write)
 
 
-def _resume(path: Path, model, optimizer, aug) -> dict:
+def _resume(path: Path, model, optimizer, aug, scaler, world: World) -> dict:
     ckpt = rundir.load_torch(path)
+    written_by = ckpt.get("world_size", 1) if isinstance(ckpt, dict) else 1
+    if written_by != world.size:
+        raise CheckpointError(
+            f"{path} was written by a run of {written_by} process(es) and this run has {world.size}: resume it with "
+            f"torchrun --nproc-per-node {written_by} (or one process for 1), or delete {path.parent} to redo the unit"
+        )
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], aug)
+        _set_rng_state(ckpt["rng"], aug, world)
+        if scaler is not None:
+            scaler.load_state_dict(ckpt["scaler"])
         return json.loads(ckpt["state"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise CheckpointError(
             f"{path} does not match this run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             f"{rundir.recovery_hint(path)}"
