@@ -243,23 +243,24 @@ def train_unit(
 
 
 def _parallel(model: nn.Module, cfg: Config, world: World) -> nn.Module:
-    """What the training loop calls: ``model``, wrapped in DDP under torchrun, compiled with ``cfg.compile``.
+    """What the training loop calls: ``model``, compiled with ``cfg.compile``, wrapped in DDP under torchrun.
 
+    The model is compiled first and DDP wraps the compiled module: DDP's own forward does not trace with
+    ``fullgraph=True`` (dynamo stops at its logger), while DDP's gradient hooks work on a compiled module's
+    parameters all the same (the all-reduce then starts after the compiled backward instead of overlapping it).
     DDP leaves the mask buffers alone: broadcasting them before every forward (DDP's default for buffers) would
     write them in place, so the ops' tile index, cached per mask version, would be rebuilt at every iteration, and
     a rank whose mask differed would be overwritten silently instead of refused (the driver checks the masks'
     checksum across ranks after every prune instead). Other buffers (BatchNorm statistics) follow rank 0 as usual.
     """
-    net = model
+    net = torch.compile(model, fullgraph=True) if cfg.compile else model
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        masks = [f"{name}.mask" for name, m in model.named_modules() if isinstance(m, (MaskedLinear, MaskedConv2d))]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, masks)
+        masks = [f"{name}.mask" for name, m in net.named_modules() if isinstance(m, (MaskedLinear, MaskedConv2d))]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, masks)
         device_ids = [world.device.index] if world.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids)
-    if cfg.compile:
-        net = torch.compile(net, fullgraph=True)
+        net = DistributedDataParallel(net, device_ids=device_ids)
     return net
 
 

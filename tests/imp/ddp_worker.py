@@ -6,7 +6,8 @@ Every rank runs the same steps and writes what it saw to OUT_DIR/rank<r>.json fo
   1. the CLI (``lthfast imp``, as ``-m lthfast`` would run it) trains run "ddp" to the end;
   2. run "resumed" is interrupted on every rank at iteration 25 of level 2 (after its checkpoint at 20), then run
      again: it must resume from that checkpoint and end bitwise equal to "ddp";
-  3. bad input and disagreement raise on every rank: a global batch the ranks cannot split, masks that differ
+  3. run "compiled" trains with --compile (DDP around the compiled model);
+  4. bad input and disagreement raise on every rank: a global batch the ranks cannot split, masks that differ
      across ranks, a model sharded with FSDP2 (fully_shard).
 The masks' checksums each rank compared (``World.check_same``), the number of files each rank wrote
 (``rundir._atomic``, through which every run-directory file is written) and the first batch each rank trained on
@@ -123,6 +124,7 @@ def main_() -> None:
     report["interrupted_done"] = (level2 / "done.json").exists()
     run(resumed)
 
+    run({**resumed, "name": "compiled", "compile": True})
     report["odd_batch"] = _error_of(lambda: run({**resumed, "name": "odd", "batch_size": 15}))
     world = distributed.setup(torch.device("cpu"))
     report["mismatch"] = _error_of(lambda: world.check_same({"fc.weight": torch.full((3,), RANK > 0)}, "the masks"))

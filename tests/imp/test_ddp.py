@@ -110,6 +110,15 @@ def test_two_gloo_processes_match_one_process_resume_and_refuse(tmp_path, tiny):
         # (not the mask files' bytes: safetensors writes the metadata entries in no fixed order)
         assert Masks.load(mine / "mask.safetensors").equal(Masks.load(theirs / "mask.safetensors")), unit
 
+    # DDP around the compiled model: within float32 rounding of eager DDP, the same masks (see test_imp_amp_compile).
+    compiled = _units(tmp_path / "ddp" / "runs" / "compiled")
+    for unit in UNITS:
+        for name, value in ddp_units[unit].items():
+            if value.dtype == torch.bool:
+                assert torch.equal(compiled[unit][name], value), (unit, name)
+            else:
+                assert (compiled[unit][name] - value).abs().max() <= 1e-6, (unit, name)
+
     # Errors reach every rank.
     for r in ranks:
         assert (
