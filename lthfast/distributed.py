@@ -54,8 +54,8 @@ class World:
 
     # ---- collectives (no-ops for a single process) ------------------------------------------------------
     def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
+        if self.active:  # NCCL is told the device, or it guesses one and warns
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place (on the process group's device), and return it."""

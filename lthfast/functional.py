@@ -15,7 +15,8 @@ def masked_linear(
 
     x [..., K]; weight [N, K] (float32/float16/bfloat16); mask [N, K] bool, same device; bias [N] or None.
     Returns [..., N] in x's dtype. Nothing is modified in place. CUDA tensors run the Triton kernels, CPU
-    tensors the CPU path (see ``lthfast._backend``).
+    tensors the CPU path (see ``lthfast._backend``). Under ``torch.autocast`` the op computes in the autocast
+    dtype (x, weight and bias cast to it; the mask stays bool) and returns that dtype (``lthfast.ops.autocast``).
     """
     return _linear.masked_linear(x, weight, mask, bias)
 
@@ -32,6 +33,7 @@ def masked_conv2d(
 ) -> torch.Tensor:
     """``F.conv2d(x, W ⊙ M, bias, stride, padding, dilation, groups)`` with the weight gradient zero where M is.
 
-    x [B, Cin, H, W] (NCHW or channels_last); weight/mask [Cout, Cin/groups, kh, kw]; mask bool.
+    x [B, Cin, H, W] (NCHW or channels_last); weight/mask [Cout, Cin/groups, kh, kw]; mask bool. Under
+    ``torch.autocast`` it computes in, and returns, the autocast dtype, as ``masked_linear`` does.
     """
     return _conv.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups)
