@@ -63,6 +63,7 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
   out["threshold"] = thresholds;
   out["pruned"] = res.pruned;
   out["passes"] = res.passes;
+  out["collected"] = res.collected;
   out["ms"] = py::dict(py::arg("sample") = res.sample_ms, py::arg("count") = res.count_ms,
                        py::arg("apply") = res.apply_ms);
   return out;
@@ -72,7 +73,7 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lthfast C++ extension: global magnitude threshold by radix select";
-  m.attr("ABI_VERSION") = 2;
+  m.attr("ABI_VERSION") = 3;
   m.attr("STATUS_OK") = static_cast<int>(lthfast::OK);
   m.attr("STATUS_NONFINITE") = static_cast<int>(lthfast::NONFINITE);
   m.attr("STATUS_K_TOO_LARGE") = static_cast<int>(lthfast::K_TOO_LARGE);
@@ -80,5 +81,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scales"), py::arg("groups"), py::arg("amounts"), py::arg("ks"), py::arg("write"),
         py::arg("threads"), py::arg("grain"),
         "Threshold select over plain buffers (dtype codes: 0 float32, 1 float16, 2 bfloat16; mask address 0 = "
-        "all alive). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes (per group).");
+        "all alive). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes, collected (per "
+        "group), ms (per phase).");
+  m.def("set_vector_kernels", &lthfast::set_vector_kernels, py::arg("enabled"),
+        "Use the AVX2 kernels where the CPU has them (True, the default) or the scalar ones (False, for tests). "
+        "Returns the previous setting. Process-wide: do not change it while a select runs.");
 }

@@ -11,16 +11,17 @@
 //     on smooth data) as (key, position) pairs; nth_element on them gives the exact k-th (key, position);
 //     when the bucket is one key value (heavy ties), the pass instead clears the first ties of each part up
 //     to a quota given by the per-part tie counts: the same (key, position) order.
+// When the sample gave a bracket, the first count pass also collects the bracket's alive elements as
+// (key, position) candidates (capped at n/32: 8 bytes each, <= 0.25 byte per weight) and, in write mode,
+// a bitset of "alive and key < lo" (0.125 byte per weight). If the bracket holds the k-th key and the cap
+// held, steps 3-4 run on those instead (threshold_collect.cpp): the weights are read once, not twice.
 // All groups are counted (and validated) before any mask is written.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <exception>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
 
-#include "threshold.h"
+#include "threshold_driver.h"
 
 namespace lthfast {
 namespace {
@@ -33,49 +34,6 @@ constexpr int64_t kSampleSize = 1 << 15;
 constexpr int64_t kSampleMinGroup = 1 << 18;  // below this a full-range first pass is cheaper than sampling
 constexpr int64_t kMaxPart = int64_t{1} << 30;  // keeps the kernels' 32-bit lane counters from overflowing
 
-struct Piece {
-  int tensor;
-  int64_t begin, end;
-  uint64_t gpos;  // group position of element `begin`
-};
-
-struct Group {
-  std::vector<int> tensors;
-  std::vector<uint64_t> offsets;  // group position of each tensor's first element, plus the total
-  int64_t n = 0;
-  std::vector<std::vector<Piece>> parts;
-  // selection state
-  int64_t alive = 0, k = 0, below = 0;
-  uint32_t lo = 0, hi = KEY_MAX;
-  int shift = 0;
-  std::vector<uint32_t> part_sub;  // parts x SUB_BUCKETS
-  int passes = 0;
-};
-
-template <class F>
-void parallel_parts(int nparts, int threads, F&& fn) {
-  const int nt = std::max(1, std::min(threads, nparts));
-  if (nt == 1) {
-    for (int p = 0; p < nparts; ++p) fn(p);
-    return;
-  }
-  std::exception_ptr err;
-  std::mutex mu;
-  auto worker = [&](int w) {
-    try {
-      for (int p = w; p < nparts; p += nt) fn(p);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mu);
-      if (!err) err = std::current_exception();
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < nt; ++w) pool.emplace_back(worker, w);
-  worker(0);
-  for (auto& t : pool) t.join();
-  if (err) std::rethrow_exception(err);
-}
-
 void build_parts(Group& g, const Request& req) {
   g.offsets.assign(1, 0);
   for (int t : g.tensors) g.offsets.push_back(g.offsets.back() + static_cast<uint64_t>(req.tensors[t].numel));
@@ -83,13 +41,16 @@ void build_parts(Group& g, const Request& req) {
   int64_t nparts = std::clamp<int64_t>(g.n / std::max<int64_t>(1, req.grain), 1, std::max(1, req.threads));
   nparts = std::max(nparts, (g.n + kMaxPart - 1) / kMaxPart);
   g.parts.assign(nparts, {});
+  g.bits_bytes = 0;
   for (int64_t p = 0; p < nparts; ++p) {
     const uint64_t b = static_cast<uint64_t>(g.n) * p / nparts, e = static_cast<uint64_t>(g.n) * (p + 1) / nparts;
+    g.parts[p].begin = b;
     for (size_t j = 0; j < g.tensors.size(); ++j) {
       const uint64_t tb = std::max(b, g.offsets[j]), te = std::min(e, g.offsets[j + 1]);
       if (tb < te) {
-        g.parts[p].push_back(Piece{g.tensors[j], static_cast<int64_t>(tb - g.offsets[j]),
-                                   static_cast<int64_t>(te - g.offsets[j]), tb});
+        g.parts[p].pieces.push_back(Piece{g.tensors[j], static_cast<int64_t>(tb - g.offsets[j]),
+                                          static_cast<int64_t>(te - g.offsets[j]), tb, g.bits_bytes});
+        g.bits_bytes += static_cast<int64_t>((te - tb + 7) / 8);
       }
     }
   }
@@ -161,22 +122,67 @@ void sample_bracket(Group& g, const Request& req, size_t gi) {
   }
 }
 
-// Count pass over the whole group for bracket [g.lo, g.hi]. Returns the bad tensors.
-std::vector<int> count_pass(Group& g, const Request& req) {
+// Hands the sink of one part the pool's next chunk, after recording the chunk it filled.
+struct SinkOwner {
+  Pool* pool;
+  Part* part;
+};
+bool refill(CandidateSink& s) {
+  const SinkOwner& o = *static_cast<const SinkOwner*>(s.ctx);
+  if (s.cap > 0) o.part->chunks.push_back(Chunk{s.key - o.pool->key.get(), s.n});
+  const int64_t at = o.pool->next.fetch_add(o.pool->chunk, std::memory_order_relaxed);
+  if (at + o.pool->chunk > o.pool->cap) {
+    s = CandidateSink{nullptr, nullptr, 0, 0, s.refill, s.ctx};
+    return false;
+  }
+  s.key = o.pool->key.get() + at;
+  s.pos = o.pool->pos.get() + at;
+  s.n = 0;
+  s.cap = o.pool->chunk;
+  return true;
+}
+
+// Count pass over the whole group for bracket [g.lo, g.hi], collecting candidates (and, in write mode, the
+// below-bracket bits) when `collect`. Returns the bad tensors.
+std::vector<int> count_pass(Group& g, const Request& req, bool collect = false) {
   g.shift = shift_for(g.lo, g.hi);
   const int nparts = static_cast<int>(g.parts.size());
   g.part_sub.assign(static_cast<size_t>(nparts) * SUB_BUCKETS, 0);
+  if (collect) {
+    // new[] leaves the buffers uninitialized: only the pages that are written get memory.
+    g.pool = std::make_unique<Pool>();
+    g.pool->cap = std::max<int64_t>(g.n / 32, 1 << 12);
+    g.pool->chunk = std::clamp<int64_t>(g.pool->cap / (8 * nparts), 64, 4096);
+    g.pool->key.reset(new uint32_t[g.pool->cap]);
+    g.pool->pos.reset(new uint32_t[g.pool->cap]);
+    if (req.write) g.bits.reset(new uint8_t[g.bits_bytes]);
+  }
   std::vector<int64_t> alive(nparts, 0), below(nparts, 0);
   std::vector<std::vector<int>> bad(nparts);
   const CountArgs args{g.lo, g.hi, g.shift};
   parallel_parts(nparts, req.threads, [&](int p) {
-    for (const Piece& pc : g.parts[p]) {
-      CountOut out;
-      out.sub = g.part_sub.data() + static_cast<size_t>(p) * SUB_BUCKETS;
+    Part& part = g.parts[p];
+    uint32_t* const sub = g.part_sub.data() + static_cast<size_t>(p) * SUB_BUCKETS;
+    SinkOwner owner{g.pool.get(), &part};
+    CandidateSink sink;
+    sink.refill = &refill;
+    sink.ctx = &owner;
+    part.chunks.clear();
+    CountOut out;
+    out.sub = sub;
+    out.sink = collect ? &sink : nullptr;
+    for (const Piece& pc : part.pieces) {
+      out.bits = g.bits ? g.bits.get() + pc.bits_at : nullptr;
+      out.pos_base = static_cast<uint32_t>(pc.gpos - part.begin);
+      out.bad = false;
       count_piece(req.tensors[pc.tensor], pc.begin, pc.end, args, out);
-      alive[p] += out.alive;
-      below[p] += out.below;
       if (out.bad) bad[p].push_back(pc.tensor);
+    }
+    alive[p] = out.alive;
+    below[p] = out.below;
+    part.overflow = out.overflow;
+    if (collect) {
+      if (sink.cap > 0) part.chunks.push_back(Chunk{sink.key - g.pool->key.get(), sink.n});
     }
   });
   g.alive = g.below = 0;
@@ -191,6 +197,19 @@ std::vector<int> count_pass(Group& g, const Request& req) {
   return bad_tensors;
 }
 
+}  // namespace
+
+uint64_t sum_sub(const Group& g, std::vector<uint64_t>& sub) {
+  sub.assign(SUB_BUCKETS, 0);
+  for (size_t p = 0; p < g.parts.size(); ++p)
+    for (int b = 0; b < SUB_BUCKETS; ++b) sub[b] += g.part_sub[p * SUB_BUCKETS + b];
+  uint64_t in = 0;
+  for (uint64_t c : sub) in += c;
+  return in;
+}
+
+namespace {
+
 void clear_mask(const Request& req, const Group& g, uint64_t pos) {
   const size_t j = std::upper_bound(g.offsets.begin(), g.offsets.end(), pos) - g.offsets.begin() - 1;
   req.tensors[g.tensors[j]].mask[pos - g.offsets[j]] = 0;
@@ -198,14 +217,13 @@ void clear_mask(const Request& req, const Group& g, uint64_t pos) {
 
 // Steps 3-4 for one counted group. Returns the threshold key.
 uint32_t finish_group(Group& g, const Request& req, int64_t& pruned) {
+  uint32_t threshold = 0;
+  if (g.pool && finish_collected(g, req, threshold, pruned)) return threshold;
   const int nparts = static_cast<int>(g.parts.size());
   const int64_t cap = std::max<int64_t>(1 << 14, g.n / 32);  // 16-byte candidates: <= 0.5 byte per weight
   for (;;) {
-    std::vector<uint64_t> sub(SUB_BUCKETS, 0);
-    for (int p = 0; p < nparts; ++p)
-      for (int b = 0; b < SUB_BUCKETS; ++b) sub[b] += g.part_sub[static_cast<size_t>(p) * SUB_BUCKETS + b];
-    uint64_t in = 0;
-    for (uint64_t c : sub) in += c;
+    std::vector<uint64_t> sub;
+    const uint64_t in = sum_sub(g, sub);
     if (g.k <= g.below) {  // the bracket missed high
       g.hi = g.lo - 1;
       g.lo = 0;
@@ -256,7 +274,8 @@ uint32_t finish_group(Group& g, const Request& req, int64_t& pruned) {
       }
     }
     parallel_parts(nparts, req.threads, [&](int p) {
-      for (const Piece& pc : g.parts[p]) apply_piece(req.tensors[pc.tensor], pc.begin, pc.end, pc.gpos, args, outs[p]);
+      for (const Piece& pc : g.parts[p].pieces)
+        apply_piece(req.tensors[pc.tensor], pc.begin, pc.end, pc.gpos, args, outs[p]);
     });
     ++g.passes;
     int64_t cleared = 0;
@@ -265,7 +284,7 @@ uint32_t finish_group(Group& g, const Request& req, int64_t& pruned) {
       same &= args.tie_mode || outs[p].ncand == outs[p].cand_cap;
       cleared += outs[p].pruned;
     }
-    uint32_t threshold = blo;
+    threshold = blo;
     if (!args.tie_mode) {
       if (!same) throw std::runtime_error("lthfast._C: weights or masks changed during the threshold select");
       std::nth_element(cand.begin(), cand.begin() + (rank - 1), cand.end());
@@ -292,6 +311,7 @@ Result select_threshold(const Request& req) {
   res.threshold.assign(ngroups, 0);
   res.pruned.assign(ngroups, 0);
   res.passes.assign(ngroups, 0);
+  res.collected.assign(ngroups, 0);
   std::vector<Group> groups(ngroups);
   for (size_t gi = 0; gi < ngroups; ++gi) {
     Group& g = groups[gi];
@@ -300,7 +320,7 @@ Result select_threshold(const Request& req) {
     const double t0 = now_ms();
     sample_bracket(g, req, gi);
     const double t1 = now_ms();
-    std::vector<int> bad = count_pass(g, req);
+    std::vector<int> bad = count_pass(g, req, /*collect=*/g.lo > 0 || g.hi < KEY_MAX);
     res.sample_ms += t1 - t0;
     res.count_ms += now_ms() - t1;
     res.bad_tensors.insert(res.bad_tensors.end(), bad.begin(), bad.end());
@@ -325,8 +345,11 @@ Result select_threshold(const Request& req) {
     Group& g = groups[gi];
     const double t0 = now_ms();
     if (g.k > 0) res.threshold[gi] = finish_group(g, req, res.pruned[gi]);
+    g.pool.reset();
+    g.bits.reset();
     res.apply_ms += now_ms() - t0;  // includes refinement count passes, if any
     res.passes[gi] = g.passes;
+    res.collected[gi] = g.collected;
   }
   return res;
 }

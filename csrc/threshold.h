@@ -51,15 +51,30 @@ struct Result {
   std::vector<uint32_t> threshold;  // per group: key bits of the k-th smallest alive key (unused when k == 0)
   std::vector<int64_t> pruned;      // per group: masks cleared (k when write, else 0)
   std::vector<int> passes;          // per group: full passes over the weights (for tests and benchmarks)
+  std::vector<int> collected;       // per group: 1 when finished from the count pass's candidates (no 2nd read)
   double sample_ms = 0, count_ms = 0, apply_ms = 0;  // wall time per phase, all groups (for benchmarks)
 };
 
 // Runs validation (count pass) for every group first; masks are written only if every group is valid.
 Result select_threshold(const Request& req);
 
-// ---- per-piece kernels (threshold_kernels.cpp): one contiguous range [begin, end) of one tensor ----
+// ---- per-piece kernels (threshold_count.cpp, threshold_kernels.cpp): one contiguous range [begin, end) of
+// one tensor ----
 
-// Count pass. "below": alive keys < lo. Alive keys in [lo, hi] go to sub[(key - lo) >> shift].
+// Candidate store of a collecting count pass: the current chunk of a pool shared by the group's parts. When
+// the chunk is full the kernel calls refill, which hands out the next free chunk (false: the pool is spent).
+struct CandidateSink {
+  uint32_t* key = nullptr;  // key bits
+  uint32_t* pos = nullptr;  // position in the part (parts hold < 2^30 elements)
+  int64_t n = 0, cap = 0;   // used / size of the current chunk
+  bool (*refill)(CandidateSink&) = nullptr;
+  void* ctx = nullptr;
+};
+
+// Count pass. "below": alive keys < lo. Alive keys in [lo, hi] are counted in sub[(key - lo) >> shift] and,
+// when collecting (sink != nullptr, until its pool runs out), stored in the sink as (key, pos_base + i -
+// begin). When `bits` is set too, bit (i - begin) of bits is written for every element: alive and key < lo
+// (complete unless the sink's pool ran out).
 struct CountArgs {
   uint32_t lo = 0, hi = 0;  // hi < lo: empty bracket
   int shift = 0;
@@ -68,8 +83,18 @@ struct CountOut {
   int64_t alive = 0, below = 0;
   bool bad = false;
   uint32_t* sub = nullptr;  // SUB_BUCKETS counters
+  uint8_t* bits = nullptr;  // ceil((end - begin) / 8) bytes, or nullptr
+  CandidateSink* sink = nullptr;
+  uint32_t pos_base = 0;
+  bool overflow = false;  // the sink ran out: some in-bracket keys were only counted
 };
 void count_piece(const TensorRef& t, int64_t begin, int64_t end, const CountArgs& a, CountOut& out);
+
+// Clears mask[i] where bit i of bits is set, i < n. Returns the number of bits set.
+int64_t clear_marked(uint8_t* mask, const uint8_t* bits, int64_t n);
+
+// Turns the AVX2 kernels off (false) or back on where the CPU has them; returns the previous setting.
+bool set_vector_kernels(bool enabled);
 
 struct Candidate {
   uint32_t key;

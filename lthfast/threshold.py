@@ -20,9 +20,11 @@ Semantics (identical on every implementation, thread count and device):
   scalar for all tensors or a per-tensor list. prune_ then returns a list of per-tensor thresholds.
 
 Implementations: CPU tensors use the C++ extension ``lthfast._C`` (a bracketed radix select: a sample, one
-counting pass, one pass that clears masks; no sort, no concatenation, no float copy of the weights) when it
-is built, else the torch radix path; CUDA tensors use the torch radix path (per-tensor histograms with torch
-ops, no concatenation, no host round trip except the one that reads the alive counts for validation and the
+counting pass over the weights that also keeps the ~2% of alive weights near the threshold and a bitset of
+those below them, then one pass over masks and bitset only, or a second pass over the weights when the
+sample misleads; no sort, no concatenation, no float copy of the weights) when it is built, else the torch
+radix path; CUDA tensors use the torch radix path (per-tensor histograms with torch ops, no concatenation,
+no host round trip except the one that reads the alive counts for validation and the
 final threshold). ``lthfast.reference.threshold_prune`` is the sort-based oracle they all match bit for bit.
 
 Bad input raises before any mask changes, naming the tensor index: NaN/Inf among a tensor's alive weights,

@@ -1,9 +1,13 @@
 """lthfast.threshold on groups large enough for the C++ sample bracket (>= 2^18 elements): each internal path
-(bracket hit, tie mode, refinement, bracket missed low and high) against the oracle, on 1, 2, 3 and 8 threads.
+(bracket hit finished from the collected candidates, candidate overflow into tie mode, refinement, bracket
+missed low and high) against the oracle, on 1, 2, 3 and 8 threads, with the AVX2 and the scalar kernels.
 
-White-box on purpose: the pass counts reported by lthfast._C.select confirm that each case reaches the path
-it is meant to test (if the C++ strategy changes, update the data so the paths stay covered).
+White-box on purpose: the pass counts and the "collected" flags reported by lthfast._C.select confirm that
+each case reaches the path it is meant to test (if the C++ strategy changes, update the data so the paths
+stay covered). tests/test_threshold_collect.py covers the collected path's edges.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -48,52 +52,73 @@ def missed(low: bool):
     return flat
 
 
+# name: (data, spec, passes over the weights (a minimum when > 2), finished from the collected candidates)
 CASES = {
-    "smooth": (smooth, dict(amount=0.2), 2),
-    "ties": (ties, dict(amount=0.37), 2),
-    "clustered": (clustered, dict(amount=0.6), 3),
-    "missed-high": (lambda: missed(low=False), dict(amount=0.5), 3),
-    "missed-low": (lambda: missed(low=True), dict(amount=0.99), 3),
+    "smooth": (smooth, dict(amount=0.2), 1, True),  # count pass + a pass over masks and bits only
+    "ties": (ties, dict(amount=0.37), 2, False),  # one key holds ~22% of the group: the candidates overflow
+    "clustered": (clustered, dict(amount=0.6), 3, False),  # below 2^18: no sample, nothing collected
+    "missed-high": (lambda: missed(low=False), dict(amount=0.5), 3, False),
+    "missed-low": (lambda: missed(low=True), dict(amount=0.99), 3, False),
 }
 
 
-def c_select(tensors, masks, amount, threads, write=True):
+@contextlib.contextmanager
+def vector_kernels(enabled: bool):
+    """Runs the block with lthfast._C's AVX2 kernels on (where the CPU has them) or off (scalar kernels)."""
+    previous = _backend.ext().set_vector_kernels(enabled)
+    try:
+        yield
+    finally:
+        _backend.ext().set_vector_kernels(previous)
+
+
+def c_select(tensors, masks, amount, threads, write=True, k=None, grain=1 << 12, layerwise=False, scales=None):
+    """lthfast._C.select on these tensors (one group, or one per tensor when layerwise): its raw result dict."""
     codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    groups = [[i] for i in range(len(tensors))] if layerwise else [list(range(len(tensors)))]
+
+    def per_group(v):
+        return list(v) if isinstance(v, (list, tuple)) else [v] * len(groups)
+
     return _backend.ext().select(
         [t.data_ptr() for t in tensors],
-        [m.data_ptr() for m in masks],
+        [m.data_ptr() for m in masks] if masks is not None else [0] * len(tensors),
         [t.numel() for t in tensors],
         [codes[t.dtype] for t in tensors],
-        [],
-        [list(range(len(tensors)))],
-        [amount],
-        [],
+        scales or [],
+        groups,
+        [] if amount is None else per_group(amount),
+        [] if k is None else per_group(k),
         write,
         threads,
-        1 << 12,
+        grain,
     )
 
 
+@pytest.mark.parametrize("vector", [True, False], ids=["avx2", "scalar"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpp_paths_match_reference_on_any_thread_count(case):
+def test_cpp_paths_match_reference_on_any_thread_count(case, vector):
     if _backend.ext() is None:
         pytest.skip("lthfast._C is not built")
-    make, spec, min_passes = CASES[case]
+    make, spec, passes, collected = CASES[case]
     flat = make()
     sizes = [flat.numel() // 3, flat.numel() // 3, flat.numel() - 2 * (flat.numel() // 3)]
     tensors = split(flat, sizes)
     masks = [torch.rand(t.shape) < 0.9 for t in tensors]
     expected, expected_t, expected_count = reference.threshold_prune(tensors, masks, **spec)
-    for threads in (1, 2, 3, 8):
-        work = [m.clone() for m in masks]
-        res = c_select(tensors, work, spec["amount"], threads)
-        assert res["status"] == 0 and res["pruned"] == [expected_count] and res["threshold"] == expected_t
-        assert all(torch.equal(a, b) for a, b in zip(work, expected)), f"{threads} threads"
-        assert res["passes"][0] >= min_passes, "the case no longer reaches the path it is meant to test"
-        if min_passes == 2:
-            assert res["passes"][0] == 2, "a smooth or tied group should take one count pass and one apply pass"
-        res = c_select(tensors, [m.clone() for m in masks], spec["amount"], threads, write=False)
-        assert res["threshold"] == expected_t and res["pruned"] == [0]
+    with vector_kernels(vector):
+        for threads in (1, 2, 3, 8):
+            work = [m.clone() for m in masks]
+            res = c_select(tensors, work, spec["amount"], threads)
+            assert res["status"] == 0 and res["pruned"] == [expected_count] and res["threshold"] == expected_t
+            assert all(torch.equal(a, b) for a, b in zip(work, expected)), f"{threads} threads"
+            assert res["collected"] == [collected], "the case no longer reaches the path it is meant to test"
+            if passes <= 2:
+                assert res["passes"] == [passes], "the case no longer reaches the path it is meant to test"
+            else:
+                assert res["passes"][0] >= passes, "the case no longer reaches the path it is meant to test"
+            res = c_select(tensors, [m.clone() for m in masks], spec["amount"], threads, write=False)
+            assert res["threshold"] == expected_t and res["pruned"] == [0] and res["collected"] == [collected]
 
 
 @pytest.mark.parametrize("impl", ["cpp", "torch"])

@@ -1,0 +1,95 @@
+// Internal state of the threshold select, shared by the driver (threshold.cpp) and the finish from collected
+// candidates (threshold_collect.cpp).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "threshold.h"
+
+namespace lthfast {
+
+struct Piece {
+  int tensor;
+  int64_t begin, end;
+  uint64_t gpos;    // group position of element `begin`
+  int64_t bits_at;  // byte offset of the piece's bits in Group::bits (every piece starts on a byte)
+};
+
+struct Chunk {
+  int64_t at, n;  // a slice of the candidate pool: first entry, entries used
+};
+
+// A contiguous range of group positions, counted by one thread.
+struct Part {
+  std::vector<Piece> pieces;
+  uint64_t begin = 0;         // group position of the part's first element
+  std::vector<Chunk> chunks;  // its collected candidates, in position order
+  bool overflow = false;      // the pool ran out while this part was counted
+};
+
+// Candidates (alive keys inside the bracket) collected by the first count pass: one pool per group, handed
+// out in chunks so that parts with more of the bracket take more of it.
+struct Pool {
+  std::unique_ptr<uint32_t[]> key, pos;  // pos: position in the part
+  int64_t cap = 0, chunk = 0;
+  std::atomic<int64_t> next{0};
+};
+
+struct Group {
+  std::vector<int> tensors;
+  std::vector<uint64_t> offsets;  // group position of each tensor's first element, plus the total
+  int64_t n = 0;
+  std::vector<Part> parts;
+  int64_t bits_bytes = 0;  // sum over pieces of ceil(elements / 8)
+  // selection state
+  int64_t alive = 0, k = 0, below = 0;
+  uint32_t lo = 0, hi = KEY_MAX;
+  int shift = 0;
+  std::vector<uint32_t> part_sub;  // parts x SUB_BUCKETS
+  int passes = 0;
+  // held from a collecting count pass until the group is finished
+  std::unique_ptr<Pool> pool;
+  std::unique_ptr<uint8_t[]> bits;  // alive and key < lo, per piece (write mode only)
+  bool collected = false;           // finished from them
+};
+
+template <class F>
+void parallel_parts(int nparts, int threads, F&& fn) {
+  const int nt = std::max(1, std::min(threads, nparts));
+  if (nt == 1) {
+    for (int p = 0; p < nparts; ++p) fn(p);
+    return;
+  }
+  std::exception_ptr err;
+  std::mutex mu;
+  auto worker = [&](int w) {
+    try {
+      for (int p = w; p < nparts; p += nt) fn(p);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!err) err = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < nt; ++w) pool.emplace_back(worker, w);
+  worker(0);
+  for (auto& t : pool) t.join();
+  if (err) std::rethrow_exception(err);
+}
+
+// Sums the parts' histograms of the bracket into sub; returns the total.
+uint64_t sum_sub(const Group& g, std::vector<uint64_t>& sub);
+
+// Finishes a group whose first count pass collected its candidates, without reading the weights again:
+// threshold and (write) mask update. Returns false when the candidates cannot do it (the pool overflowed or
+// the bracket missed the k-th key); either way the candidates and bits are released.
+bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t& pruned);
+
+}  // namespace lthfast
