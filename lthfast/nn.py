@@ -47,8 +47,13 @@ class _Masked:
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
-        """Zero the stored weight where the mask is False (in place)."""
-        self.weight.masked_fill_(~self.mask, 0)
+        """Zero the stored weight where the mask is False (in place; exact +0.0, also over NaN / inf)."""
+        w = self.weight.detach()
+        if w.is_floating_point():
+            # The bit patterns as same-size integers times the mask: ~4x faster than masked_fill_ (see
+            # lthfast.pruning.layers.zero_pruned_, which measured it on ResNet-50's weights).
+            w = w.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()])
+        w.mul_(self.mask)
 
     def masked_weight(self) -> torch.Tensor:
         return masked_weight(self.weight, self.mask)

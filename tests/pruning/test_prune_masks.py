@@ -7,6 +7,7 @@ from torch.nn.utils import prune as torch_prune
 
 import lthfast
 from lthfast import Masks
+from lthfast.nn import MaskedConv2d, MaskedLinear
 
 
 def random_masks(model, density=0.6) -> Masks:
@@ -151,3 +152,26 @@ def test_zero_pruned_is_exact_even_over_nan(dtype):
     assert torch.equal(t[mask].isinf(), expected[mask].isinf())
     assert torch.equal(t[mask & ~t.isinf()], expected[mask & ~expected.isinf()])
     assert not torch.signbit(t[~mask]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_masked_module_apply_mask_is_exact_even_over_nan(dtype, kind):
+    layer = MaskedLinear(9, 7, dtype=dtype) if kind == "linear" else MaskedConv2d(3, 7, 3, dtype=dtype)
+    with torch.no_grad():
+        w = layer.weight.view(7, -1)
+        w.copy_(torch.randn(w.shape, dtype=dtype))
+        w[0, 0], w[1, 1], w[2, 2], w[3, 3] = float("nan"), float("inf"), -0.0, -0.0
+    mask = torch.rand(layer.weight.shape) < 0.5
+    m2 = mask.view(7, -1)
+    m2[0, 0], m2[1, 1], m2[2, 2], m2[3, 3] = False, True, True, False
+    layer.set_mask_(mask)
+    before = layer.weight.detach().clone()
+    layer.apply_mask_()
+    after = layer.weight.detach()
+    assert torch.equal(after[~mask], torch.zeros(int((~mask).sum()), dtype=dtype))
+    assert not torch.signbit(after[~mask]).any()  # +0.0 over -0.0, NaN and inf
+    kept = mask & ~before.isnan()
+    assert torch.equal(after[kept], before[kept])
+    assert torch.equal(torch.signbit(after[kept]), torch.signbit(before[kept]))
+    assert after.view(7, -1)[1, 1].isinf()
