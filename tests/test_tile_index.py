@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from lthfast.kernels.tile_index import build_tile_index, tile_index
+from lthfast.kernels.tile_index import build_tile_index, tile_alive, tile_index
 
 
 def _dense_tiles(mask, bn, bk):
@@ -36,3 +37,28 @@ def test_cache_is_invalidated_by_in_place_mask_edits():
     assert second is not first and second.alive_tiles == 3
     view = mask.view(32, 32)
     assert tile_index(view, 16, 16) is second
+
+
+def _tiles_by_padding(mask, bn, bk):
+    """Independent oracle: pad to whole tiles, then ``any`` over each tile."""
+    n, k = mask.shape
+    tn, tk = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(tn * bn, tk * bk, dtype=torch.bool)
+    padded[:n, :k] = mask
+    return padded.view(tn, bn, tk, bk).any(dim=3).any(dim=1)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (1, 1), (37, 53), (64, 64), (64, 147), (1000, 2048), (96, 40)])
+@pytest.mark.parametrize("blocks", [(16, 8), (32, 32), (16, 16), (8, 3), (1, 8), (7, 5)])
+def test_tile_alive_matches_padding_oracle(shape, blocks):
+    n, k = shape
+    bn, bk = blocks
+    for density in (0.0, 0.002, 0.5):
+        mask = torch.rand(n, k) < density
+        variants = [mask]
+        if n > 2 and k > 2:
+            variants.append((torch.rand(n + 1, k + 3) < density)[1:, 3:])  # storage offset, strided rows
+            variants.append((torch.rand(k, n) < density).t())  # transposed
+        for m in variants:
+            got = tile_alive(m, bn, bk)
+            assert got.dtype == torch.bool and torch.equal(got, _tiles_by_padding(m, bn, bk)), (shape, blocks, density)
