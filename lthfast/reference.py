@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
                    torch.bfloat16: torch.int16}  # fmt: skip
 
 
@@ -21,7 +21,7 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     by the mask (0 -> +0.0, 1 -> the weight unchanged): 0.67 ms against 5.5 ms for ``torch.where`` on a 1024x1024
     fp32 weight, 1 thread of the 2-core dev VM (where's bool-condition kernel is slow on CPU).
     """
-    ints = _SAME_WIDTH_INT.get(weight.dtype)
+    ints = SAME_WIDTH_INT.get(weight.dtype)
     if ints is not None and mask.dtype == torch.bool and not (weight.requires_grad and torch.is_grad_enabled()):
         return weight.view(ints).mul(mask).view(weight.dtype)
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
