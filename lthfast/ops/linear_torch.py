@@ -177,8 +177,8 @@ def _cut(t: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _tiles(weight: torch.Tensor, elems: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The alive tiles of W ⊙ M in the plan's layout, [nnz, b, b] in ``dtype``."""
-    tiles = weight.reshape(-1).index_select(0, elems).view(keep.shape).to(dtype)
-    return torch.where(keep, tiles, torch.zeros((), dtype=dtype))
+    tiles = weight.reshape(-1).index_select(0, elems).view(keep.shape).to(dtype)  # a fresh tensor
+    return _mask_(tiles, keep)
 
 
 _scratch = threading.local()
