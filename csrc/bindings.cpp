@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 
+#include "mask_update.h"
 #include "threshold.h"
 
 namespace py = pybind11;
@@ -69,6 +70,24 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
   return out;
 }
 
+int64_t write_masks_py(const std::vector<uintptr_t>& weights, const std::vector<int>& esizes,
+                       const std::vector<uintptr_t>& buffers, const std::vector<uintptr_t>& masks,
+                       const std::vector<int64_t>& numels, int threads, int64_t grain) {
+  const size_t n = weights.size();
+  if (esizes.size() != n || buffers.size() != n || masks.size() != n || numels.size() != n)
+    throw std::invalid_argument("lthfast._C.write_masks: per-tensor lists differ in length");
+  std::vector<lthfast::MaskWrite> items(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (esizes[i] != 2 && esizes[i] != 4 && esizes[i] != 8)
+      throw std::invalid_argument("lthfast._C.write_masks: element size must be 2, 4 or 8");
+    items[i] = lthfast::MaskWrite{reinterpret_cast<uint8_t*>(weights[i]), esizes[i],
+                                  reinterpret_cast<uint8_t*>(buffers[i]),
+                                  reinterpret_cast<const uint8_t*>(masks[i]), numels[i]};
+  }
+  py::gil_scoped_release release;
+  return lthfast::write_masks(items, threads < 1 ? 1 : threads, grain < 1 ? 1 : grain);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -83,6 +102,10 @@ PYBIND11_MODULE(_C, m) {
         "Threshold select over plain buffers (dtype codes: 0 float32, 1 float16, 2 bfloat16; mask address 0 = "
         "all alive). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes, collected (per "
         "group), ms (per phase).");
+  m.def("write_masks", &write_masks_py, py::arg("weights"), py::arg("esizes"), py::arg("buffers"),
+        py::arg("masks"), py::arg("numels"), py::arg("threads"), py::arg("grain"),
+        "Copy each mask (bytes) into its buffer and zero the weights (2, 4 or 8-byte elements, all bits) where "
+        "it is 0, over plain contiguous buffers. Returns the number of weights changed.");
   m.def("set_vector_kernels", &lthfast::set_vector_kernels, py::arg("enabled"),
         "Use the AVX2 kernels where the CPU has them (True, the default) or the scalar ones (False, for tests). "
         "Returns the previous setting. Process-wide: do not change it while a select runs.");

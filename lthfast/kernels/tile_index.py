@@ -79,6 +79,12 @@ def tile_alive(mask: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
     m = m.view(torch.uint8)
     if wide and m.numel():
         words = m.view(torch.int64).view(tiles_n, block_n, tiles_k * block_k // 8)
+        # A tile of an unstructured mask nearly always has an alive entry in its first row (all 32 of a row
+        # pruned: 0.9^32 = 3% at 10% density): the first rows decide them reading 1/block_n of the mask, and
+        # the full reduction runs only when a tile is left undecided.
+        first = words.select(1, 0).view(tiles_n, tiles_k, block_k // 8).amax(dim=2) != 0
+        if bool(first.all()):
+            return first
         return words.amax(dim=1).view(tiles_n, tiles_k, block_k // 8).amax(dim=2) != 0
     if m.numel() == 0:
         return torch.zeros(tiles_n, tiles_k, dtype=torch.bool, device=mask.device)

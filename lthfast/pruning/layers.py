@@ -94,6 +94,55 @@ def zero_pruned_(tensor: torch.Tensor, mask: torch.Tensor) -> None:
     t.mul_(mask)
 
 
+def write_masks_fast_(pairs: list[tuple[Layer, torch.Tensor]]) -> list[bool]:
+    """``write_mask_`` for the CPU masked layers of ``pairs`` in one pass of lthfast._C over all of them: the
+    masks go into the mask buffers and the pruned weights are zeroed (bits, as ``zero_pruned_``), rewriting a
+    weight only where it changes. Returns which pairs it wrote; the caller writes the others. Validated pairs
+    only (``Masks.layers_of``). Without the extension, nothing is written.
+
+    ResNet-50's 54 masked layers (25.5M float32 weights), 2 threads of the 2-core EPYC dev box, medians of 8:
+    16.0 ms against 27.4 ms for ``set_mask_`` + ``zero_pruned_`` layer by layer when 20% of the weights become
+    dead, 16.6 against 24.6 ms at 13.4% -> 10.7% density (IMP round 10).
+    """
+    from lthfast import _backend
+
+    done = [False] * len(pairs)
+    ext = _backend.ext()
+    if ext is None or not hasattr(ext, "write_masks"):
+        return done
+    items = []
+    for i, (layer, mask) in enumerate(pairs):
+        if layer.layout != "masked":
+            continue
+        weight, buffer = layer.module.weight.detach(), layer.module.mask
+        if (
+            weight.device.type == "cpu"
+            and weight.is_floating_point()
+            and weight.element_size() in (2, 4, 8)
+            and weight.is_contiguous()
+            and buffer.is_contiguous()
+            and mask.is_contiguous()
+        ):
+            items.append((i, weight, buffer, mask))
+    if not items:
+        return done
+    ext.write_masks(
+        [w.data_ptr() for _, w, _, _ in items],
+        [w.element_size() for _, w, _, _ in items],
+        [b.data_ptr() for _, _, b, _ in items],
+        [m.data_ptr() for _, _, _, m in items],
+        [w.numel() for _, w, _, _ in items],
+        torch.get_num_threads(),
+        1 << 16,
+    )
+    # Written through raw pointers: bump the version counters as the in-place torch ops would (the tile index
+    # cache is keyed on the mask's, autograd checks the weight's; a detached tensor shares its source's).
+    torch.autograd.graph.increment_version([t for _, w, b, _ in items for t in (w, b)])
+    for i, _, _, _ in items:
+        done[i] = True
+    return done
+
+
 def any_alive(mask: torch.Tensor) -> bool:
     """Whether a bool mask has a True entry (``amax`` over uint8: 1 ms vs ``any``'s 45 ms for 25.5M entries)."""
     return mask.numel() > 0 and bool(mask.view(torch.uint8).amax())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lthfast.nn import check_mask
-from lthfast.pruning.layers import Layer, all_layers, select_layers
+from lthfast.pruning.layers import Layer, all_layers, select_layers, write_masks_fast_
 
 
 def _check_entry(name, mask) -> None:
@@ -146,12 +146,16 @@ class Masks(MutableMapping):
     def apply_(self, model: nn.Module) -> nn.Module:
         """Write the masks into ``model`` in place and zero the pruned stored weights.
 
-        Masked modules get ``set_mask_`` + ``apply_mask_``; torch-pruned modules get ``weight_mask``
-        updated in place and ``weight_orig`` zeroed; plain modules get their pruned weights zeroed (the
-        mask itself is not stored there). Every entry is validated before anything changes. Returns ``model``.
+        Masked modules get ``set_mask_`` + ``apply_mask_`` (on CPU, with lthfast._C, one pass over all of
+        them that rewrites only the weights that change); torch-pruned modules get ``weight_mask`` updated in
+        place and ``weight_orig`` zeroed; plain modules get their pruned weights zeroed (the mask itself is not
+        stored there). Every entry is validated before anything changes. Returns ``model``.
         """
-        for layer, mask in self.layers_of(model):
-            layer.write_mask_(mask)
+        pairs = self.layers_of(model)
+        written = write_masks_fast_(pairs)  # CPU masked layers, in one pass when lthfast._C is built
+        for (layer, mask), done in zip(pairs, written):
+            if not done:
+                layer.write_mask_(mask)
         return model
 
     # -- files ------------------------------------------------------------------------------------------

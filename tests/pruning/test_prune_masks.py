@@ -175,3 +175,54 @@ def test_masked_module_apply_mask_is_exact_even_over_nan(dtype, kind):
     assert torch.equal(after[kept], before[kept])
     assert torch.equal(torch.signbit(after[kept]), torch.signbit(before[kept]))
     assert after.view(7, -1)[1, 1].isinf()
+
+
+def _masked_model(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(  # 212K weights: 3 threads split them mid-layer, off the 16-weight steps
+        MaskedLinear(37, 29, dtype=dtype),
+        MaskedConv2d(5, 11, 3, dtype=dtype),
+        MaskedLinear(701, 299, dtype=dtype),
+        MaskedLinear(3, 1, dtype=dtype),
+    )
+    with torch.no_grad():
+        for m in model:
+            w = m.weight.view(-1)
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64).to(dtype))
+            w[::7] = -0.0
+            w[3::11], w[5::13] = float("nan"), float("-inf")
+            m.mask.copy_(torch.rand(m.mask.shape, generator=gen) < 0.7)
+            m.apply_mask_()
+            w[1::5] = torch.randn(w[1::5].shape, generator=gen, dtype=torch.float64).to(dtype)  # dead, nonzero again
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("vector", [True, False], ids=["avx2", "scalar"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_apply_in_one_pass_matches_layer_by_layer(dtype, vector, threads):
+    from lthfast import _backend
+
+    ext = _backend.ext()
+    if ext is None:
+        pytest.skip("lthfast._C is not built")
+    fast, slow = _masked_model(dtype, 0), _masked_model(dtype, 0)
+    gen = torch.Generator().manual_seed(1)
+    masks = Masks({f"{i}.weight": (torch.rand(m.mask.shape, generator=gen) < 0.5) & m.mask for i, m in enumerate(fast)})
+    versions = [(m.weight._version, m.mask._version) for m in fast]
+    previous_threads = torch.get_num_threads()
+    previous_vector = ext.set_vector_kernels(vector)
+    try:
+        torch.set_num_threads(threads)
+        masks.apply_(fast)
+    finally:
+        ext.set_vector_kernels(previous_vector)
+        torch.set_num_threads(previous_threads)
+    for layer, mask in masks.layers_of(slow):  # the per-layer path: set_mask_ + zero_pruned_
+        layer.write_mask_(mask)
+    for i, (f, s) in enumerate(zip(fast, slow)):
+        assert torch.equal(f.mask, s.mask) and f.mask.data_ptr() != masks[f"{i}.weight"].data_ptr()
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[f.weight.element_size()]
+        assert torch.equal(f.weight.detach().view(bits), s.weight.detach().view(bits)), f"layer {i}"
+        assert f.weight._version > versions[i][0] and f.mask._version > versions[i][1]
+        assert not torch.signbit(f.weight[~f.mask]).any() and bool((f.weight[~f.mask] == 0).all())
