@@ -1,6 +1,7 @@
 // pybind11 bindings for lthfast._C. Tensors arrive as plain buffers (address, element count, dtype code):
 // the extension does not link libtorch. lthfast/threshold.py validates shapes, devices, dtypes and
 // contiguity before calling in, and keeps the tensors alive during the call.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,6 +10,7 @@
 
 #include "mask_update.h"
 #include "threshold.h"
+#include "tile_index.h"
 
 namespace py = pybind11;
 
@@ -88,6 +90,25 @@ int64_t write_masks_py(const std::vector<uintptr_t>& weights, const std::vector<
   return lthfast::write_masks(items, threads < 1 ? 1 : threads, grain < 1 ? 1 : grain);
 }
 
+template <class T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
+}
+
+py::tuple tile_index_py(uintptr_t mask, int64_t n, int64_t k, int64_t row_stride, int64_t block_n, int64_t block_k) {
+  if (n < 0 || k < 0 || block_n < 1 || block_k < 1 || (n > 0 && k > 0 && row_stride < k))
+    throw std::invalid_argument("lthfast._C.tile_index: bad shape, stride or block");
+  lthfast::TileIndexArrays a;
+  {
+    py::gil_scoped_release release;
+    a = lthfast::build_tile_index(reinterpret_cast<const uint8_t*>(mask), n, k, row_stride, block_n, block_k);
+  }
+  py::array_t<uint8_t> alive = to_numpy(a.alive);
+  alive.resize({static_cast<py::ssize_t>(a.tiles_n), static_cast<py::ssize_t>(a.tiles_k)});
+  return py::make_tuple(alive, to_numpy(a.row_ptr), to_numpy(a.tile_cols), to_numpy(a.col_ptr), to_numpy(a.col_rows),
+                        to_numpy(a.tile_rows), a.max_row_tiles, a.max_col_tiles);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -106,6 +127,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("masks"), py::arg("numels"), py::arg("threads"), py::arg("grain"),
         "Copy each mask (bytes) into its buffer and zero the weights (2, 4 or 8-byte elements, all bits) where "
         "it is 0, over plain contiguous buffers. Returns the number of weights changed.");
+  m.def("tile_index", &tile_index_py, py::arg("mask"), py::arg("n"), py::arg("k"), py::arg("row_stride"),
+        py::arg("block_n"), py::arg("block_k"),
+        "Tile index of an [n, k] byte mask (rows row_stride bytes apart): numpy arrays (alive [Tn, Tk] uint8, "
+        "row_ptr, row_cols, col_ptr, col_rows, tile_rows, all int32) and (max_row_tiles, max_col_tiles).");
   m.def("set_vector_kernels", &lthfast::set_vector_kernels, py::arg("enabled"),
         "Use the AVX2 kernels where the CPU has them (True, the default) or the scalar ones (False, for tests). "
         "Returns the previous setting. Process-wide: do not change it while a select runs.");

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -62,3 +64,58 @@ def test_tile_alive_matches_padding_oracle(shape, blocks):
         for m in variants:
             got = tile_alive(m, bn, bk)
             assert got.dtype == torch.bool and torch.equal(got, _tiles_by_padding(m, bn, bk)), (shape, blocks, density)
+
+
+def _index_fields(idx):
+    return [idx.tile_alive, idx.row_ptr, idx.row_cols, idx.col_ptr, idx.col_rows, idx.tile_rows, idx.tile_cols]
+
+
+def _by_paths(mask, bn, bk):
+    """The index from lthfast._C (when built, via build_tile_index), the numpy path and the torch path."""
+    from lthfast.kernels import tile_index as ti
+
+    n, k = mask.shape
+    tn, tk = -(-n // bn), -(-k // bk)
+    out = {"build": build_tile_index(mask, bn, bk)}
+    alive_np = ti.tile_alive(mask, bn, bk)
+    alive_torch = ti._tile_alive_torch(ti._whole_tiles(mask, bn, bk), tn, tk, bn, bk) if mask.numel() else alive_np
+    for name, alive, arrays in (
+        ("numpy", alive_np, ti._index_arrays_numpy),
+        ("torch", alive_torch, ti._index_arrays_torch),
+    ):
+        row_ptr, row_cols, col_ptr, col_rows, tile_rows, tile_cols, max_row, max_col = arrays(alive)
+        out[name] = ti.TileIndex((n, k), bn, bk, alive, row_ptr, row_cols, col_ptr, col_rows, tile_rows, tile_cols,
+                                 int(tile_rows.numel()), max_row, max_col)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (5, 0), (1, 1), (1, 40), (37, 53), (64, 128), (130, 200)])
+@pytest.mark.parametrize("blocks", [(16, 8), (32, 32), (8, 3), (1, 1), (64, 16)])
+@pytest.mark.parametrize("layout", ["contiguous", "row-strided", "column-strided"])
+def test_every_build_path_matches_the_oracle(shape, blocks, layout):
+    n, k = shape
+    bn, bk = blocks
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    for density in (0.0, 0.003, 0.05, 0.9):
+        if layout == "row-strided":  # rows further apart than k (a column slice of a wider mask)
+            mask = (torch.rand(n, k + 5, generator=gen) < density)[:, 2 : 2 + k]
+        elif layout == "column-strided":
+            mask = (torch.rand(n, 2 * k, generator=gen) < density)[:, ::2]
+        else:
+            mask = torch.rand(n, k, generator=gen) < density
+        expected = {tuple(rc) for rc in _tiles_by_padding(mask, bn, bk).nonzero().tolist()}
+        for name, idx in _by_paths(mask, bn, bk).items():
+            where = f"{name}, density {density}"
+            assert list(zip(idx.tile_rows.tolist(), idx.tile_cols.tolist())) == sorted(expected), where
+            assert torch.equal(idx.row_cols, idx.tile_cols), where
+            assert idx.alive_tiles == len(expected) and idx.tile_alive.dtype == torch.bool, where
+            assert all(t.dtype == torch.int32 and t.is_contiguous() for t in _index_fields(idx)[1:]), where
+            per_row = [0] * idx.tiles_n
+            per_col = [0] * idx.tiles_k
+            for r, c in expected:
+                per_row[r] += 1
+                per_col[c] += 1
+            assert idx.row_ptr.tolist() == [0, *itertools.accumulate(per_row)], where
+            assert idx.col_ptr.tolist() == [0, *itertools.accumulate(per_col)], where
+            assert idx.col_rows.tolist() == [r for r, _ in sorted(expected, key=lambda rc: (rc[1], rc[0]))], where
+            assert idx.max_row_tiles == max(per_row, default=0) and idx.max_col_tiles == max(per_col, default=0), where
