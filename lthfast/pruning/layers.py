@@ -144,8 +144,17 @@ def write_masks_fast_(pairs: list[tuple[Layer, torch.Tensor]]) -> list[bool]:
 
 
 def any_alive(mask: torch.Tensor) -> bool:
-    """Whether a bool mask has a True entry (``amax`` over uint8: 1 ms vs ``any``'s 45 ms for 25.5M entries)."""
-    return mask.numel() > 0 and bool(mask.view(torch.uint8).amax())
+    """Whether a bool mask has a True entry (``amax`` over uint8: 1 ms vs ``any``'s 45 ms for 25.5M entries).
+
+    A live layer nearly always has an alive entry among its first 4096: checking those first settles it
+    without reading the rest (ResNet-50's 54 masks at IMP densities: ~1 ms instead of 2.5 ms per check).
+    """
+    if mask.numel() == 0:
+        return False
+    u8 = mask.view(torch.uint8)
+    if u8.numel() > 4096 and u8.is_contiguous() and bool(u8.view(-1).narrow(0, 0, 4096).amax()):
+        return True
+    return bool(u8.amax())
 
 
 def is_torch_pruned(module: nn.Module, name: str = "weight") -> bool:

@@ -226,3 +226,18 @@ def test_apply_in_one_pass_matches_layer_by_layer(dtype, vector, threads):
         assert torch.equal(f.weight.detach().view(bits), s.weight.detach().view(bits)), f"layer {i}"
         assert f.weight._version > versions[i][0] and f.mask._version > versions[i][1]
         assert not torch.signbit(f.weight[~f.mask]).any() and bool((f.weight[~f.mask] == 0).all())
+
+
+@pytest.mark.parametrize("n", [1, 4096, 4097, 10000])
+def test_any_alive_finds_one_alive_entry_anywhere(n):
+    from lthfast.pruning.layers import any_alive
+
+    for pos in sorted({0, n // 2, n - 1, min(4096, n - 1)}):
+        mask = torch.zeros(n, dtype=torch.bool)
+        assert not any_alive(mask) and not any_alive(mask.view(1, n))
+        mask[pos] = True
+        assert any_alive(mask) and any_alive(mask.view(1, n)), pos
+        strided = torch.zeros(n, 2, dtype=torch.bool)
+        strided[pos, 1] = True
+        assert any_alive(strided.t()) and not any_alive(strided.t()[0]), pos
+    assert not any_alive(torch.zeros(0, 3, dtype=torch.bool))
