@@ -95,7 +95,8 @@ int64_t write_masks(const std::vector<MaskWrite>& items, int threads, int64_t gr
   std::vector<int64_t> offsets(1, 0);
   for (const MaskWrite& w : items) offsets.push_back(offsets.back() + w.n);
   const int64_t total = offsets.back();
-  const int nparts = static_cast<int>(std::clamp<int64_t>(total / std::max<int64_t>(1, grain), 1, std::max(1, threads)));
+  const int nparts = static_cast<int>(
+      std::clamp<int64_t>(total / std::max<int64_t>(1, grain), 1, int64_t{std::max(1, threads)} * kPartsPerThread));
   std::vector<int64_t> changed(nparts, 0);
   parallel_parts(nparts, threads, [&](int p) {
     const int64_t b = total * p / nparts, e = total * (p + 1) / nparts;

@@ -15,7 +15,8 @@ struct MaskWrite {
 };
 
 // buffer[i] = mask[i] for every i, and weight[i] = +0.0 (all bits zero) where mask[i] == 0; returns the number of
-// weights whose bits changed. Ranges of at least `grain` elements per thread, at most `threads` threads.
+// weights whose bits changed. Ranges of at least `grain` elements (up to kPartsPerThread per thread), at most
+// `threads` threads.
 int64_t write_masks(const std::vector<MaskWrite>& items, int threads, int64_t grain);
 
 }  // namespace lthfast

@@ -38,7 +38,7 @@ struct Request {
   std::vector<int64_t> ks;               // per group: count (or empty)
   bool write = false;                    // update masks in place
   int threads = 1;
-  int64_t grain = 1 << 16;  // minimum elements per thread; smaller groups run on fewer threads
+  int64_t grain = 1 << 16;  // minimum elements per part (up to 4 parts per thread); small groups use fewer
 };
 
 enum Status : int { OK = 0, NONFINITE = 1, K_TOO_LARGE = 2 };
