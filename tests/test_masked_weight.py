@@ -7,13 +7,14 @@ from lthfast import reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_fast_route_equals_where_bitwise(dtype):
+def test_fast_route_equals_where_bitwise(dtype, monkeypatch):
     w = torch.randn(37, 53, dtype=torch.float64).to(dtype)
     w[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
     mask = torch.rand(37, 53) < 0.5
     mask[0, :2] = False  # NaN and +Inf pruned: must become +0.0
     mask[0, 2:4] = True  # -Inf and -0.0 kept as they are
     expected = torch.where(mask, w, torch.zeros((), dtype=dtype))
+    monkeypatch.setattr(torch, "where", lambda *a: pytest.fail("the integer route must not call torch.where"))
     got = reference.masked_weight(w, mask)
     assert got.dtype == dtype and got.shape == w.shape
     ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[w.element_size()]

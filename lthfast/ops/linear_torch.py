@@ -26,10 +26,12 @@ import torch
 from lthfast.kernels.tile_index import TileIndex, tile_index
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
-# Tile sizes tried on CPU, and the tile density below which each beats dense MKL on the training step.
-# Measured with benchmarks/bench_masked_linear.py --sections crossover on the 2-core EPYC dev VM, Linear(2048, 2048),
-# batch 512, fp32 (16x16 tiles make products ~4x slower per flop than 32x32: never worth it).
-CPU_CROSSOVER = {64: 0.40, 32: 0.25}
+# Tile sizes tried on CPU, and the tile density below which each beats dense MKL on the training step. Measured
+# for this grouped-product path with `benchmarks/bench_masked_linear.py --sections crossover` on the 2-core EPYC VM,
+# Linear(2048, 2048), batch 512, fp32, 2 threads (benchmarks/results/masked_linear-crossover-cpu.json): train step
+# sparse/dense 1.65x / 1.31x / 0.39x at tile density 0.1 / 0.2 / 0.3 with 32x32 tiles, 2.24x / 1.63x / 0.83x with
+# 64x64 tiles; so 0.25 for both (16x16 tiles make products ~4x slower per flop than 32x32: never worth it).
+CPU_CROSSOVER = {64: 0.25, 32: 0.25}
 # Below this many dense multiply-adds (M * N * K) the extra small ops of the block path cost more than the GEMM
 # they save (about 0.3 ms of overhead against ~60 GFLOP/s dense on this machine).
 CPU_MIN_MACS = 2**23
