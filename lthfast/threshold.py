@@ -207,9 +207,15 @@ def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, t
     )
     _check_found(groups, res["alive"], res["k"], res["bad_tensors"], layerwise)
     if write:
+        written = []
         for m, w in zip(masks, work):
             if w is not m:
-                m.copy_(w)
+                m.copy_(w)  # an in-place op: bumps m's version itself
+            else:
+                written.append(m)
+        # Written through raw pointers: bump the version counters as an in-place torch op would, so that caches
+        # keyed on them (the masked layers' tile index and block plans) cannot serve the masks from before.
+        torch.autograd.graph.increment_version(written)
     return res["threshold"], res["k"]
 
 

@@ -300,3 +300,24 @@ def test_property_agrees_with_reference(
         spec = dict(amount=fraction)
     scales = [float(s) for s in torch.rand(len(sizes), generator=gen) * 3] if scaled else None
     assert_same_as_reference(impl, tensors, masks, scales=scales, layerwise=layerwise, **spec)
+
+
+def test_prune_moves_mask_versions_so_layer_caches_follow(impl):
+    """prune_ on a live MaskedLinear mask must invalidate its tile index and block plan: the C++ path writes
+    through raw pointers, so it bumps the version counters itself (a stale plan kept the old mask values)."""
+    from lthfast.nn import MaskedLinear
+
+    if impl.name == "reference":
+        pytest.skip("the oracle writes through copy_")
+    torch.manual_seed(0)
+    layer = MaskedLinear.from_dense(torch.nn.Linear(1024, 1024, bias=False))
+    with torch.no_grad():
+        tiles = torch.rand(32, 32) < 0.1  # block-sparse: the CPU block path and its cached plan are used
+        layer.mask.copy_(tiles.repeat_interleave(32, 0).repeat_interleave(32, 1))
+    x = torch.randn(512, 1024)
+    layer(x)  # builds and caches the tile index and plan of the current mask
+    version = layer.mask._version
+    impl.prune_([layer.weight.detach()], [layer.mask], amount=0.5)
+    assert layer.mask._version > version
+    expected = torch.nn.functional.linear(x.double(), (layer.weight * layer.mask).double())
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-4, rtol=1e-5)
