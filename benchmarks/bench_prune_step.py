@@ -4,9 +4,11 @@ A step prunes ``--amount`` of the alive weights of all 54 Conv2d/Linear weights 
 no torchvision, no BatchNorm: only prunable tensors matter here), ``--rounds`` times in a row (IMP rounds):
 
   torch          ``torch.nn.utils.prune.global_unstructured(params, L1Unstructured, amount)``
-  lthfast        ``strategies.magnitude`` (score + global threshold via lthfast.threshold) -> ``Masks.apply_``
-                 (mask update, pruned weights zeroed) -> ``tile_index(mask2d, block, block)`` for every weight
-                 (the kernels' tile index rebuild), on a ``sparsify``-ed model
+  lthfast        ``strategies.magnitude_`` (in place on a ``sparsify``-ed model: score + global threshold via
+                 lthfast.threshold, the modules' masks cleared and the pruned weights zeroed in the same pass)
+                 -> ``tile_index(mask2d, block, block)`` for every weight (the kernels' tile index rebuild)
+  lthfast-masks  the functional route: ``strategies.magnitude`` (new Masks) -> ``Masks.apply_`` (mask copy
+                 into the modules, every pruned weight zeroed) -> the same tile index rebuild
   lthfast-dropin ``lthfast.prune.global_unstructured`` (the drop-in, torch's layout; no tile index)
 
 Each library runs in its own subprocess (so its RSS is its own), in the order of ``--libraries``, repeated
@@ -130,13 +132,13 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
     if threads:
         torch.set_num_threads(threads)
     model = resnet50_shaped()
-    if library == "lthfast":
+    if library in ("lthfast", "lthfast-masks"):
         lthfast.sparsify(model)
         masks = lthfast.Masks.from_model(model)
     params = [(m, "weight") for m in model.values()]
     out = {"library": library, "params": sum(m.weight.numel() for m in model.values()), "round_s": [], "memory": {}}
     out["threads"] = torch.get_num_threads()
-    parts = {"magnitude": [], "apply": [], "tile_index": []}
+    parts = {"magnitude": [], "apply": [], "tile_index": []}  # magnitude_ does both the first two: "apply" 0
     out["memory"]["before"] = memory(model)
     for r in range(1, rounds + 1):
         start = time.perf_counter()
@@ -145,10 +147,14 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
         elif library == "lthfast-dropin":
             fast_prune.global_unstructured(params, pruning_method=fast_prune.L1Unstructured, amount=amount)
         else:
-            masks = strategies.magnitude(model, masks, amount)
-            t1 = time.perf_counter()
-            masks.apply_(model)
-            t2 = time.perf_counter()
+            if library == "lthfast":
+                strategies.magnitude_(model, amount)
+                t1 = t2 = time.perf_counter()
+            else:
+                masks = strategies.magnitude(model, masks, amount)
+                t1 = time.perf_counter()
+                masks.apply_(model)
+                t2 = time.perf_counter()
             for m in model.values():
                 tile_index(m.mask.view(m.mask.shape[0], -1), block, block)
             t3 = time.perf_counter()
@@ -158,7 +164,7 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
         if r in (1, rounds):
             gc.collect()
             out["memory"][f"after_round_{r}"] = memory(model)
-    if library == "lthfast":
+    if library in ("lthfast", "lthfast-masks"):
         out["parts_s"] = parts
     final = final_masks(model)
     out["alive"] = sum(int(m.sum()) for m in final.values())
@@ -193,7 +199,7 @@ def main() -> None:
     parser.add_argument("--amount", type=float, default=0.2)
     parser.add_argument("--block", type=int, default=32, help="tile of the tile index rebuilt after each prune")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each library, alternating")
-    parser.add_argument("--libraries", default="torch,lthfast,lthfast-dropin")
+    parser.add_argument("--libraries", default="torch,lthfast,lthfast-masks,lthfast-dropin")
     parser.add_argument("--out", default="benchmarks/results/prune_step-cpu.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--notes", default="")

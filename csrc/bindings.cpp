@@ -19,7 +19,8 @@ namespace {
 py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& masks,
                 const std::vector<int64_t>& numels, const std::vector<int>& dtypes, const std::vector<float>& scales,
                 const std::vector<std::vector<int>>& groups, const std::vector<double>& amounts,
-                const std::vector<int64_t>& ks, bool write, int threads, int64_t grain) {
+                const std::vector<int64_t>& ks, bool write, int threads, int64_t grain,
+                bool zero_weights) {
   const size_t n = data.size();
   if (masks.size() != n || numels.size() != n || dtypes.size() != n || (!scales.empty() && scales.size() != n))
     throw std::invalid_argument("lthfast._C.select: per-tensor lists differ in length");
@@ -35,6 +36,8 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
     t.dtype = dtypes[i];
     if (t.dtype < lthfast::F32 || t.dtype > lthfast::BF16) throw std::invalid_argument("lthfast._C.select: dtype code");
     if (write && t.mask == nullptr && t.numel > 0) throw std::invalid_argument("lthfast._C.select: write needs every mask");
+    if (zero_weights && !write) throw std::invalid_argument("lthfast._C.select: zero_weights needs write");
+    t.zero = zero_weights ? reinterpret_cast<void*>(data[i]) : nullptr;
     t.scaled = !scales.empty();
     t.scale = t.scaled ? scales[i] : 1.0f;
   }
@@ -119,10 +122,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("STATUS_K_TOO_LARGE") = static_cast<int>(lthfast::K_TOO_LARGE);
   m.def("select", &select_py, py::arg("data"), py::arg("masks"), py::arg("numels"), py::arg("dtypes"),
         py::arg("scales"), py::arg("groups"), py::arg("amounts"), py::arg("ks"), py::arg("write"),
-        py::arg("threads"), py::arg("grain"),
+        py::arg("threads"), py::arg("grain"), py::arg("zero_weights") = false,
         "Threshold select over plain buffers (dtype codes: 0 float32, 1 float16, 2 bfloat16; mask address 0 = "
-        "all alive). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes, collected (per "
-        "group), ms (per phase).");
+        "all alive; zero_weights: also write +0.0 into the weights it prunes). Returns a dict: status, "
+        "bad_tensors, alive, k, threshold, pruned, passes, collected (per group), ms (per phase).");
   m.def("write_masks", &write_masks_py, py::arg("weights"), py::arg("esizes"), py::arg("buffers"),
         py::arg("masks"), py::arg("numels"), py::arg("threads"), py::arg("grain"),
         "Copy each mask (bytes) into its buffer and zero the weights (2, 4 or 8-byte elements, all bits) where "

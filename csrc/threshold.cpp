@@ -214,7 +214,9 @@ namespace {
 
 void clear_mask(const Request& req, const Group& g, uint64_t pos) {
   const size_t j = std::upper_bound(g.offsets.begin(), g.offsets.end(), pos) - g.offsets.begin() - 1;
-  req.tensors[g.tensors[j]].mask[pos - g.offsets[j]] = 0;
+  const TensorRef& t = req.tensors[g.tensors[j]];
+  t.mask[pos - g.offsets[j]] = 0;
+  zero_weight(t, static_cast<int64_t>(pos - g.offsets[j]));
 }
 
 // Steps 3-4 for one counted group. Returns the threshold key.

@@ -25,6 +25,7 @@ enum DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 struct TensorRef {
   const void* data = nullptr;  // contiguous, numel elements of dtype
   uint8_t* mask = nullptr;     // contiguous bool/uint8 bytes (nonzero = alive), or nullptr = all alive
+  void* zero = nullptr;        // `data` again when the weights this call prunes are to be zeroed (write mode)
   int64_t numel = 0;
   int dtype = F32;
   bool scaled = false;
@@ -90,8 +91,17 @@ struct CountOut {
 };
 void count_piece(const TensorRef& t, int64_t begin, int64_t end, const CountArgs& a, CountOut& out);
 
-// Clears mask[i] where bit i of bits is set, i < n. Returns the number of bits set.
-int64_t clear_marked(uint8_t* mask, const uint8_t* bits, int64_t n);
+// Clears mask[i] where bit i of bits is set, i < n, and zeroes element i of `zero` (esize bytes each) when it is
+// not null. Returns the number of bits set.
+int64_t clear_marked(uint8_t* mask, const uint8_t* bits, int64_t n, void* zero, int esize);
+
+// Writes +0.0 (all bits zero) into element i of t's weights when t.zero is set.
+inline void zero_weight(const TensorRef& t, int64_t i) {
+  if (t.zero == nullptr) return;
+  const int esize = t.dtype == F32 ? 4 : 2;
+  char* const p = static_cast<char*>(t.zero) + static_cast<int64_t>(esize) * i;
+  for (int b = 0; b < esize; ++b) p[b] = 0;
+}
 
 // Turns the AVX2 kernels off (false) or back on where the CPU has them; returns the previous setting.
 bool set_vector_kernels(bool enabled);

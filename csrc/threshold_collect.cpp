@@ -97,8 +97,12 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
   }
   std::vector<int64_t> cleared(nparts, 0);
   parallel_parts(nparts, req.threads, [&](int p) {
-    for (const Piece& pc : g.parts[p].pieces)
-      cleared[p] += clear_marked(req.tensors[pc.tensor].mask + pc.begin, bits + pc.bits_at, pc.end - pc.begin);
+    for (const Piece& pc : g.parts[p].pieces) {
+      const TensorRef& t = req.tensors[pc.tensor];
+      const int esize = t.dtype == F32 ? 4 : 2;
+      void* const zero = t.zero == nullptr ? nullptr : static_cast<char*>(t.zero) + esize * pc.begin;
+      cleared[p] += clear_marked(t.mask + pc.begin, bits + pc.bits_at, pc.end - pc.begin, zero, esize);
+    }
   });
   int64_t total = 0;
   for (int64_t c : cleared) total += c;

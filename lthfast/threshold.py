@@ -61,21 +61,27 @@ def global_threshold(tensors, masks=None, amount=None, k=None, scales=None) -> t
     return thresholds[0], count
 
 
-def prune_(tensors, masks, amount=None, k=None, scales=None, layerwise=False):
+def prune_(tensors, masks, amount=None, k=None, scales=None, layerwise=False, zero_weights=False):
     """Prune the k smallest-magnitude alive weights: clears their entries in ``masks`` in place.
 
     Same arguments as ``global_threshold``; masks are required (bool or uint8, updated in place; pruned
     entries become 0/False, other entries keep their value). With ``layerwise=True`` each tensor is pruned
-    by its own amount/k of its own alive weights (scalar for all or a per-tensor list). Returns
-    (threshold, pruned count): threshold is a float, or a list of per-tensor floats in layer-wise mode.
+    by its own amount/k of its own alive weights (scalar for all or a per-tensor list). With
+    ``zero_weights=True`` the tensors' entries pruned by this call are also set to +0.0 in place, in the
+    same pass (entries dead before the call are left as they are). Returns (threshold, pruned count):
+    threshold is a float, or a list of per-tensor floats in layer-wise mode.
     """
     if masks is None:
         raise TypeError("prune_: masks are required (they are updated in place)")
-    thresholds, count = _select(tensors, masks, amount, k, scales, layerwise=layerwise, write=True)
+    thresholds, count = _select(
+        tensors, masks, amount, k, scales, layerwise=layerwise, write=True, zero_weights=zero_weights
+    )
     return (thresholds if layerwise else thresholds[0]), count
 
 
-def _select(tensors, masks, amount, k, scales, *, layerwise, write, impl=None, threads=None, grain=None):
+def _select(
+    tensors, masks, amount, k, scales, *, layerwise, write, impl=None, threads=None, grain=None, zero_weights=False
+):
     """Validates, then runs one implementation ("cpp" or "torch"; None: by device). Returns (thresholds, k)."""
     tensors, masks = _check_tensors(tensors, masks)
     n = len(tensors)
@@ -88,9 +94,11 @@ def _select(tensors, masks, amount, k, scales, *, layerwise, write, impl=None, t
     if impl == "cpp":
         if device.type != "cpu" or _backend.ext() is None:
             raise RuntimeError(f"lthfast.threshold: the C++ path needs lthfast._C and CPU tensors (got {device})")
-        thresholds, counts = _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, threads, grain)
+        thresholds, counts = _select_cpp(
+            tensors, masks, groups, amounts, ks, scales, layerwise, write, threads, grain, zero_weights
+        )
     elif impl == "torch":
-        thresholds, counts = _select_torch(tensors, masks, groups, amounts, ks, scales, layerwise, write)
+        thresholds, counts = _select_torch(tensors, masks, groups, amounts, ks, scales, layerwise, write, zero_weights)
     else:
         raise ValueError(f"unknown threshold implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
     return thresholds, sum(counts)
@@ -189,7 +197,7 @@ def _check_found(groups, alive, ks, bad_tensors, layerwise: bool) -> None:
 # ---- the C++ path ----
 
 
-def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, threads, grain):
+def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, threads, grain, zero_weights):
     weights = [t.detach().contiguous() for t in tensors]
     work = None if masks is None else [m if m.is_contiguous() else m.contiguous() for m in masks]
     res = _backend.ext().select(
@@ -204,6 +212,7 @@ def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, t
         write,
         torch.get_num_threads() if threads is None else threads,
         1 << 16 if grain is None else grain,
+        zero_weights,
     )
     _check_found(groups, res["alive"], res["k"], res["bad_tensors"], layerwise)
     if write:
@@ -215,6 +224,12 @@ def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, t
                 written.append(m)
         # Written through raw pointers: bump the version counters as an in-place torch op would, so that caches
         # keyed on them (the masked layers' tile index and block plans) cannot serve the masks from before.
+        if zero_weights:  # zeroed in `weights`: copies (non-contiguous tensors) go back, the others were in place
+            for t, w in zip(tensors, weights):
+                if w.data_ptr() != t.data_ptr() or w.stride() != t.stride():
+                    t.detach().copy_(w)
+                else:
+                    written.append(w)
         torch.autograd.graph.increment_version(written)
     return res["threshold"], res["k"]
 
@@ -249,7 +264,7 @@ def _locate(hist: torch.Tensor, rank) -> tuple[torch.Tensor, torch.Tensor]:
     return below.sum(), torch.where(below, cum, 0).max()
 
 
-def _select_torch(tensors, masks, groups, amounts, ks, scales, layerwise, write):
+def _select_torch(tensors, masks, groups, amounts, ks, scales, layerwise, write, zero_weights=False):
     n = len(tensors)
     mask_of = (lambda i: None) if masks is None else (lambda i: masks[i])
     scale_of = (lambda i: None) if scales is None else (lambda i: scales[i])
@@ -271,13 +286,13 @@ def _select_torch(tensors, masks, groups, amounts, ks, scales, layerwise, write)
         if count == 0:
             thresholds.append(None)
             continue
-        thresholds.append(_radix_select(tensors, [mask_of(i) for i in ids], ids, count, scale_of, write))
+        thresholds.append(_radix_select(tensors, [mask_of(i) for i in ids], ids, count, scale_of, write, zero_weights))
     bits = [t for t in thresholds if t is not None]
     values = iter(torch.stack(bits).to(torch.int32).view(torch.float32).tolist() if bits else [])
     return [float("-inf") if t is None else next(values) for t in thresholds], counts
 
 
-def _radix_select(tensors, masks, ids, count, scale_of, write) -> torch.Tensor:
+def _radix_select(tensors, masks, ids, count, scale_of, write, zero_weights=False) -> torch.Tensor:
     """Key bits (0-d int64 tensor) of the count-th smallest alive key of tensors[ids]; clears masks if write.
 
     Two histogram passes (16 + 15 key bits) find the key T and the number r of its ties to prune; a third
@@ -307,4 +322,6 @@ def _radix_select(tensors, masks, ids, count, scale_of, write) -> torch.Tensor:
             prune = (alive & (key < threshold)) | (tie & (tie_rank <= ties_to_prune))
             ties_before = ties_before + tie.sum()
             m.masked_fill_(prune.view(m.shape), 0)
+            if zero_weights:
+                tensors[i].detach().masked_fill_(prune.view(m.shape), 0)
     return threshold

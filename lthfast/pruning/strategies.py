@@ -1,4 +1,4 @@
-"""Pruning strategies: pure functions (model, masks, ...) -> new Masks.
+"""Pruning strategies: pure functions (model, masks, ...) -> new Masks (and ``magnitude_``, in place).
 
 Common rules: inputs are never modified; only alive weights are ranked and masks only shrink; every check
 (fraction range, unknown names, mask shape / dtype / device, NaN weights, fully pruned layers asked to prune)
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lthfast.pruning._common import (
+    RANKABLE_DTYPES,
     check_can_prune,
     is_multiplier,
     matched,
@@ -32,11 +33,11 @@ from lthfast.pruning._common import (
     resolve,
     to_masks,
 )
-from lthfast.pruning.layers import check_fraction
+from lthfast.pruning.layers import all_layers, check_fraction
 from lthfast.pruning.masks import Masks
 from lthfast.pruning.structured import block_magnitude, n_m
 
-__all__ = ["magnitude", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m"]
+__all__ = ["magnitude", "magnitude_", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m"]
 
 
 def _plan(pairs, fraction: float, overrides, leave_dense, what: str, rate_of=parse_rate):
@@ -83,6 +84,60 @@ def magnitude(
         idx = sorted(each)
         prune_each_([weights[i] for i in idx], [new[i] for i in idx], amounts=[each[i] for i in idx])
     return to_masks(pairs, new)
+
+
+def magnitude_(
+    model: nn.Module,
+    fraction: float,
+    *,
+    layerwise: bool = False,
+    overrides: Mapping[str, float | str] | None = None,
+    leave_dense: str | Iterable[str] = (),
+) -> nn.Module:
+    """In place: prune ``fraction`` of the alive weights of the masks ``model`` holds, by magnitude.
+
+    The same masks and zeroed weights as ``magnitude(model, Masks.from_model(model), ...).apply_(model)`` on a
+    model whose pruned weights are already zero (as ``apply_``, ``Snapshot.rewind_`` and ``mask_optimizer``
+    leave them); weights pruned before this call are not re-read or re-zeroed (``Masks.apply_`` does that).
+    Without any mask in the model every prunable weight is alive. Returns ``model``.
+
+    When every prunable layer is an lthfast masked layer with float32/float16/bfloat16 weights and no layer
+    has an override, one ``lthfast.threshold.prune_`` call ranks, clears the modules' own mask buffers and
+    zeroes the weights it prunes in the same pass (no mask copies, no pass over every weight: 25.5M-weight
+    ResNet-50, 2 threads of the 2-core EPYC VM: see benchmarks/bench_prune_step.py); otherwise it takes
+    the functional route above. Every check runs before any mask changes, as in ``magnitude``.
+    """
+    fraction = check_fraction(fraction, "magnitude_")
+    layers = all_layers(model)
+    fast = (
+        bool(layers)
+        and not overrides
+        and all(layer.layout == "masked" and layer.param.dtype in RANKABLE_DTYPES for layer in layers)
+    )
+    if not fast:
+        masks = Masks.from_model(model)
+        new = magnitude(
+            model, masks or None, fraction, layerwise=layerwise, overrides=overrides, leave_dense=leave_dense
+        )
+        new.apply_(model)
+        return model
+    pairs = [(layer, layer.module.mask) for layer in layers]
+    shared, _ = _plan(pairs, fraction, None, leave_dense, "magnitude_")
+    if fraction == 0 or not shared:
+        return model
+    for i in shared:
+        check_can_prune(pairs[i][0], pairs[i][1], "magnitude_", finite=False)
+    from lthfast import threshold
+
+    with torch.no_grad(), naming_bad_weights(pairs):
+        threshold.prune_(
+            [pairs[i][0].param.detach() for i in shared],
+            [pairs[i][1] for i in shared],
+            amount=fraction,
+            layerwise=layerwise,
+            zero_weights=True,
+        )
+    return model
 
 
 def _density_rate(value, density: float, where: str) -> float:
