@@ -101,19 +101,16 @@ def magnitude_(
     leave them); weights pruned before this call are not re-read or re-zeroed (``Masks.apply_`` does that).
     Without any mask in the model every prunable weight is alive. Returns ``model``.
 
-    When every prunable layer is an lthfast masked layer with float32/float16/bfloat16 weights and no layer
-    has an override, one ``lthfast.threshold.prune_`` call ranks, clears the modules' own mask buffers and
-    zeroes the weights it prunes in the same pass (no mask copies, no pass over every weight: 25.5M-weight
-    ResNet-50, 2 threads of the 2-core EPYC VM: see benchmarks/bench_prune_step.py); otherwise it takes
-    the functional route above. Every check runs before any mask changes, as in ``magnitude``.
+    When every prunable layer is an lthfast masked layer with float32/float16/bfloat16 weights, one
+    ``lthfast.threshold.prune_`` call (two with overrides in global mode: the shared ranking, then the
+    overridden layers) ranks, clears the modules' own mask buffers and zeroes the weights it prunes in the same
+    pass: no mask copies and no extra pass over every weight (benchmarks/bench_prune_step.py). Other models
+    take the functional route above. Every check runs before any mask changes, as in ``magnitude`` (the
+    overridden layers' NaN check included, so the second call cannot fail after the first has written).
     """
     fraction = check_fraction(fraction, "magnitude_")
     layers = all_layers(model)
-    fast = (
-        bool(layers)
-        and not overrides
-        and all(layer.layout == "masked" and layer.param.dtype in RANKABLE_DTYPES for layer in layers)
-    )
+    fast = bool(layers) and all(layer.layout == "masked" and layer.param.dtype in RANKABLE_DTYPES for layer in layers)
     if not fast:
         masks = Masks.from_model(model)
         new = magnitude(
@@ -122,21 +119,29 @@ def magnitude_(
         new.apply_(model)
         return model
     pairs = [(layer, layer.module.mask) for layer in layers]
-    shared, _ = _plan(pairs, fraction, None, leave_dense, "magnitude_")
-    if fraction == 0 or not shared:
-        return model
+    shared, own = _plan(pairs, fraction, overrides, leave_dense, "magnitude_")
+    shared = shared if fraction > 0 else []
+    own = {i: rate for i, rate in own.items() if rate > 0}
     for i in shared:
-        check_can_prune(pairs[i][0], pairs[i][1], "magnitude_", finite=False)
+        check_can_prune(pairs[i][0], pairs[i][1], "magnitude_", finite=False)  # NaN: the threshold checks
+    for i in own:
+        check_can_prune(pairs[i][0], pairs[i][1], "magnitude_", finite=not layerwise)
     from lthfast import threshold
 
+    def prune(ids, amount, each):
+        threshold.prune_([pairs[i][0].param.detach() for i in ids], [pairs[i][1] for i in ids], amount=amount,
+                         layerwise=each, zero_weights=True)  # fmt: skip
+
     with torch.no_grad(), naming_bad_weights(pairs):
-        threshold.prune_(
-            [pairs[i][0].param.detach() for i in shared],
-            [pairs[i][1] for i in shared],
-            amount=fraction,
-            layerwise=layerwise,
-            zero_weights=True,
-        )
+        if layerwise:  # one call: every layer its own k
+            each = {**{i: fraction for i in shared}, **own}
+            if each:
+                prune(sorted(each), [each[i] for i in sorted(each)], True)
+        else:
+            if shared:
+                prune(shared, fraction, False)
+            if own:
+                prune(sorted(own), [own[i] for i in sorted(own)], True)
     return model
 
 

@@ -30,14 +30,16 @@ def functional_round(model, fraction, **kw):
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
-@pytest.mark.parametrize("leave_dense", [(), ("out",)])
-def test_fast_path_matches_functional_over_rounds(layerwise, leave_dense):
+@pytest.mark.parametrize(
+    "kw", [{}, dict(leave_dense=("out",)), dict(overrides={"out": "x0.5", "conv*": 0.1}, leave_dense="conv2")]
+)
+def test_fast_path_matches_functional_over_rounds(layerwise, kw):
     torch.manual_seed(0)
     fast = lthfast.sparsify(ConvNet())  # random weights: ties unlikely, every round exercises ranking
     slow = copy.deepcopy(fast)
     for _ in range(4):
-        strategies.magnitude_(fast, 0.3, layerwise=layerwise, leave_dense=leave_dense)
-        functional_round(slow, 0.3, layerwise=layerwise, leave_dense=leave_dense)
+        strategies.magnitude_(fast, 0.3, layerwise=layerwise, **kw)
+        functional_round(slow, 0.3, layerwise=layerwise, **kw)
         assert_same_state(fast, slow)
         with torch.no_grad():  # training moves the alive weights between rounds
             for a, b in zip(fast.parameters(), slow.parameters()):
@@ -76,14 +78,14 @@ def build(kind):
         for m in model.modules():
             if isinstance(m, nn.Linear | nn.Conv2d):
                 torch_prune.l1_unstructured(m, "weight", 0.2)
-    elif kind == "overrides":
-        model = lthfast.sparsify(model)
+    elif kind == "float64":
+        model = lthfast.sparsify(model.double())
     return model
 
 
-@pytest.mark.parametrize("kind", ["plain", "torch-pruned", "overrides"])
+@pytest.mark.parametrize("kind", ["plain", "torch-pruned", "float64"])
 def test_other_models_take_the_functional_route(kind):
-    kw = dict(overrides={"out": "x0.5"}) if kind == "overrides" else {}
+    kw = dict(overrides={"out": "x0.5"})
     model, reference = build(kind), build(kind)
     assert strategies.magnitude_(model, 0.4, **kw) is model
     functional_round(reference, 0.4, **kw)
@@ -109,7 +111,6 @@ def test_layers_compute_with_the_new_masks():
 def test_errors_before_any_change():
     torch.manual_seed(4)
     model = lthfast.sparsify(ConvNet())
-    saved = state(model)
     with pytest.raises(ValueError, match="fraction|amount"):
         strategies.magnitude_(model, 1.5)
     with torch.no_grad():
@@ -117,6 +118,9 @@ def test_errors_before_any_change():
     saved = state(model)
     with pytest.raises(ValueError, match="out.weight.*NaN"):
         strategies.magnitude_(model, 0.2)
+    for layerwise in (False, True):  # the overridden layer's NaN is found before the shared ranking writes
+        with pytest.raises(ValueError, match="out.weight.*(NaN|finite)"):
+            strategies.magnitude_(model, 0.2, overrides={"out": "x0.5"}, layerwise=layerwise)
     for k, v in model.state_dict().items():
         assert torch.equal(v.nan_to_num(7.0), saved[k].nan_to_num(7.0)), f"{k} changed before the error"
     with torch.no_grad():
