@@ -9,6 +9,8 @@ gathered once per call as its alive column blocks [M, nnz, b] (row-major tile or
   dW       [dW_t over r's tiles] = dY[:, n-tile r]^T @ Xg[:, tiles of r]   then ⊙ M           ([b, M] @ [M, n_r b])
 Products write straight into strided slices of the outputs (BLAS takes the leading dimension), so nothing is
 scattered or summed afterwards: each output block is one product, whichever worker computes it.
+For fp32 compute (fp16/bf16 included) the same three passes run in C++ when lthfast._C has its block kernels
+(csrc/block_matmul.cpp, AVX2 + FMA): X and dY read in place, no per-tile-row products, no scatter for dW.
 Dense: torch on W ⊙ M (``torch.where``, so a NaN stored under a pruned entry cannot leak), MKL/cuBLAS GEMMs.
 
 Which one runs is decided per call from the mask's (cached) tile index: see ``plan``.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lthfast import _backend
 from lthfast.kernels.tile_index import TileIndex, tile_index
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
@@ -40,6 +43,9 @@ CPU_MIN_MACS = 2**23
 # OpenMP region that waits for every thread, and on the shared 2-vCPU VM, while another process held a core, the
 # 95%-sparse 2048x2048 training step took 417 ms that way against 172 ms with 2 workers (dense: 479 ms).
 MAX_WORKERS = 8
+# The C++ block kernels (csrc/block_matmul.cpp) for fp32 compute when lthfast._C has them and the CPU has AVX2 +
+# FMA; tests turn this off to run the torch block path on the same cases.
+USE_EXT = True
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ class BlockPlan:
     column, then row): ``rows_c``, ``cols_c``, ``col_starts`` [Tk + 1], ``elems_b`` / ``keep_b`` ([b (n), b (k)]
     per tile). Positions past the weight's edge point at offset 0 with keep False: they gather a value that is
     then zeroed, and add an exact zero when dW is scattered.
+    For the C++ kernels (int64 / bool, CPU): ``starts_f`` / ``starts_b`` the tile starts as tensors, ``a_cols_f``
+    = ``cols * b`` and ``a_cols_b`` = ``rows_c * b`` the first input column each tile reads, ``keep_r``
+    [nnz, b (n), b (k)] the mask of each tile in row-major tile order.
     """
 
     block: int
@@ -68,6 +77,11 @@ class BlockPlan:
     col_starts: list[int]
     elems_b: torch.Tensor
     keep_b: torch.Tensor
+    starts_f: torch.Tensor
+    a_cols_f: torch.Tensor
+    starts_b: torch.Tensor
+    a_cols_b: torch.Tensor
+    keep_r: torch.Tensor
     splits: dict = field(default_factory=dict, compare=False, repr=False)  # parts() cache
 
     @property
@@ -119,8 +133,10 @@ def _build_plan(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
     col_starts = torch.searchsorted(cols_c, torch.arange(index.tiles_k + 1, device=mask.device)).tolist()
     elems_f, keep_f = _tile_elems(mask, rows, cols, b, transpose=True)
     elems_b, keep_b = _tile_elems(mask, rows_c, cols_c, b, transpose=False)
+    as_tensor = lambda starts: torch.tensor(starts, dtype=torch.int64, device=mask.device)
     return BlockPlan(b, tuple(mask.shape), index.tiles_n, index.tiles_k, rows, cols, row_starts, elems_f, keep_f,
-                     rows_c, cols_c, col_starts, elems_b, keep_b)  # fmt: skip
+                     rows_c, cols_c, col_starts, elems_b, keep_b, as_tensor(row_starts), cols * b,
+                     as_tensor(col_starts), rows_c * b, keep_f.transpose(1, 2).contiguous())  # fmt: skip
 
 
 def _plan_of(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
@@ -239,6 +255,17 @@ def _workers() -> int:
     return max(1, min(MAX_WORKERS, torch.get_num_threads()))
 
 
+def _block_ext(compute_dtype: torch.dtype, block: int = 32):
+    """lthfast._C when its block kernels (fp32, tiles a multiple of 16, AVX2 + FMA) serve this call, else None (the
+    torch block products)."""
+    if not USE_EXT or compute_dtype != torch.float32 or block % 16:
+        return None
+    ext = _backend.ext()
+    if ext is None or not hasattr(ext, "block_rows_product") or not ext.block_kernels_supported():
+        return None
+    return ext
+
+
 # ------------------------------------------------------------------------------------------------ the ops
 
 
@@ -272,10 +299,17 @@ def _gathered(t: torch.Tensor, tiles: int, b: int, index: torch.Tensor, dtype: t
 @torch.no_grad()
 def _forward_blocks(x, weight, bias, p: BlockPlan) -> torch.Tensor:
     ct, m, b = _compute_dtype(x.dtype), x.shape[0], p.block
-    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b]
     wf = _tiles(weight, p.elems_f, p.keep_f, ct)  # [nnz, b (k), b (n)]
     y = torch.empty(m, p.tiles_n * b, dtype=ct, device=x.device)
     bias = None if bias is None else _padded(bias[None], p.tiles_n * b, ct)[0]
+    ext = _block_ext(ct, b)
+    if ext is not None:
+        xp = _padded(x, p.tiles_k * b, ct)
+        ext.block_rows_product(b, xp.data_ptr(), xp.stride(0), wf.data_ptr(), p.starts_f.data_ptr(),
+                               p.a_cols_f.data_ptr(), p.tiles_n, 0 if bias is None else bias.data_ptr(),
+                               y.data_ptr(), y.stride(0), m, torch.get_num_threads())  # fmt: skip
+        return _cut(y, p.shape[0], x.dtype)
+    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b]
     starts = p.row_starts
 
     def work(g0: int, g1: int) -> None:
@@ -298,9 +332,16 @@ def _forward_blocks(x, weight, bias, p: BlockPlan) -> torch.Tensor:
 @torch.no_grad()
 def _grad_input_blocks(grad, weight, p: BlockPlan, dtype: torch.dtype) -> torch.Tensor:
     ct, m, b = _compute_dtype(dtype), grad.shape[0], p.block
-    gg = _gathered(grad, p.tiles_n, b, p.rows_c, ct)  # [M, nnz, b], column-major tiles
     wb = _tiles(weight, p.elems_b, p.keep_b, ct)  # [nnz, b (n), b (k)]
     dx = torch.empty(m, p.tiles_k * b, dtype=ct, device=grad.device)
+    ext = _block_ext(ct, b)
+    if ext is not None:
+        gp = _padded(grad, p.tiles_n * b, ct)
+        ext.block_rows_product(b, gp.data_ptr(), gp.stride(0), wb.data_ptr(), p.starts_b.data_ptr(),
+                               p.a_cols_b.data_ptr(), p.tiles_k, 0, dx.data_ptr(), dx.stride(0), m,
+                               torch.get_num_threads())  # fmt: skip
+        return _cut(dx, p.shape[1], dtype)
+    gg = _gathered(grad, p.tiles_n, b, p.rows_c, ct)  # [M, nnz, b], column-major tiles
     starts = p.col_starts
 
     def work(g0: int, g1: int) -> None:
@@ -319,8 +360,16 @@ def _grad_input_blocks(grad, weight, p: BlockPlan, dtype: torch.dtype) -> torch.
 @torch.no_grad()
 def _grad_weight_blocks(grad, x, p: BlockPlan) -> torch.Tensor:
     ct, m, b, nnz = _compute_dtype(x.dtype), x.shape[0], p.block, p.nnz
-    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b], row-major tiles (as in the forward)
     g = _padded(grad, p.tiles_n * b, ct)
+    ext = _block_ext(ct, b)
+    if ext is not None:
+        xp = _padded(x, p.tiles_k * b, ct)
+        grad_w = torch.zeros(p.shape, dtype=ct, device=x.device)
+        ext.block_grad_weight(b, g.data_ptr(), g.stride(0), xp.data_ptr(), xp.stride(0), m, p.rows.data_ptr(),
+                              p.cols.data_ptr(), nnz, p.keep_r.data_ptr(), p.shape[0], p.shape[1],
+                              grad_w.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return grad_w.to(x.dtype)
+    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b], row-major tiles (as in the forward)
     products = torch.empty(b, nnz, b, dtype=ct, device=x.device)  # [b (n), tile, b (k)]
     starts = p.row_starts
 
