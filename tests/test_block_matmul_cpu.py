@@ -26,6 +26,7 @@ def impl(request, monkeypatch):
     """The block route forced on any size and density (32x32 tiles), on the C++ kernels or the torch products."""
     monkeypatch.setattr(linear_torch, "CPU_MIN_MACS", 0)
     monkeypatch.setattr(linear_torch, "CPU_CROSSOVER", {32: 2.0})
+    monkeypatch.setattr(linear_torch, "CPU_CROSSOVER_TORCH", {32: 2.0})
     if request.param == "torch":
         monkeypatch.setattr(linear_torch, "USE_EXT", False)
     elif linear_torch._block_ext(torch.float32) is None:
@@ -110,6 +111,7 @@ def test_every_row_remainder(impl, m):
 @pytest.mark.parametrize("m", [5, 70])
 def test_64_tiles(impl, calls, monkeypatch, m):
     monkeypatch.setattr(linear_torch, "CPU_CROSSOVER", {64: 2.0})
+    monkeypatch.setattr(linear_torch, "CPU_CROSSOVER_TORCH", {64: 2.0})
     mask = block_mask(150, 140, 0.5, 64) & (torch.rand(150, 140) < 0.8)
     assert linear_torch.plan(mask, m).block == 64
     _step((m,), mask)
@@ -205,6 +207,7 @@ def test_cpp_and_torch_products_agree(monkeypatch):
     """The two implementations on one case, within fp32 rounding of each other."""
     monkeypatch.setattr(linear_torch, "CPU_MIN_MACS", 0)
     monkeypatch.setattr(linear_torch, "CPU_CROSSOVER", {32: 2.0})
+    monkeypatch.setattr(linear_torch, "CPU_CROSSOVER_TORCH", {32: 2.0})
     if linear_torch._block_ext(torch.float32) is None:
         pytest.skip("lthfast._C has no block kernels here (not built, or no AVX2 + FMA)")
     mask = _mask(150, 140, 0.5, density=0.7)

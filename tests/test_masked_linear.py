@@ -40,6 +40,7 @@ def block_path(request, monkeypatch):
     block kernels (fp32 compute; the torch block products would fail the test) and once on the torch ones."""
     monkeypatch.setattr(linear_torch, "CPU_MIN_MACS", 0)
     monkeypatch.setattr(linear_torch, "CPU_CROSSOVER", {32: 2.0})
+    monkeypatch.setattr(linear_torch, "CPU_CROSSOVER_TORCH", {32: 2.0})
     if request.param == "torch":
         monkeypatch.setattr(linear_torch, "USE_EXT", False)
         return request.param

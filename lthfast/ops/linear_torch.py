@@ -29,12 +29,18 @@ from lthfast import _backend
 from lthfast.kernels.tile_index import TileIndex, tile_index
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
-# Tile sizes tried on CPU, and the tile density below which each beats dense MKL on the training step. Measured
-# for this grouped-product path with `benchmarks/bench_masked_linear.py --sections crossover` on the 2-core EPYC VM,
-# Linear(2048, 2048), batch 512, fp32, 2 threads (benchmarks/results/masked_linear-crossover-cpu.json): train step
-# sparse/dense 1.65x / 1.31x / 0.39x at tile density 0.1 / 0.2 / 0.3 with 32x32 tiles, 2.24x / 1.63x / 0.83x with
-# 64x64 tiles; so 0.25 for both (16x16 tiles make products ~4x slower per flop than 32x32: never worth it).
-CPU_CROSSOVER = {64: 0.25, 32: 0.25}
+# Tile sizes tried on CPU, and the tile density below which each beats dense MKL, measured with
+# `benchmarks/bench_masked_linear.py --sections crossover` on the 2-core EPYC VM, Linear(2048, 2048), batch 512,
+# fp32, 2 threads. CPU_CROSSOVER is for the C++ kernels (fp32 / fp16 / bf16 compute when lthfast._C has them;
+# benchmarks/results/masked_linear-crossover-cpu-ext.json): sparse/dense 1.29x (train) / 1.29x (forward) at tile
+# density 0.5 with 32x32 tiles and 1.67x / 1.19x with 64x64, 1.44x / 1.09x and 1.23x / 1.22x at 0.6, 0.88x / 0.96x
+# and 0.96x / 0.91x at 0.8; so 0.5 for both, where the margin is still clear of the VM's noise.
+# CPU_CROSSOVER_TORCH is for the torch block products (float64, or no kernels), measured the same way
+# (benchmarks/results/masked_linear-crossover-cpu.json): train step sparse/dense 1.65x / 1.31x / 0.39x at tile
+# density 0.1 / 0.2 / 0.3 with 32x32 tiles, 2.24x / 1.63x / 0.83x with 64x64 tiles; so 0.25 for both (16x16
+# tiles make products ~4x slower per flop than 32x32: never worth it).
+CPU_CROSSOVER = {64: 0.5, 32: 0.5}
+CPU_CROSSOVER_TORCH = {64: 0.25, 32: 0.25}
 # Below this many dense multiply-adds (M * N * K) the extra small ops of the block path cost more than the GEMM
 # they save (about 0.3 ms of overhead against ~60 GFLOP/s dense on this machine).
 CPU_MIN_MACS = 2**23
@@ -149,17 +155,19 @@ def _plan_of(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
     return built
 
 
-def plan(mask: torch.Tensor, rows: int) -> BlockPlan | None:
-    """The block plan to use for ``mask`` [N, K] with ``rows`` input rows, or None for the dense path.
+def plan(mask: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> BlockPlan | None:
+    """The block plan to use for ``mask`` [N, K] with ``rows`` input rows of ``dtype``, or None for the dense path.
 
     Block-sparse only on CPU, for problems of at least ``CPU_MIN_MACS``, and with the tile size whose tile
-    density is furthest below its measured crossover.
+    density is furthest below its measured crossover (``CPU_CROSSOVER`` where the C++ kernels take the dtype,
+    ``CPU_CROSSOVER_TORCH`` otherwise).
     """
     n, k = mask.shape
     if mask.device.type != "cpu" or rows * n * k < CPU_MIN_MACS:
         return None
+    crossovers = CPU_CROSSOVER if _block_ext(_compute_dtype(dtype)) is not None else CPU_CROSSOVER_TORCH
     best, best_ratio = None, 1.0
-    for block, crossover in CPU_CROSSOVER.items():
+    for block, crossover in crossovers.items():
         index = tile_index(mask, block, block)
         ratio = index.tile_density / crossover
         if ratio < best_ratio:
@@ -271,7 +279,7 @@ def _block_ext(compute_dtype: torch.dtype, block: int = 32):
 
 def forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, contiguous, x's dtype. Any device; block-sparse on CPU when sparse."""
-    p = plan(mask, x.shape[0])
+    p = plan(mask, x.shape[0], x.dtype)
     if p is None:
         return torch.nn.functional.linear(x, _scratch_masked_weight(weight, mask), bias).contiguous()
     return _forward_blocks(x, weight, bias, p)
@@ -281,7 +289,7 @@ def backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, need_x: bool, need_w: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dX [M, K], dW [N, K]) of ``forward`` for grad [M, N]; None where not needed. dW is zero where M is."""
-    p = plan(mask, x.shape[0])
+    p = plan(mask, x.shape[0], x.dtype)
     if p is None:
         grad_x = grad @ _scratch_masked_weight(weight, mask) if need_x else None
         grad_w = _mask_(grad.t() @ x, mask) if need_w else None
