@@ -32,14 +32,15 @@ from lthfast.reference import SAME_WIDTH_INT, masked_weight
 # Tile sizes tried on CPU, and the tile density below which each beats dense MKL, measured with
 # `benchmarks/bench_masked_linear.py --sections crossover` on the 2-core EPYC VM, Linear(2048, 2048), batch 512,
 # fp32, 2 threads. CPU_CROSSOVER is for the C++ kernels (fp32 / fp16 / bf16 compute when lthfast._C has them;
-# benchmarks/results/masked_linear-crossover-cpu-ext.json): sparse/dense 1.29x (train) / 1.29x (forward) at tile
-# density 0.5 with 32x32 tiles and 1.67x / 1.19x with 64x64, 1.44x / 1.09x and 1.23x / 1.22x at 0.6, 0.88x / 0.96x
-# and 0.96x / 0.91x at 0.8; so 0.5 for both, where the margin is still clear of the VM's noise.
+# benchmarks/results/masked_linear-crossover-cpu-ext.json): sparse/dense (train / forward) at tile density 0.5, 0.6
+# and 0.8: 1.40x / 1.21x, 1.22x / 1.15x and 0.90x / 0.88x with 32x32 tiles; 1.49x / 1.34x, 1.33x / 1.33x and
+# 1.09x / 1.16x with 64x64 tiles (0.96x / 0.91x at 0.8 in an earlier run). So 0.5 for 32x32 and 0.6 for 64x64,
+# where the margin is still clear of the shared VM's noise.
 # CPU_CROSSOVER_TORCH is for the torch block products (float64, or no kernels), measured the same way
 # (benchmarks/results/masked_linear-crossover-cpu.json): train step sparse/dense 1.65x / 1.31x / 0.39x at tile
 # density 0.1 / 0.2 / 0.3 with 32x32 tiles, 2.24x / 1.63x / 0.83x with 64x64 tiles; so 0.25 for both (16x16
 # tiles make products ~4x slower per flop than 32x32: never worth it).
-CPU_CROSSOVER = {64: 0.5, 32: 0.5}
+CPU_CROSSOVER = {64: 0.6, 32: 0.5}
 CPU_CROSSOVER_TORCH = {64: 0.25, 32: 0.25}
 # Below this many dense multiply-adds (M * N * K) the extra small ops of the block path cost more than the GEMM
 # they save (about 0.3 ms of overhead against ~60 GFLOP/s dense on this machine).
