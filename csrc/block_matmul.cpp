@@ -143,6 +143,7 @@ void micro_rows(int mr, const float* a, const int64_t* a_cols, int64_t lda, cons
     default: return micro<1, COLS>(a, a_cols, lda, b, b_step, ldb, s0, s1, kc, init, c, ldc);
   }
 }
+
 // dst[i][j] (ld) = keep[i][j] ? tile[i][j] : 0 for i < rows, j < cols; tile and keep are [b][b].
 // Select, not multiply: a NaN or Inf of X / dY under a pruned entry must give an exact 0 there.
 LTHFAST_AVX2_FMA void select_tile(const float* tile, const uint8_t* keep, int64_t b, float* dst, int64_t ld,
