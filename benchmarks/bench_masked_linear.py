@@ -14,7 +14,8 @@ Sections (each prints its tables; all go into one JSON with the device, versions
   targets    the issue's targets, measured in one run with interleaved rounds (CPU: Linear(2048, 2048), batch 512,
              fp32; CUDA: Linear(4096, 4096), 8192 tokens, bf16), each with its measured ratio and pass/fail
   crossover  forced sparse vs forced dense over tile densities: the values that lthfast.ops.linear_torch
-             .CPU_CROSSOVER (CPU) and lthfast.ops.linear.CUDA_DENSE_ABOVE (CUDA) should hold
+             .CPU_CROSSOVER (CPU; CPU_CROSSOVER_TORCH when lthfast._C lacks the block kernels) and
+             lthfast.ops.linear.CUDA_DENSE_ABOVE (CUDA) should hold
 
     python benchmarks/bench_masked_linear.py --out benchmarks/results/masked_linear-cpu.json
     python benchmarks/bench_masked_linear.py --sections targets,crossover --repeats 5
@@ -49,14 +50,15 @@ CROSSOVER_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 
 @contextlib.contextmanager
 def _torch_path(crossover: dict[int, float]):
-    """lthfast's torch path with ``CPU_CROSSOVER`` replaced ({} = always dense) and no minimum size."""
-    saved = linear_torch.CPU_CROSSOVER, linear_torch.CPU_MIN_MACS
-    linear_torch.CPU_CROSSOVER, linear_torch.CPU_MIN_MACS = crossover, 0
+    """lthfast's torch path with ``CPU_CROSSOVER`` (and ``CPU_CROSSOVER_TORCH``) replaced ({} = always dense) and no
+    minimum size."""
+    saved = linear_torch.CPU_CROSSOVER, linear_torch.CPU_CROSSOVER_TORCH, linear_torch.CPU_MIN_MACS
+    linear_torch.CPU_CROSSOVER, linear_torch.CPU_CROSSOVER_TORCH, linear_torch.CPU_MIN_MACS = crossover, crossover, 0
     try:
         with lthfast.backend("torch"):
             yield
     finally:
-        linear_torch.CPU_CROSSOVER, linear_torch.CPU_MIN_MACS = saved
+        linear_torch.CPU_CROSSOVER, linear_torch.CPU_CROSSOVER_TORCH, linear_torch.CPU_MIN_MACS = saved
 
 
 def _forced(context, detail: str, cuda_only: bool = False, cpu_only: bool = False):

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 
+#include "block_matmul.h"
 #include "mask_update.h"
 #include "threshold.h"
 #include "tile_index.h"
@@ -112,6 +113,53 @@ py::tuple tile_index_py(uintptr_t mask, int64_t n, int64_t k, int64_t row_stride
                         to_numpy(a.tile_rows), a.max_row_tiles, a.max_col_tiles);
 }
 
+void block_rows_product_py(int64_t block, uintptr_t a, int64_t lda, uintptr_t tiles, uintptr_t starts, uintptr_t a_cols,
+                           int64_t groups, uintptr_t bias, uintptr_t c, int64_t ldc, int64_t m, int threads) {
+  if (block < 16 || block % 16 || m < 0 || groups < 0 || ldc < block * groups ||
+      (m > 0 && groups > 0 && (!a || !c || !starts)))
+    throw std::invalid_argument("lthfast._C.block_rows_product: bad sizes or null buffer");
+  if (!lthfast::block_kernels_supported()) throw std::runtime_error("lthfast._C.block_rows_product: needs AVX2+FMA");
+  lthfast::RowsProduct p;
+  p.block = block;
+  p.a = reinterpret_cast<const float*>(a);
+  p.lda = lda;
+  p.tiles = reinterpret_cast<const float*>(tiles);
+  p.starts = reinterpret_cast<const int64_t*>(starts);
+  p.a_cols = reinterpret_cast<const int64_t*>(a_cols);
+  p.groups = groups;
+  p.bias = reinterpret_cast<const float*>(bias);
+  p.c = reinterpret_cast<float*>(c);
+  p.ldc = ldc;
+  p.m = m;
+  py::gil_scoped_release release;
+  lthfast::block_rows_product(p, threads < 1 ? 1 : threads);
+}
+
+void block_grad_weight_py(int64_t block, uintptr_t dy, int64_t ldy, uintptr_t x, int64_t ldx, int64_t m, uintptr_t tile_rows,
+                          uintptr_t tile_cols, int64_t nnz, uintptr_t keep, int64_t n, int64_t k, uintptr_t dw,
+                          int threads) {
+  if (block < 16 || block % 16 || m < 0 || nnz < 0 || n < 0 || k < 0 ||
+      (m > 0 && nnz > 0 && (!dy || !x || !tile_rows || !tile_cols || !keep || !dw)))
+    throw std::invalid_argument("lthfast._C.block_grad_weight: bad sizes or null buffer");
+  if (!lthfast::block_kernels_supported()) throw std::runtime_error("lthfast._C.block_grad_weight: needs AVX2+FMA");
+  lthfast::GradWeight p;
+  p.block = block;
+  p.dy = reinterpret_cast<const float*>(dy);
+  p.ldy = ldy;
+  p.x = reinterpret_cast<const float*>(x);
+  p.ldx = ldx;
+  p.m = m;
+  p.tile_rows = reinterpret_cast<const int64_t*>(tile_rows);
+  p.tile_cols = reinterpret_cast<const int64_t*>(tile_cols);
+  p.nnz = nnz;
+  p.keep = reinterpret_cast<const uint8_t*>(keep);
+  p.n = n;
+  p.k = k;
+  p.dw = reinterpret_cast<float*>(dw);
+  py::gil_scoped_release release;
+  lthfast::block_grad_weight(p, threads < 1 ? 1 : threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -134,6 +182,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_n"), py::arg("block_k"),
         "Tile index of an [n, k] byte mask (rows row_stride bytes apart): numpy arrays (alive [Tn, Tk] uint8, "
         "row_ptr, row_cols, col_ptr, col_rows, tile_rows, all int32) and (max_row_tiles, max_col_tiles).");
+  m.def("block_kernels_supported", &lthfast::block_kernels_supported,
+        "Whether this CPU has the AVX2+FMA that block_rows_product / block_grad_weight need.");
+  m.def("block_use_openmp", &lthfast::block_use_openmp, py::arg("enabled"),
+        "Run the block kernels' threads on the OpenMP pool torch loaded (True, the default) or on std::threads "
+        "(False, for tests). Returns the previous setting. Process-wide.");
+  m.def("block_rows_product", &block_rows_product_py, py::arg("block"), py::arg("a"), py::arg("lda"), py::arg("tiles"),
+        py::arg("starts"), py::arg("a_cols"), py::arg("groups"), py::arg("bias"), py::arg("c"), py::arg("ldc"),
+        py::arg("m"), py::arg("threads"),
+        "fp32 C[:, bg:bg+b] = bias[bg:bg+b] + sum_s A[:, a_cols[s]:+b] @ tiles[s] over s in [starts[g], "
+        "starts[g+1]) (int64), for every group g, block b a multiple of 16, over plain buffers (bias 0 = none).");
+  m.def("block_grad_weight", &block_grad_weight_py, py::arg("block"), py::arg("dy"), py::arg("ldy"), py::arg("x"), py::arg("ldx"),
+        py::arg("m"), py::arg("tile_rows"), py::arg("tile_cols"), py::arg("nnz"), py::arg("keep"), py::arg("n"),
+        py::arg("k"), py::arg("dw"), py::arg("threads"),
+        "fp32 dW tiles (tile_rows[t], tile_cols[t]) (int64, sorted by row) = (dY^T X) there, 0 where the tile's "
+        "mask keep[t] ([nnz, b, b] bytes) is 0, written into dW [n, k] (cut at its edge); other entries untouched.");
   m.def("set_vector_kernels", &lthfast::set_vector_kernels, py::arg("enabled"),
         "Use the AVX2 kernels where the CPU has them (True, the default) or the scalar ones (False, for tests). "
         "Returns the previous setting. Process-wide: do not change it while a select runs.");

@@ -34,11 +34,26 @@ def any_backend(request):
     return request.param
 
 
-@pytest.fixture
-def block_path(monkeypatch):
-    """Force the torch path's block-sparse route on small problems (32x32 tiles, any density)."""
+@pytest.fixture(params=["cpp", "torch"])
+def block_path(request, monkeypatch):
+    """Force the torch path's block-sparse route on small problems (32x32 tiles, any density), once on the C++
+    block kernels (fp32 compute; the torch block products would fail the test) and once on the torch ones."""
     monkeypatch.setattr(linear_torch, "CPU_MIN_MACS", 0)
     monkeypatch.setattr(linear_torch, "CPU_CROSSOVER", {32: 2.0})
+    monkeypatch.setattr(linear_torch, "CPU_CROSSOVER_TORCH", {32: 2.0})
+    if request.param == "torch":
+        monkeypatch.setattr(linear_torch, "USE_EXT", False)
+        return request.param
+    if linear_torch._block_ext(torch.float32) is None:
+        pytest.skip("lthfast._C has no block kernels here (not built, or no AVX2 + FMA)")
+    gathered = linear_torch._gathered
+
+    def torch_products_only_off_fp32(t, tiles, b, index, dtype):
+        assert dtype != torch.float32, "fp32 compute must run on the C++ block kernels"
+        return gathered(t, tiles, b, index, dtype)
+
+    monkeypatch.setattr(linear_torch, "_gathered", torch_products_only_off_fp32)
+    return request.param
 
 
 def _random_mask(n, k, density):

@@ -9,6 +9,8 @@ gathered once per call as its alive column blocks [M, nnz, b] (row-major tile or
   dW       [dW_t over r's tiles] = dY[:, n-tile r]^T @ Xg[:, tiles of r]   then ⊙ M           ([b, M] @ [M, n_r b])
 Products write straight into strided slices of the outputs (BLAS takes the leading dimension), so nothing is
 scattered or summed afterwards: each output block is one product, whichever worker computes it.
+For fp32 compute (fp16/bf16 included) the same three passes run in C++ when lthfast._C has its block kernels
+(csrc/block_matmul.cpp, AVX2 + FMA): X and dY read in place, no per-tile-row products, no scatter for dW.
 Dense: torch on W ⊙ M (``torch.where``, so a NaN stored under a pruned entry cannot leak), MKL/cuBLAS GEMMs.
 
 Which one runs is decided per call from the mask's (cached) tile index: see ``plan``.
@@ -23,15 +25,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lthfast import _backend
 from lthfast.kernels.tile_index import TileIndex, tile_index
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
-# Tile sizes tried on CPU, and the tile density below which each beats dense MKL on the training step. Measured
-# for this grouped-product path with `benchmarks/bench_masked_linear.py --sections crossover` on the 2-core EPYC VM,
-# Linear(2048, 2048), batch 512, fp32, 2 threads (benchmarks/results/masked_linear-crossover-cpu.json): train step
-# sparse/dense 1.65x / 1.31x / 0.39x at tile density 0.1 / 0.2 / 0.3 with 32x32 tiles, 2.24x / 1.63x / 0.83x with
-# 64x64 tiles; so 0.25 for both (16x16 tiles make products ~4x slower per flop than 32x32: never worth it).
-CPU_CROSSOVER = {64: 0.25, 32: 0.25}
+# Tile sizes tried on CPU, and the tile density below which each beats dense MKL, measured with
+# `benchmarks/bench_masked_linear.py --sections crossover` on the 2-core EPYC VM, Linear(2048, 2048), batch 512,
+# fp32, 2 threads. CPU_CROSSOVER is for the C++ kernels (fp32 / fp16 / bf16 compute when lthfast._C has them;
+# benchmarks/results/masked_linear-crossover-cpu-ext.json): sparse/dense (train / forward) at tile density 0.5, 0.6
+# and 0.8: 1.40x / 1.21x, 1.22x / 1.15x and 0.90x / 0.88x with 32x32 tiles; 1.49x / 1.34x, 1.33x / 1.33x and
+# 1.09x / 1.16x with 64x64 tiles (0.96x / 0.91x at 0.8 in an earlier run). So 0.5 for 32x32 and 0.6 for 64x64,
+# where the margin is still clear of the shared VM's noise.
+# CPU_CROSSOVER_TORCH is for the torch block products (float64, or no kernels), measured the same way
+# (benchmarks/results/masked_linear-crossover-cpu.json): train step sparse/dense 1.65x / 1.31x / 0.39x at tile
+# density 0.1 / 0.2 / 0.3 with 32x32 tiles, 2.24x / 1.63x / 0.83x with 64x64 tiles; so 0.25 for both (16x16
+# tiles make products ~4x slower per flop than 32x32: never worth it).
+CPU_CROSSOVER = {64: 0.6, 32: 0.5}
+CPU_CROSSOVER_TORCH = {64: 0.25, 32: 0.25}
 # Below this many dense multiply-adds (M * N * K) the extra small ops of the block path cost more than the GEMM
 # they save (about 0.3 ms of overhead against ~60 GFLOP/s dense on this machine).
 CPU_MIN_MACS = 2**23
@@ -40,6 +50,9 @@ CPU_MIN_MACS = 2**23
 # OpenMP region that waits for every thread, and on the shared 2-vCPU VM, while another process held a core, the
 # 95%-sparse 2048x2048 training step took 417 ms that way against 172 ms with 2 workers (dense: 479 ms).
 MAX_WORKERS = 8
+# The C++ block kernels (csrc/block_matmul.cpp) for fp32 compute when lthfast._C has them and the CPU has AVX2 +
+# FMA; tests turn this off to run the torch block path on the same cases.
+USE_EXT = True
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,9 @@ class BlockPlan:
     column, then row): ``rows_c``, ``cols_c``, ``col_starts`` [Tk + 1], ``elems_b`` / ``keep_b`` ([b (n), b (k)]
     per tile). Positions past the weight's edge point at offset 0 with keep False: they gather a value that is
     then zeroed, and add an exact zero when dW is scattered.
+    For the C++ kernels (int64 / bool, CPU): ``starts_f`` / ``starts_b`` the tile starts as tensors, ``a_cols_f``
+    = ``cols * b`` and ``a_cols_b`` = ``rows_c * b`` the first input column each tile reads, ``keep_r``
+    [nnz, b (n), b (k)] the mask of each tile in row-major tile order.
     """
 
     block: int
@@ -68,6 +84,11 @@ class BlockPlan:
     col_starts: list[int]
     elems_b: torch.Tensor
     keep_b: torch.Tensor
+    starts_f: torch.Tensor
+    a_cols_f: torch.Tensor
+    starts_b: torch.Tensor
+    a_cols_b: torch.Tensor
+    keep_r: torch.Tensor
     splits: dict = field(default_factory=dict, compare=False, repr=False)  # parts() cache
 
     @property
@@ -119,8 +140,10 @@ def _build_plan(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
     col_starts = torch.searchsorted(cols_c, torch.arange(index.tiles_k + 1, device=mask.device)).tolist()
     elems_f, keep_f = _tile_elems(mask, rows, cols, b, transpose=True)
     elems_b, keep_b = _tile_elems(mask, rows_c, cols_c, b, transpose=False)
+    as_tensor = lambda starts: torch.tensor(starts, dtype=torch.int64, device=mask.device)
     return BlockPlan(b, tuple(mask.shape), index.tiles_n, index.tiles_k, rows, cols, row_starts, elems_f, keep_f,
-                     rows_c, cols_c, col_starts, elems_b, keep_b)  # fmt: skip
+                     rows_c, cols_c, col_starts, elems_b, keep_b, as_tensor(row_starts), cols * b,
+                     as_tensor(col_starts), rows_c * b, keep_f.transpose(1, 2).contiguous())  # fmt: skip
 
 
 def _plan_of(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
@@ -133,17 +156,19 @@ def _plan_of(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
     return built
 
 
-def plan(mask: torch.Tensor, rows: int) -> BlockPlan | None:
-    """The block plan to use for ``mask`` [N, K] with ``rows`` input rows, or None for the dense path.
+def plan(mask: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> BlockPlan | None:
+    """The block plan to use for ``mask`` [N, K] with ``rows`` input rows of ``dtype``, or None for the dense path.
 
     Block-sparse only on CPU, for problems of at least ``CPU_MIN_MACS``, and with the tile size whose tile
-    density is furthest below its measured crossover.
+    density is furthest below its measured crossover (``CPU_CROSSOVER`` where the C++ kernels take the dtype,
+    ``CPU_CROSSOVER_TORCH`` otherwise).
     """
     n, k = mask.shape
     if mask.device.type != "cpu" or rows * n * k < CPU_MIN_MACS:
         return None
+    crossovers = CPU_CROSSOVER if _block_ext(_compute_dtype(dtype)) is not None else CPU_CROSSOVER_TORCH
     best, best_ratio = None, 1.0
-    for block, crossover in CPU_CROSSOVER.items():
+    for block, crossover in crossovers.items():
         index = tile_index(mask, block, block)
         ratio = index.tile_density / crossover
         if ratio < best_ratio:
@@ -239,12 +264,23 @@ def _workers() -> int:
     return max(1, min(MAX_WORKERS, torch.get_num_threads()))
 
 
+def _block_ext(compute_dtype: torch.dtype, block: int = 32):
+    """lthfast._C when its block kernels (fp32, tiles a multiple of 16, AVX2 + FMA) serve this call, else None (the
+    torch block products)."""
+    if not USE_EXT or compute_dtype != torch.float32 or block % 16:
+        return None
+    ext = _backend.ext()
+    if ext is None or not hasattr(ext, "block_rows_product") or not ext.block_kernels_supported():
+        return None
+    return ext
+
+
 # ------------------------------------------------------------------------------------------------ the ops
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, contiguous, x's dtype. Any device; block-sparse on CPU when sparse."""
-    p = plan(mask, x.shape[0])
+    p = plan(mask, x.shape[0], x.dtype)
     if p is None:
         return torch.nn.functional.linear(x, _scratch_masked_weight(weight, mask), bias).contiguous()
     return _forward_blocks(x, weight, bias, p)
@@ -254,7 +290,7 @@ def backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, need_x: bool, need_w: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dX [M, K], dW [N, K]) of ``forward`` for grad [M, N]; None where not needed. dW is zero where M is."""
-    p = plan(mask, x.shape[0])
+    p = plan(mask, x.shape[0], x.dtype)
     if p is None:
         grad_x = grad @ _scratch_masked_weight(weight, mask) if need_x else None
         grad_w = _mask_(grad.t() @ x, mask) if need_w else None
@@ -272,10 +308,17 @@ def _gathered(t: torch.Tensor, tiles: int, b: int, index: torch.Tensor, dtype: t
 @torch.no_grad()
 def _forward_blocks(x, weight, bias, p: BlockPlan) -> torch.Tensor:
     ct, m, b = _compute_dtype(x.dtype), x.shape[0], p.block
-    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b]
     wf = _tiles(weight, p.elems_f, p.keep_f, ct)  # [nnz, b (k), b (n)]
     y = torch.empty(m, p.tiles_n * b, dtype=ct, device=x.device)
     bias = None if bias is None else _padded(bias[None], p.tiles_n * b, ct)[0]
+    ext = _block_ext(ct, b)
+    if ext is not None:
+        xp = _padded(x, p.tiles_k * b, ct)
+        ext.block_rows_product(b, xp.data_ptr(), xp.stride(0), wf.data_ptr(), p.starts_f.data_ptr(),
+                               p.a_cols_f.data_ptr(), p.tiles_n, 0 if bias is None else bias.data_ptr(),
+                               y.data_ptr(), y.stride(0), m, torch.get_num_threads())  # fmt: skip
+        return _cut(y, p.shape[0], x.dtype)
+    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b]
     starts = p.row_starts
 
     def work(g0: int, g1: int) -> None:
@@ -298,9 +341,16 @@ def _forward_blocks(x, weight, bias, p: BlockPlan) -> torch.Tensor:
 @torch.no_grad()
 def _grad_input_blocks(grad, weight, p: BlockPlan, dtype: torch.dtype) -> torch.Tensor:
     ct, m, b = _compute_dtype(dtype), grad.shape[0], p.block
-    gg = _gathered(grad, p.tiles_n, b, p.rows_c, ct)  # [M, nnz, b], column-major tiles
     wb = _tiles(weight, p.elems_b, p.keep_b, ct)  # [nnz, b (n), b (k)]
     dx = torch.empty(m, p.tiles_k * b, dtype=ct, device=grad.device)
+    ext = _block_ext(ct, b)
+    if ext is not None:
+        gp = _padded(grad, p.tiles_n * b, ct)
+        ext.block_rows_product(b, gp.data_ptr(), gp.stride(0), wb.data_ptr(), p.starts_b.data_ptr(),
+                               p.a_cols_b.data_ptr(), p.tiles_k, 0, dx.data_ptr(), dx.stride(0), m,
+                               torch.get_num_threads())  # fmt: skip
+        return _cut(dx, p.shape[1], dtype)
+    gg = _gathered(grad, p.tiles_n, b, p.rows_c, ct)  # [M, nnz, b], column-major tiles
     starts = p.col_starts
 
     def work(g0: int, g1: int) -> None:
@@ -319,8 +369,16 @@ def _grad_input_blocks(grad, weight, p: BlockPlan, dtype: torch.dtype) -> torch.
 @torch.no_grad()
 def _grad_weight_blocks(grad, x, p: BlockPlan) -> torch.Tensor:
     ct, m, b, nnz = _compute_dtype(x.dtype), x.shape[0], p.block, p.nnz
-    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b], row-major tiles (as in the forward)
     g = _padded(grad, p.tiles_n * b, ct)
+    ext = _block_ext(ct, b)
+    if ext is not None:
+        xp = _padded(x, p.tiles_k * b, ct)
+        grad_w = torch.zeros(p.shape, dtype=ct, device=x.device)
+        ext.block_grad_weight(b, g.data_ptr(), g.stride(0), xp.data_ptr(), xp.stride(0), m, p.rows.data_ptr(),
+                              p.cols.data_ptr(), nnz, p.keep_r.data_ptr(), p.shape[0], p.shape[1],
+                              grad_w.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return grad_w.to(x.dtype)
+    xg = _gathered(x, p.tiles_k, b, p.cols, ct)  # [M, nnz, b], row-major tiles (as in the forward)
     products = torch.empty(b, nnz, b, dtype=ct, device=x.device)  # [b (n), tile, b (k)]
     starts = p.row_starts
 
