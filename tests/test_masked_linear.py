@@ -132,6 +132,19 @@ def test_full_mask(any_backend):
     _check((13,), torch.ones(30, 40, dtype=torch.bool))
 
 
+def test_full_mask_skips_the_mask_products_on_the_dense_route(monkeypatch):
+    calls = []
+    scratch, mask_ = linear_torch._scratch_masked_weight, linear_torch._mask_
+    monkeypatch.setattr(linear_torch, "_scratch_masked_weight", lambda w, m: calls.append("w") or scratch(w, m))
+    monkeypatch.setattr(linear_torch, "_mask_", lambda g, m: calls.append("g") or mask_(g, m))
+    mask = torch.ones(30, 40, dtype=torch.bool)
+    _check((13,), mask)  # exact against the reference, no mask product
+    assert calls == []
+    mask[3, 7] = False  # in place: the cached "full" answer must not survive the version change
+    _check((13,), mask, poison=True)
+    assert sorted(set(calls)) == ["g", "w"]
+
+
 def test_nan_under_pruned_entries_does_not_leak(any_backend):
     y, x, w, _ = _check((17,), block_mask(40, 48, 0.5, 16) & _random_mask(40, 48, 0.7), poison=True)
     assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(w.grad).all())

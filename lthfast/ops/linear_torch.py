@@ -278,11 +278,34 @@ def _block_ext(compute_dtype: torch.dtype, block: int = 32):
 # ------------------------------------------------------------------------------------------------ the ops
 
 
+# id(mask owner) -> (weakref to it, its version, whether every entry is True)
+_full: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def all_alive(mask: torch.Tensor) -> bool:
+    """Whether every entry of ``mask`` is True, cached on the mask's version counter (like its tile index).
+
+    A full mask makes W ⊙ M = W exactly, so the dense route skips its three mask products: IMP's level 0 (and
+    any layer left dense) then costs what dense ``F.linear`` costs, ~3 ms less per product than
+    ``F.linear(x, w * m)`` (Linear(2048, 2048), batch 512, fp32, 2 threads of the 2-core EPYC VM).
+    """
+    owner = mask._base if mask._base is not None else mask
+    if owner.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(owner):
+        return bool(mask.all())
+    entry = _full.get(id(owner))
+    if entry is None or entry[0]() is not owner or entry[1] != owner._version:
+        key = id(owner)
+        entry = (weakref.ref(owner, lambda _, key=key: _full.pop(key, None)), owner._version, bool(owner.all()))
+        _full[key] = entry
+    return entry[2] if mask is owner else bool(mask.all())
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, contiguous, x's dtype. Any device; block-sparse on CPU when sparse."""
     p = plan(mask, x.shape[0], x.dtype)
     if p is None:
-        return torch.nn.functional.linear(x, _scratch_masked_weight(weight, mask), bias).contiguous()
+        w = weight if all_alive(mask) else _scratch_masked_weight(weight, mask)
+        return torch.nn.functional.linear(x, w, bias).contiguous()
     return _forward_blocks(x, weight, bias, p)
 
 
@@ -292,8 +315,9 @@ def backward(
     """(dX [M, K], dW [N, K]) of ``forward`` for grad [M, N]; None where not needed. dW is zero where M is."""
     p = plan(mask, x.shape[0], x.dtype)
     if p is None:
-        grad_x = grad @ _scratch_masked_weight(weight, mask) if need_x else None
-        grad_w = _mask_(grad.t() @ x, mask) if need_w else None
+        full = all_alive(mask)
+        grad_x = grad @ (weight if full else _scratch_masked_weight(weight, mask)) if need_x else None
+        grad_w = (grad.t() @ x if full else _mask_(grad.t() @ x, mask)) if need_w else None
         return grad_x, grad_w
     grad_x = _grad_input_blocks(grad, weight, p, x.dtype) if need_x else None
     grad_w = _grad_weight_blocks(grad, x, p) if need_w else None
