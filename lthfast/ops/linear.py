@@ -4,7 +4,9 @@ Layers, top down:
   masked_linear(x, weight, mask, bias)      validates, flattens x to 2-D, calls the forward op
   autograd (register_autograd)              backward = lthfast::masked_linear_bwd + db = sum of dY
   lthfast::masked_linear_fwd / _bwd         custom ops with fake implementations (torch.compile traces them
-                                            as opaque nodes, fullgraph), dispatching inside at run time:
+                                            as opaque nodes, fullgraph), dispatching inside at run time
+                                            (plain eager calls run the same two functions through an
+                                            autograd.Function instead: lthfast.ops.eager):
       Triton kernels (lthfast.kernels.masked_matmul)   when lthfast._backend.use_triton(...) says so
       torch path (lthfast.ops.linear_torch)             otherwise: block-sparse on CPU, or dense on W ⊙ M
 The same ops run on every device, so a compiled graph does not depend on where the tensors live.
@@ -16,6 +18,7 @@ import torch
 
 from lthfast import _backend
 from lthfast.ops import autocast, linear_torch
+from lthfast.ops.eager import eager_ok
 
 # "auto" backend on CUDA: above this tile density cuBLAS on W ⊙ M beats the sparse kernels, so it is used
 # instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). 0.5 is an
@@ -55,10 +58,7 @@ def _kernel_index(mask: torch.Tensor):
 # ------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("lthfast::masked_linear_fwd", mutates_args=())
-def masked_linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def _forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias; contiguous, x's dtype. Inputs already validated."""
     if _use_kernels(x):
         index = _kernel_index(mask)
@@ -69,15 +69,20 @@ def masked_linear_fwd(
     return linear_torch.forward(x, weight, mask, bias).contiguous()
 
 
+@torch.library.custom_op("lthfast::masked_linear_fwd", mutates_args=())
+def masked_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias; contiguous, x's dtype. Inputs already validated."""
+    return _forward(x, weight, mask, bias)
+
+
 @masked_linear_fwd.register_fake
 def _(x, weight, mask, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("lthfast::masked_linear_bwd", mutates_args=())
-def masked_linear_bwd(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, need_x: bool, need_w: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _grads(grad, x, weight, mask, need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX [M, K], dW [N, K]) for grad [M, N]; dW exactly zero where the mask is False.
 
     An output that is not needed (``need_x`` / ``need_w`` False) is returned as an empty [0] tensor.
@@ -98,6 +103,17 @@ def masked_linear_bwd(
     return (empty if grad_x is None else grad_x.contiguous()), (empty if grad_w is None else grad_w.contiguous())
 
 
+@torch.library.custom_op("lthfast::masked_linear_bwd", mutates_args=())
+def masked_linear_bwd(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, need_x: bool, need_w: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX [M, K], dW [N, K]) for grad [M, N]; dW exactly zero where the mask is False.
+
+    An output that is not needed (``need_x`` / ``need_w`` False) is returned as an empty [0] tensor.
+    """
+    return _grads(grad, x, weight, mask, need_x, need_w)
+
+
 @masked_linear_bwd.register_fake
 def _(grad, x, weight, mask, need_x, need_w):
     grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
@@ -111,18 +127,34 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, grads=None):
     x, weight, mask = ctx.saved_tensors
     need_x, need_w, _, need_b = ctx.needs_input_grad
     grad_x = grad_w = grad_b = None
     if need_x or need_w:
-        grad_x, grad_w = torch.ops.lthfast.masked_linear_bwd(grad, x, weight, mask, need_x, need_w)
+        grads = grads or torch.ops.lthfast.masked_linear_bwd
+        grad_x, grad_w = grads(grad, x, weight, mask, need_x, need_w)
     if need_b and ctx.has_bias:
         grad_b = grad.sum(0)
     return (grad_x if need_x else None), (grad_w if need_w else None), None, grad_b
 
 
 torch.library.register_autograd("lthfast::masked_linear_fwd", _backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The op in plain eager mode (``eager_ok``): the same forward and gradients, no custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, bias):
+        _setup_context(ctx, (x, weight, mask, bias), None)
+        return _forward(x, weight, mask, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, grads=_grads)
+
+
 # Under torch.autocast the forward computes in the autocast dtype, the backward in the forward's dtypes.
 autocast.register("masked_linear_fwd", cast=True)
 autocast.register("masked_linear_bwd", cast=False)
@@ -175,5 +207,8 @@ def masked_linear(
     """
     _check(x, weight, mask, bias, where)
     x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
-    y = torch.ops.lthfast.masked_linear_fwd(x2d, weight, mask, bias)
+    if eager_ok(x2d, weight, mask, bias):
+        y = _Eager.apply(x2d, weight, mask, bias)
+    else:
+        y = torch.ops.lthfast.masked_linear_fwd(x2d, weight, mask, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
