@@ -42,6 +42,35 @@ def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv_eager_and_custom_op_routes_agree_bitwise(layout, monkeypatch):
+    from lthfast.ops import conv
+
+    torch.manual_seed(1)
+    x, w, b = torch.randn(2, 6, 9, 11), torch.randn(8, 6, 3, 3), torch.randn(8)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    m = torch.rand(8, 6, 3, 3) < 0.6
+
+    def run_conv():
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = functional.masked_conv2d(xs, ws, m, bs, stride=2, padding=1)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        return y.detach(), xs.grad, ws.grad, bs.grad
+
+    calls = []
+    eager_fn = conv._Eager.apply
+    monkeypatch.setattr(conv._Eager, "apply", lambda *a: calls.append(1) or eager_fn(*a))
+    first = run_conv()
+    assert calls
+    monkeypatch.setattr(conv, "eager_ok", lambda *a: False)
+    calls.clear()
+    second = run_conv()
+    assert not calls
+    for a, c in zip(first, second):
+        assert torch.equal(a, c) and a.stride() == c.stride()
+
+
 def test_custom_op_route_under_modes_and_autocast():
     x, w, m = torch.randn(4, 8), torch.randn(6, 8), torch.rand(6, 8) < 0.5
     assert eager.eager_ok(x, w, m, None)

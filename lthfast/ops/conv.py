@@ -2,7 +2,8 @@
 
 The custom ops ``lthfast::masked_conv2d``, ``lthfast::masked_conv2d_grad_input`` and
 ``lthfast::masked_conv2d_grad_weight`` are the route on every device, so ``torch.compile`` sees one opaque op
-per call; inside, ``lthfast._backend.use_triton`` picks the Triton kernels (``lthfast.kernels.masked_conv``)
+per call (plain eager calls run the same three functions through an autograd.Function: ``lthfast.ops.eager``);
+inside, ``lthfast._backend.use_triton`` picks the Triton kernels (``lthfast.kernels.masked_conv``)
 or the dense path (``F.conv2d`` / ``convolution_backward`` on W*M, through ``lthfast.reference``).
 Padding reaches the ops as (top, bottom, left, right), which also covers ``padding="same"`` with an even
 dilated kernel (torch puts the extra row/column at the bottom/right).
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from lthfast import _backend, reference
 from lthfast.ops import autocast
+from lthfast.ops.eager import eager_ok
 
 # "auto" runs dense cuDNN on W*M when the tile density (fraction of alive weight tiles) is above this value,
 # the Triton kernels at or below it. PROVISIONAL: no GPU was available when the kernels were written; the
@@ -174,6 +176,18 @@ def _conv_fake(x, weight, mask, bias, stride, padding, dilation, groups, where):
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
+def _forward(x, weight, mask, bias, stride, padding, dilation, groups, where):
+    out = _conv_fake(x, weight, mask, bias, stride, padding, dilation, groups, where)
+    index = _kernel_index(x, mask, groups, where)
+    if index is None:
+        xp, sym = _symmetric(x, padding)
+        y = reference.masked_conv2d(xp, weight, mask, bias, stride, sym, dilation, groups)
+        return y if y.stride() == out.stride() else out.copy_(y)
+    from lthfast.kernels import masked_conv as kernels
+
+    return kernels.conv2d_forward(x, weight, mask, bias, out, stride, padding, dilation, index)
+
+
 @torch.library.custom_op("lthfast::masked_conv2d", mutates_args=())
 def _conv_op(
     x: torch.Tensor,
@@ -186,18 +200,20 @@ def _conv_op(
     groups: int,
     where: str,
 ) -> torch.Tensor:
-    out = _conv_fake(x, weight, mask, bias, stride, padding, dilation, groups, where)
-    index = _kernel_index(x, mask, groups, where)
-    if index is None:
-        xp, sym = _symmetric(x, padding)
-        y = reference.masked_conv2d(xp, weight, mask, bias, stride, sym, dilation, groups)
-        return y if y.stride() == out.stride() else out.copy_(y)
-    from lthfast.kernels import masked_conv as kernels
-
-    return kernels.conv2d_forward(x, weight, mask, bias, out, stride, padding, dilation, index)
+    return _forward(x, weight, mask, bias, stride, padding, dilation, groups, where)
 
 
 _conv_op.register_fake(_conv_fake)
+
+
+def _grad_input(grad, x, weight, mask, stride, padding, dilation, groups):
+    index = _kernel_index(x, mask, groups)
+    if index is None:
+        grad_x = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, True, False)[0]
+        return _strided_like(grad_x, x)
+    from lthfast.kernels import masked_conv as kernels
+
+    return kernels.conv2d_grad_input(grad, weight, mask, torch.empty_like(x), stride, padding, dilation, index)
 
 
 @torch.library.custom_op("lthfast::masked_conv2d_grad_input", mutates_args=())
@@ -211,18 +227,23 @@ def _grad_input_op(
     dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
-    index = _kernel_index(x, mask, groups)
-    if index is None:
-        grad_x = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, True, False)[0]
-        return _strided_like(grad_x, x)
-    from lthfast.kernels import masked_conv as kernels
-
-    return kernels.conv2d_grad_input(grad, weight, mask, torch.empty_like(x), stride, padding, dilation, index)
+    return _grad_input(grad, x, weight, mask, stride, padding, dilation, groups)
 
 
 @_grad_input_op.register_fake
 def _grad_input_fake(grad, x, weight, mask, stride, padding, dilation, groups):
     return torch.empty_like(x)
+
+
+def _grad_weight(grad, x, weight, mask, stride, padding, dilation, groups):
+    index = _kernel_index(x, mask, groups)
+    if index is None:
+        grad_w = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, False, True)[1]
+        return _strided_like(grad_w, weight)
+    from lthfast.kernels import masked_conv as kernels
+
+    grad_w = torch.zeros_like(weight)
+    return kernels.conv2d_grad_weight(grad, x, mask, grad_w, stride, padding, dilation, index)
 
 
 @torch.library.custom_op("lthfast::masked_conv2d_grad_weight", mutates_args=())
@@ -236,14 +257,7 @@ def _grad_weight_op(
     dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
-    index = _kernel_index(x, mask, groups)
-    if index is None:
-        grad_w = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, False, True)[1]
-        return _strided_like(grad_w, weight)
-    from lthfast.kernels import masked_conv as kernels
-
-    grad_w = torch.zeros_like(weight)
-    return kernels.conv2d_grad_weight(grad, x, mask, grad_w, stride, padding, dilation, index)
+    return _grad_weight(grad, x, weight, mask, stride, padding, dilation, groups)
 
 
 @_grad_weight_op.register_fake
@@ -258,13 +272,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, eager=False):
     x, weight, mask = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
+    grad_input = _grad_input if eager else torch.ops.lthfast.masked_conv2d_grad_input
+    grad_weight = _grad_weight if eager else torch.ops.lthfast.masked_conv2d_grad_weight
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.lthfast.masked_conv2d_grad_input(grad, x, weight, mask, *ctx.conv)
+        grad_x = grad_input(grad, x, weight, mask, *ctx.conv)
     if ctx.needs_input_grad[1]:
-        grad_w = torch.ops.lthfast.masked_conv2d_grad_weight(grad, x, weight, mask, *ctx.conv)
+        grad_w = grad_weight(grad, x, weight, mask, *ctx.conv)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         # a bandwidth-bound reduction of dY: torch's sum already runs at memory speed, a kernel would not beat it
         grad_b = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
@@ -276,6 +292,20 @@ _conv_op.register_autograd(_backward, setup_context=_setup_context)
 autocast.register("masked_conv2d", cast=True)
 autocast.register("masked_conv2d_grad_input", cast=False)
 autocast.register("masked_conv2d_grad_weight", cast=False)
+
+
+class _Eager(torch.autograd.Function):
+    """The op in plain eager mode (``lthfast.ops.eager``): the same forward and gradients, no custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, bias, stride, padding, dilation, groups, where):
+        inputs = (x, weight, mask, bias, stride, padding, dilation, groups, where)
+        _setup_context(ctx, inputs, None)
+        return _forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad, eager=True)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -315,7 +345,6 @@ def masked_conv2d(
             f"{tuple(weight.shape[2:])} (dilation {dilation})"
         )
     x = x.contiguous(memory_format=_memory_format(x, weight))
-    y = torch.ops.lthfast.masked_conv2d(
-        x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where
-    )
+    op = _Eager.apply if eager_ok(x, weight, mask, bias) else torch.ops.lthfast.masked_conv2d
+    y = op(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where)
     return y.squeeze(0) if unbatched else y
