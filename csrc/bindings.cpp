@@ -185,8 +185,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("block_kernels_supported", &lthfast::block_kernels_supported,
         "Whether this CPU has the AVX2+FMA that block_rows_product / block_grad_weight need.");
   m.def("block_use_openmp", &lthfast::block_use_openmp, py::arg("enabled"),
-        "Run the block kernels' threads on the OpenMP pool torch loaded (True, the default) or on std::threads "
-        "(False, for tests). Returns the previous setting. Process-wide.");
+        "Run lthfast._C's threads (block kernels, threshold, mask writes) on the OpenMP team torch loaded (True, "
+        "the default) or on std::threads (False, for tests). Returns the previous setting. Process-wide.");
   m.def("block_rows_product", &block_rows_product_py, py::arg("block"), py::arg("a"), py::arg("lda"), py::arg("tiles"),
         py::arg("starts"), py::arg("a_cols"), py::arg("groups"), py::arg("bias"), py::arg("c"), py::arg("ldc"),
         py::arg("m"), py::arg("threads"),

@@ -7,6 +7,7 @@
 // pass of Linear(2048, 2048), batch 512, 95% sparse in 32x32 tiles took 12-18 ms that way (3 ms of it the
 // 13 MB gather, 130 us per cold 512x96x32 product) for 225 MFLOP of work.
 #include "block_matmul.h"
+#include "parallel.h"
 
 #include <algorithm>
 #include <atomic>
@@ -17,10 +18,6 @@
 #include <stdexcept>
 #include <thread>
 #include <vector>
-
-#if defined(__unix__) || defined(__APPLE__)
-#include <dlfcn.h>
-#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define LTHFAST_BLOCK_X86 1
@@ -35,64 +32,6 @@ constexpr int kMr = 6;            // rows per micro-kernel call
 constexpr int64_t kRowChunk = 96;  // rows per work item of block_rows_product: 16 micro-kernel rows
 constexpr int64_t kTilesPerItem = 4;  // dW tiles per work item, all of one tile row
 constexpr int64_t kGradChunk = 64;    // dW: rows of m per pass over the two [m][32] panels: 16 KB, in L1
-
-// The OpenMP runtime that torch has already loaded (libgomp.so.1 in the Linux wheels), looked up at run time
-// rather than linked. Its intra-op workers keep spinning for a few ms after every parallel torch op (libgomp's
-// default wait policy), and threads of our own then share the cores with them: on the 2-core EPYC VM the 95%-sparse
-// Linear(2048, 2048) training step (batch 512) took 37 ms with std::thread workers and 23 ms on torch's pool.
-using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
-std::atomic<bool> g_use_openmp{true};  // tests switch it off to cover the std::thread workers
-
-GompParallel gomp_parallel() {
-#if defined(__unix__) || defined(__APPLE__)
-  static std::atomic<GompParallel> found{nullptr};
-  if (!g_use_openmp.load(std::memory_order_relaxed)) return nullptr;
-  GompParallel fn = found.load(std::memory_order_acquire);
-  if (fn == nullptr) {  // not cached until found: torch may load it after our first call
-    if (void* lib = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD)) {
-      fn = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
-      dlclose(lib);  // drops the reference RTLD_NOLOAD took; torch's own keeps it loaded
-      found.store(fn, std::memory_order_release);
-    }
-  }
-  return fn;
-#else
-  return nullptr;
-#endif
-}
-
-// fn(i) for i in [0, items) on up to `threads` threads (the caller's included; torch's OpenMP pool when loaded),
-// each taking the next item when done, so that a thread slowed by another process on its core holds back one
-// item, not half the work. Rethrows the first exception.
-template <class F>
-void parallel_items(int64_t items, int threads, F&& fn) {
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, items));
-  if (nt == 1) {
-    for (int64_t i = 0; i < items; ++i) fn(i);
-    return;
-  }
-  std::exception_ptr err;
-  std::mutex mu;
-  std::atomic<int64_t> next{0};
-  auto worker = [&]() {
-    try {
-      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mu);
-      if (!err) err = std::current_exception();
-    }
-  };
-  if (GompParallel run = gomp_parallel()) {
-    using Worker = decltype(worker);
-    run([](void* w) { (*static_cast<Worker*>(w))(); }, &worker, static_cast<unsigned>(nt), 0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int64_t w = 1; w < nt; ++w) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-  }
-  if (err) std::rethrow_exception(err);
-}
 
 #ifdef LTHFAST_BLOCK_X86
 // C[MR x 16] (ldc) = init[16] (or 0; or C itself when init == c) + sum over s in [s0, s1) of
@@ -166,7 +105,7 @@ LTHFAST_AVX2_FMA void select_tile(const float* tile, const uint8_t* keep, int64_
 
 }  // namespace
 
-bool block_use_openmp(bool enabled) { return g_use_openmp.exchange(enabled); }
+bool block_use_openmp(bool enabled) { return use_openmp(enabled); }
 
 bool block_kernels_supported() {
 #ifdef LTHFAST_BLOCK_X86
@@ -207,7 +146,7 @@ void block_rows_product(const RowsProduct& p, int threads) {
   const int64_t chunks = (p.m + kRowChunk - 1) / kRowChunk;
   // Items group-major: the threads share a group's tiles (~14 KB per tile row at 5% of 64 tiles: L1) and read
   // A in place, b columns per tile (no gathered copy).
-  parallel_items(p.groups * chunks, threads, [&](int64_t item) {
+  parallel_for(p.groups * chunks, threads, [&](int64_t item) {
     const int64_t g = item / chunks, r0 = (item % chunks) * kRowChunk, r1 = std::min(p.m, r0 + kRowChunk);
     const int64_t s0 = p.starts[g], s1 = p.starts[g + 1];
     for (int64_t i = r0; i < r1; i += kMr) {
@@ -241,7 +180,7 @@ void block_grad_weight(const GradWeight& p, int threads) {
   float* x_panels = scratch(nx * panel, owned);
   // Row by row, so that X is read in order.
   const int64_t row_parts = std::min<int64_t>((p.m + 31) / 32, 8 * std::max(1, threads));
-  parallel_items(row_parts, threads, [&](int64_t part) {
+  parallel_for(row_parts, threads, [&](int64_t part) {
     for (int64_t r = p.m * part / row_parts; r < p.m * (part + 1) / row_parts; ++r)
       for (int64_t s = 0; s < nx; ++s)
         std::memcpy(x_panels + s * panel + r * b, p.x + r * p.ldx + x_blocks[s] * b, b * sizeof(float));
@@ -252,7 +191,7 @@ void block_grad_weight(const GradWeight& p, int threads) {
     if (t == 0 || p.tile_rows[t] != p.tile_rows[t - 1] || t - item_start.back() == kTilesPerItem)
       item_start.push_back(t);
   item_start.push_back(p.nnz);
-  parallel_items(static_cast<int64_t>(item_start.size()) - 1, threads, [&](int64_t item) {
+  parallel_for(static_cast<int64_t>(item_start.size()) - 1, threads, [&](int64_t item) {
     const int64_t tr = p.tile_rows[item_start[item]];
     thread_local std::vector<float> dy_panel, out_tile;
     dy_panel.resize(panel);

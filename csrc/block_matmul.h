@@ -47,8 +47,9 @@ struct GradWeight {
 // True when this CPU has AVX2 and FMA, which the kernels need (the caller uses its torch path otherwise).
 bool block_kernels_supported();
 
-// Run the work on the OpenMP pool that torch loaded (true, the default; std::threads when there is none) or
-// always on std::threads (false, for tests). Returns the previous setting.
+// Run lthfast._C's threads (these kernels, the threshold, the mask writes: parallel.h) on the OpenMP team that
+// torch loaded (true, the default; std::threads when there is none) or always on std::threads (false, for
+// tests). Returns the previous setting.
 bool block_use_openmp(bool enabled);
 
 // Both run on up to `threads` threads (the caller's included) and assume valid arguments.

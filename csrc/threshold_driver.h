@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "threshold.h"
 
 namespace lthfast {
@@ -65,31 +66,10 @@ struct Group {
 // process on the other core, the threshold select took 3.5x its time with one part per thread.
 constexpr int kPartsPerThread = 4;
 
-// Runs fn(p) for p in [0, nparts) on up to `threads` threads (the caller's included), each taking the next
-// part when done. Rethrows the first exception.
+// Runs fn(p) for p in [0, nparts) on up to `threads` threads (parallel.h: torch's OpenMP team when loaded).
 template <class F>
 void parallel_parts(int nparts, int threads, F&& fn) {
-  const int nt = std::max(1, std::min(threads, nparts));
-  if (nt == 1) {
-    for (int p = 0; p < nparts; ++p) fn(p);
-    return;
-  }
-  std::exception_ptr err;
-  std::mutex mu;
-  std::atomic<int> next{0};
-  auto worker = [&]() {
-    try {
-      for (int p = next.fetch_add(1); p < nparts; p = next.fetch_add(1)) fn(p);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mu);
-      if (!err) err = std::current_exception();
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < nt; ++w) pool.emplace_back(worker);
-  worker();
-  for (auto& t : pool) t.join();
-  if (err) std::rethrow_exception(err);
+  parallel_for(nparts, threads, [&](int64_t p) { fn(static_cast<int>(p)); });
 }
 
 // Sums the parts' histograms of the bracket into sub; returns the total.

@@ -1,24 +1,21 @@
 """The CPU block-sparse route of the masked linear: the C++ kernels (lthfast._C, csrc/block_matmul.cpp) and the
 torch block products, each against the float64 reference, and against each other across thread counts."""
 
+import math
+
 import pytest
 import torch
+from test_masked_linear import _check as check_against_reference
 
 from lthfast import functional, reference
 from lthfast.bench.masks import block_mask
 from lthfast.ops import linear_torch
 
-# (atol, rtol) against the float64 reference, for fp32 compute. Each output sums at most K or M (<= 200 here)
-# products of N(0, 1) values in fp32: the rounding error grows like sqrt(terms) * 2^-24 * |partial sums|, about
-# 1e-5 at these sizes; atol 1e-4 leaves room for outputs that cancel to near zero (where rtol cannot help), and
-# rtol 1e-5 is ~100 ulp. fp16 / bf16: products accumulate in fp32, then one rounding to 16 bits (one ulp: 2^-10,
-# 2^-7), as in tests/test_masked_linear.py. float64: the torch block path in float64.
-TOL = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (1e-3, 1e-3),
-    torch.bfloat16: (1e-3, 8e-3),
-}
+# Tolerances: test_masked_linear's TOL, (atol, rtol) per dtype. For fp32 compute each output sums at most K or M
+# (<= 200 here) products of N(0, 1) values: the rounding error grows like sqrt(terms) * 2^-24 * |partial sums|,
+# about 1e-5 at these sizes; atol 1e-4 leaves room for outputs that cancel to near zero (where rtol cannot help),
+# and rtol 1e-5 is ~100 ulp. fp16 / bf16: products accumulate in fp32, then one rounding to 16 bits (one ulp:
+# 2^-10, 2^-7). float64: the torch block path in float64.
 
 
 @pytest.fixture(params=["cpp", "torch"])
@@ -61,29 +58,11 @@ def _mask(n, k, tile_sparsity, density=1.0):
 
 
 def _step(x_shape, mask, dtype=torch.float32, bias=True, poison_w=False):
-    """Forward + backward through the public function; checks y, dX, dW, db against float64; returns them."""
-    n, k = mask.shape
-    x = torch.randn(*x_shape, k, dtype=dtype, requires_grad=True)
-    w = torch.randn(n, k, dtype=dtype)
-    if poison_w:
-        w[~mask] = float("nan")  # stored under pruned entries: must reach neither y nor dX
-    w.requires_grad_()
-    b = torch.randn(n, dtype=dtype, requires_grad=True) if bias else None
-    assert linear_torch.plan(mask, x.numel() // max(k, 1)) is not None, "meant to run the block route"
-    y = functional.masked_linear(x, w, mask, b)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    x64, w64 = x.detach().double(), w.detach().double()
-    ref_y = reference.masked_linear(x64, w64, mask, None if b is None else b.detach().double())
-    ref_dx, ref_dw, ref_db = reference.masked_linear_backward(grad.double(), x64, w64, mask, bias)
-    atol, rtol = TOL[dtype]
-    assert y.dtype == dtype and x.grad.dtype == dtype and w.grad.dtype == dtype
-    torch.testing.assert_close(y.double(), ref_y, atol=atol, rtol=rtol)
-    torch.testing.assert_close(x.grad.double(), ref_dx, atol=atol, rtol=rtol)
-    torch.testing.assert_close(w.grad.double(), ref_dw, atol=atol, rtol=rtol)
-    assert bool((w.grad[~mask] == 0).all()), "dW must be exactly zero where the mask is False"
-    if bias:
-        torch.testing.assert_close(b.grad.double(), ref_db, atol=atol, rtol=rtol)
+    """Forward + backward through the public function on the block route; test_masked_linear's check of y, dX,
+    dW (exactly 0 off the mask), db against float64. Returns y, dX, dW."""
+    assert linear_torch.plan(mask, math.prod(x_shape)) is not None, "meant to run the block route"
+    y, x, w, _ = check_against_reference(x_shape, mask, dtype=dtype, bias=bias, poison=poison_w)
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
     return y.detach(), x.grad, w.grad
 
 

@@ -95,11 +95,21 @@ def c_select(tensors, masks, amount, threads, write=True, k=None, grain=1 << 12,
     )
 
 
-@pytest.mark.parametrize("vector", [True, False], ids=["avx2", "scalar"])
+@pytest.mark.parametrize(
+    "vector,openmp", [(True, True), (False, True), (True, False)], ids=["avx2", "scalar", "avx2-std-threads"]
+)
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpp_paths_match_reference_on_any_thread_count(case, vector):
+def test_cpp_paths_match_reference_on_any_thread_count(case, vector, openmp):
     if _backend.ext() is None:
         pytest.skip("lthfast._C is not built")
+    previous = _backend.ext().block_use_openmp(openmp)  # csrc/parallel.h: torch's OpenMP team or std::threads
+    try:
+        _check_paths(case, vector)
+    finally:
+        _backend.ext().block_use_openmp(previous)
+
+
+def _check_paths(case, vector):
     make, spec, passes, collected = CASES[case]
     flat = make()
     sizes = [flat.numel() // 3, flat.numel() // 3, flat.numel() - 2 * (flat.numel() // 3)]
