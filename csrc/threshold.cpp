@@ -95,7 +95,7 @@ void sample_bracket(Group& g, const Request& req, size_t gi) {
     for (int64_t s = b; s < e; ++s) {
       if (s + 16 < e) {
         const At& f = at[s + 16];
-        __builtin_prefetch(static_cast<const char*>(f.t->data) + f.i * (f.t->dtype == F32 ? 4 : 2));
+        __builtin_prefetch(static_cast<const char*>(f.t->data) + f.i * element_size(f.t->dtype));
         if (f.t->mask != nullptr) __builtin_prefetch(f.t->mask + f.i);
       }
       uint32_t key;

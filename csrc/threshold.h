@@ -95,12 +95,17 @@ void count_piece(const TensorRef& t, int64_t begin, int64_t end, const CountArgs
 // not null. Returns the number of bits set.
 int64_t clear_marked(uint8_t* mask, const uint8_t* bits, int64_t n, void* zero, int esize);
 
-// Writes +0.0 (all bits zero) into element i of t's weights when t.zero is set.
-inline void zero_weight(const TensorRef& t, int64_t i) {
-  if (t.zero == nullptr) return;
-  const int esize = t.dtype == F32 ? 4 : 2;
-  char* const p = static_cast<char*>(t.zero) + static_cast<int64_t>(esize) * i;
+inline int element_size(int dtype) { return dtype == F32 ? 4 : 2; }
+
+// Writes +0.0 (all bits zero) into element i of an array of esize-byte elements.
+inline void zero_element(void* base, int esize, int64_t i) {
+  char* const p = static_cast<char*>(base) + static_cast<int64_t>(esize) * i;
   for (int b = 0; b < esize; ++b) p[b] = 0;
+}
+
+// Writes +0.0 into element i of t's weights when t.zero is set.
+inline void zero_weight(const TensorRef& t, int64_t i) {
+  if (t.zero != nullptr) zero_element(t.zero, element_size(t.dtype), i);
 }
 
 // Turns the AVX2 kernels off (false) or back on where the CPU has them; returns the previous setting.

@@ -99,7 +99,7 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
   parallel_parts(nparts, req.threads, [&](int p) {
     for (const Piece& pc : g.parts[p].pieces) {
       const TensorRef& t = req.tensors[pc.tensor];
-      const int esize = t.dtype == F32 ? 4 : 2;
+      const int esize = element_size(t.dtype);
       void* const zero = t.zero == nullptr ? nullptr : static_cast<char*>(t.zero) + esize * pc.begin;
       cleared[p] += clear_marked(t.mask + pc.begin, bits + pc.bits_at, pc.end - pc.begin, zero, esize);
     }

@@ -171,9 +171,7 @@ int64_t clear_marked(uint8_t* mask, const uint8_t* bits, int64_t n, void* zero, 
     j = clear_marked_avx2(mask, bits, n, static_cast<float*>(zero), cleared);
 #endif
   const auto zero_at = [zero, esize](int64_t i) {
-    if (zero == nullptr) return;
-    char* const p = static_cast<char*>(zero) + static_cast<int64_t>(esize) * i;
-    for (int b = 0; b < esize; ++b) p[b] = 0;
+    if (zero != nullptr) zero_element(zero, esize, i);
   };
   for (; j + 8 <= n; j += 8) {
     const uint8_t b = bits[j >> 3];

@@ -198,7 +198,8 @@ def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileInde
     )
 
 
-# id(mask owner) -> (weakref to owner, owner._version, {(shape, stride, offset, bn, bk): TileIndex})
+# id(mask owner) -> (weakref to owner, owner._version, {key: value}); keys start with the view's
+# (shape, stride, offset)
 _cache: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
@@ -208,23 +209,27 @@ def _forget(ref: weakref.ref) -> None:
             del _cache[owner_id]
 
 
-def tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileIndex:
-    """The tile index of ``mask`` (2-D bool), cached on the mask tensor (or the tensor it views).
+def cached_on_mask(mask: torch.Tensor, what: tuple, build):
+    """``build()``, cached on ``mask`` (or the tensor it views) under ``what`` and the view's geometry.
 
-    The cache entry is dropped when the mask's version counter moves (any in-place write, e.g.
-    ``mask.copy_``, ``mask[...] = False``, ``load_state_dict``) and when the mask is freed.
+    Every entry of a mask is dropped when its version counter moves (any in-place write, e.g. ``mask.copy_``,
+    ``mask[...] = False``, ``load_state_dict``, lthfast.threshold's raw-pointer writes) and when it is freed.
+    Inference and functorch-wrapped tensors have no usable version counter: built every time.
     """
     owner = mask._base if mask._base is not None else mask
     if owner.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(owner):
-        return build_tile_index(mask, block_n, block_k)
-    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), block_n, block_k)
+        return build()
+    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), *what)
     owner_id = id(owner)
     entry = _cache.get(owner_id)
     if entry is None or entry[0]() is not owner or entry[1] != owner._version:
         entry = (weakref.ref(owner, _forget), owner._version, {})
         _cache[owner_id] = entry
-    index = entry[2].get(key)
-    if index is None:
-        index = build_tile_index(mask, block_n, block_k)
-        entry[2][key] = index
-    return index
+    if key not in entry[2]:
+        entry[2][key] = build()
+    return entry[2][key]
+
+
+def tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileIndex:
+    """The tile index of ``mask`` (2-D bool), cached on the mask (``cached_on_mask``)."""
+    return cached_on_mask(mask, ("tiles", block_n, block_k), lambda: build_tile_index(mask, block_n, block_k))

@@ -19,14 +19,13 @@ Which one runs is decided per call from the mask's (cached) tile index: see ``pl
 from __future__ import annotations
 
 import threading
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from lthfast import _backend
-from lthfast.kernels.tile_index import TileIndex, tile_index
+from lthfast.kernels.tile_index import TileIndex, cached_on_mask, tile_index
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
 # Tile sizes tried on CPU, and the tile density below which each beats dense MKL, measured with
@@ -111,11 +110,6 @@ class BlockPlan:
         return self.splits[(key, count)]
 
 
-# id(TileIndex) -> (weakref to it, plan); a TileIndex lives as long as its mask version (tile_index's cache), so a
-# plan can never outlive the mask contents it was built from.
-_plans: dict[int, tuple[weakref.ref, BlockPlan]] = {}
-
-
 def _tile_elems(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b: int, transpose: bool):
     n, k = mask.shape
     within = torch.arange(b, device=mask.device)
@@ -147,13 +141,8 @@ def _build_plan(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
 
 
 def _plan_of(mask: torch.Tensor, index: TileIndex) -> BlockPlan:
-    entry = _plans.get(id(index))
-    if entry is not None and entry[0]() is index:
-        return entry[1]
-    built = _build_plan(mask, index)
-    key = id(index)
-    _plans[key] = (weakref.ref(index, lambda _, key=key: _plans.pop(key, None)), built)
-    return built
+    """The block plan of ``index``, cached on the mask beside its tile index: never older than the mask's contents."""
+    return cached_on_mask(mask, ("plan", index.block_n, index.block_k), lambda: _build_plan(mask, index))
 
 
 def plan(mask: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> BlockPlan | None:
@@ -278,10 +267,6 @@ def _block_ext(compute_dtype: torch.dtype, block: int = 32):
 # ------------------------------------------------------------------------------------------------ the ops
 
 
-# id(mask owner) -> (weakref to it, its version, whether every entry is True)
-_full: dict[int, tuple[weakref.ref, int, bool]] = {}
-
-
 def all_alive(mask: torch.Tensor) -> bool:
     """Whether every entry of ``mask`` is True, cached on the mask's version counter (like its tile index).
 
@@ -289,15 +274,7 @@ def all_alive(mask: torch.Tensor) -> bool:
     any layer left dense) then costs what dense ``F.linear`` costs, ~3 ms less per product than
     ``F.linear(x, w * m)`` (Linear(2048, 2048), batch 512, fp32, 2 threads of the 2-core EPYC VM).
     """
-    owner = mask._base if mask._base is not None else mask
-    if owner.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(owner):
-        return bool(mask.all())
-    entry = _full.get(id(owner))
-    if entry is None or entry[0]() is not owner or entry[1] != owner._version:
-        key = id(owner)
-        entry = (weakref.ref(owner, lambda _, key=key: _full.pop(key, None)), owner._version, bool(owner.all()))
-        _full[key] = entry
-    return entry[2] if mask is owner else bool(mask.all())
+    return cached_on_mask(mask, ("all",), lambda: bool(mask.all()))
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
