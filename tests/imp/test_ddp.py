@@ -50,6 +50,16 @@ def _units(root: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {u: load_file(str(root / "replicate_0" / u / "model.safetensors")) for u in UNITS}
 
 
+def _assert_units_close(got: dict, want: dict, atol: float = 1e-6) -> None:
+    """Every unit's tensors: masks (bool) equal, weights within ``atol``."""
+    for unit in UNITS:
+        for name, value in want[unit].items():
+            if value.dtype == torch.bool:
+                assert torch.equal(got[unit][name], value), (unit, name)
+            else:
+                assert (got[unit][name] - value).abs().max() <= atol, (unit, name)
+
+
 def test_two_gloo_processes_match_one_process_resume_and_refuse(tmp_path, tiny):
     options = _options(tiny)
     ranks = _torchrun(options, tmp_path / "ddp")
@@ -91,12 +101,7 @@ def test_two_gloo_processes_match_one_process_resume_and_refuse(tmp_path, tiny):
     init = torch.load(single.path / "replicate_0" / "rewind.pt", weights_only=True)["model"]  # the rewind point: 0it
     trained = single_units["level_0"]
     assert all((trained[k] - init[k]).abs().max() > 1e-3 for k in trained if k.endswith("weight")), "no training?"
-    for unit in UNITS:
-        for name, value in single_units[unit].items():
-            if value.dtype == torch.bool:
-                assert torch.equal(ddp_units[unit][name], value), (unit, name)
-            else:
-                assert (ddp_units[unit][name] - value).abs().max() <= 1e-6, (unit, name)
+    _assert_units_close(ddp_units, single_units)
 
     # Interrupted on both ranks after level 2's checkpoint at 20, then resumed: bitwise the uninterrupted run.
     for r in ranks:
@@ -111,13 +116,7 @@ def test_two_gloo_processes_match_one_process_resume_and_refuse(tmp_path, tiny):
         assert Masks.load(mine / "mask.safetensors").equal(Masks.load(theirs / "mask.safetensors")), unit
 
     # DDP around the compiled model: within float32 rounding of eager DDP, the same masks (see test_imp_amp_compile).
-    compiled = _units(tmp_path / "ddp" / "runs" / "compiled")
-    for unit in UNITS:
-        for name, value in ddp_units[unit].items():
-            if value.dtype == torch.bool:
-                assert torch.equal(compiled[unit][name], value), (unit, name)
-            else:
-                assert (compiled[unit][name] - value).abs().max() <= 1e-6, (unit, name)
+    _assert_units_close(_units(tmp_path / "ddp" / "runs" / "compiled"), ddp_units)
 
     # Errors reach every rank.
     for r in ranks:
