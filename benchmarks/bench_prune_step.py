@@ -6,7 +6,8 @@ no torchvision, no BatchNorm: only prunable tensors matter here), ``--rounds`` t
   torch          ``torch.nn.utils.prune.global_unstructured(params, L1Unstructured, amount)``
   lthfast        ``strategies.magnitude_`` (in place on a ``sparsify``-ed model: score + global threshold via
                  lthfast.threshold, the modules' masks cleared and the pruned weights zeroed in the same pass)
-                 -> ``tile_index(mask2d, block, block)`` for every weight (the kernels' tile index rebuild)
+                 -> ``tile_indices(masks2d, block, block)``: the kernels' tile index of every weight, rebuilt
+                 (one lthfast._C call over all masks on torch's threads; cached where the layers look them up)
   lthfast-masks  the functional route: ``strategies.magnitude`` (new Masks) -> ``Masks.apply_`` (mask copy
                  into the modules, every pruned weight zeroed) -> the same tile index rebuild
   lthfast-dropin ``lthfast.prune.global_unstructured`` (the drop-in, torch's layout; no tile index)
@@ -126,7 +127,7 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
 
     import lthfast
     import lthfast.prune as fast_prune
-    from lthfast.kernels.tile_index import tile_index
+    from lthfast.kernels.tile_index import tile_indices
     from lthfast.pruning import strategies
 
     if threads:
@@ -155,8 +156,7 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
                 t1 = time.perf_counter()
                 masks.apply_(model)
                 t2 = time.perf_counter()
-            for m in model.values():
-                tile_index(m.mask.view(m.mask.shape[0], -1), block, block)
+            tile_indices([m.mask.view(m.mask.shape[0], -1) for m in model.values()], block, block)
             t3 = time.perf_counter()
             for part, dt in zip(parts, (t1 - start, t2 - t1, t3 - t2)):
                 parts[part].append(dt)

@@ -5,11 +5,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
 #include "block_matmul.h"
 #include "mask_update.h"
+#include "parallel.h"
 #include "threshold.h"
 #include "tile_index.h"
 
@@ -99,18 +101,52 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
 }
 
-py::tuple tile_index_py(uintptr_t mask, int64_t n, int64_t k, int64_t row_stride, int64_t block_n, int64_t block_k) {
+
+py::tuple tile_index_tuple(lthfast::TileIndexArrays& a) {
+  py::array_t<uint8_t> alive = to_numpy(a.alive);
+  alive.resize({static_cast<py::ssize_t>(a.tiles_n), static_cast<py::ssize_t>(a.tiles_k)});
+  return py::make_tuple(alive, to_numpy(a.row_ptr), to_numpy(a.tile_cols), to_numpy(a.col_ptr), to_numpy(a.col_rows),
+                        to_numpy(a.tile_rows), a.max_row_tiles, a.max_col_tiles);
+}
+
+void check_tile_job(int64_t n, int64_t k, int64_t row_stride, int64_t block_n, int64_t block_k) {
   if (n < 0 || k < 0 || block_n < 1 || block_k < 1 || (n > 0 && k > 0 && row_stride < k))
     throw std::invalid_argument("lthfast._C.tile_index: bad shape, stride or block");
+}
+
+py::tuple tile_index_py(uintptr_t mask, int64_t n, int64_t k, int64_t row_stride, int64_t block_n, int64_t block_k) {
+  check_tile_job(n, k, row_stride, block_n, block_k);
   lthfast::TileIndexArrays a;
   {
     py::gil_scoped_release release;
     a = lthfast::build_tile_index(reinterpret_cast<const uint8_t*>(mask), n, k, row_stride, block_n, block_k);
   }
-  py::array_t<uint8_t> alive = to_numpy(a.alive);
-  alive.resize({static_cast<py::ssize_t>(a.tiles_n), static_cast<py::ssize_t>(a.tiles_k)});
-  return py::make_tuple(alive, to_numpy(a.row_ptr), to_numpy(a.tile_cols), to_numpy(a.col_ptr), to_numpy(a.col_rows),
-                        to_numpy(a.tile_rows), a.max_row_tiles, a.max_col_tiles);
+  return tile_index_tuple(a);
+}
+
+py::list tile_indices_py(const std::vector<uintptr_t>& masks, const std::vector<int64_t>& ns,
+                         const std::vector<int64_t>& ks, const std::vector<int64_t>& row_strides, int64_t block_n,
+                         int64_t block_k, int threads) {
+  const size_t m = masks.size();
+  if (ns.size() != m || ks.size() != m || row_strides.size() != m)
+    throw std::invalid_argument("lthfast._C.tile_indices: per-mask lists differ in length");
+  for (size_t i = 0; i < m; ++i) check_tile_job(ns[i], ks[i], row_strides[i], block_n, block_k);
+  std::vector<lthfast::TileIndexArrays> out(m);
+  {
+    py::gil_scoped_release release;
+    // largest masks first: a thread that takes the last small one does not hold the others up
+    std::vector<size_t> order(m);
+    for (size_t i = 0; i < m; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ns[a] * ks[a] > ns[b] * ks[b]; });
+    lthfast::parallel_for(static_cast<int64_t>(m), threads < 1 ? 1 : threads, [&](int64_t j) {
+      const size_t i = order[j];
+      out[i] = lthfast::build_tile_index(reinterpret_cast<const uint8_t*>(masks[i]), ns[i], ks[i], row_strides[i],
+                                         block_n, block_k);
+    });
+  }
+  py::list result;
+  for (auto& a : out) result.append(tile_index_tuple(a));
+  return result;
 }
 
 void block_rows_product_py(int64_t block, uintptr_t a, int64_t lda, uintptr_t tiles, uintptr_t starts, uintptr_t a_cols,
@@ -182,6 +218,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_n"), py::arg("block_k"),
         "Tile index of an [n, k] byte mask (rows row_stride bytes apart): numpy arrays (alive [Tn, Tk] uint8, "
         "row_ptr, row_cols, col_ptr, col_rows, tile_rows, all int32) and (max_row_tiles, max_col_tiles).");
+  m.def("tile_indices", &tile_indices_py, py::arg("masks"), py::arg("ns"), py::arg("ks"), py::arg("row_strides"),
+        py::arg("block_n"), py::arg("block_k"), py::arg("threads"),
+        "tile_index of several masks in one call, the masks spread over `threads` threads: a list of its tuples.");
   m.def("block_kernels_supported", &lthfast::block_kernels_supported,
         "Whether this CPU has the AVX2+FMA that block_rows_product / block_grad_weight need.");
   m.def("block_use_openmp", &lthfast::block_use_openmp, py::arg("enabled"),

@@ -25,6 +25,22 @@ bool any_nonzero(const uint8_t* p, int64_t len) {
   return acc != 0;
 }
 
+// acc[0, k) |= each of `rows` rows of k bytes (row_stride apart): a streaming OR the compiler vectorizes.
+void or_rows(const uint8_t* first, int64_t rows, int64_t row_stride, int64_t k, uint8_t* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* const row = first + r * row_stride;
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      uint64_t a, w;
+      std::memcpy(&a, acc + j, 8);
+      std::memcpy(&w, row + j, 8);
+      a |= w;
+      std::memcpy(acc + j, &a, 8);
+    }
+    for (; j < k; ++j) acc[j] |= row[j];
+  }
+}
+
 }  // namespace
 
 TileIndexArrays build_tile_index(const uint8_t* mask, int64_t n, int64_t k, int64_t row_stride, int64_t block_n,
@@ -35,12 +51,27 @@ TileIndexArrays build_tile_index(const uint8_t* mask, int64_t n, int64_t k, int6
   out.tiles_k = tk;
   out.alive.assign(static_cast<size_t>(tn * tk), 0);
   std::vector<int64_t> open(static_cast<size_t>(tk));  // tile columns of this tile row still empty
+  std::vector<uint8_t> acc;
   for (int64_t tr = 0; tr < tn; ++tr) {
     uint8_t* const row_alive = out.alive.data() + tr * tk;
     for (int64_t c = 0; c < tk; ++c) open[c] = c;
     int64_t nopen = tk;
-    for (int64_t r = tr * block_n; r < std::min(n, (tr + 1) * block_n) && nopen > 0; ++r) {
+    const int64_t row_end = std::min(n, (tr + 1) * block_n);
+    for (int64_t r = tr * block_n; r < row_end && nopen > 0; ++r) {
       const uint8_t* const row = mask + r * row_stride;
+      if (r > tr * block_n && 4 * nopen > tk && row_end - r > 1) {
+        // Many tiles still empty after the first row (a mask pruned far below 1/block_k density): OR the rest
+        // of the tile row at full width instead of one branch per open tile per row. ResNet-50's 512 x 4608
+        // masks at 0.08% density (global IMP round 10): 0.4 ms each with the per-tile scan.
+        acc.assign(static_cast<size_t>(k), 0);
+        or_rows(row, row_end - r, row_stride, k, acc.data());
+        for (int64_t j = 0; j < nopen; ++j) {
+          const int64_t c = open[j], b = c * block_k;
+          if (any_nonzero(acc.data() + b, std::min(block_k, k - b))) row_alive[c] = 1;
+        }
+        nopen = 0;
+        break;
+      }
       int64_t keep = 0;
       for (int64_t j = 0; j < nopen; ++j) {
         const int64_t c = open[j], b = c * block_k;

@@ -119,3 +119,32 @@ def test_every_build_path_matches_the_oracle(shape, blocks, layout):
             assert idx.col_ptr.tolist() == [0, *itertools.accumulate(per_col)], where
             assert idx.col_rows.tolist() == [r for r, _ in sorted(expected, key=lambda rc: (rc[1], rc[0]))], where
             assert idx.max_row_tiles == max(per_row, default=0) and idx.max_col_tiles == max(per_col, default=0), where
+
+
+def test_tile_indices_match_one_by_one_and_share_the_cache():
+    from lthfast.kernels.tile_index import tile_indices
+
+    gen = torch.Generator().manual_seed(7)
+    masks = [
+        torch.rand(130, 200, generator=gen) < 0.003,  # most tiles empty after the first row
+        torch.rand(64, 4608, generator=gen) < 0.0008,
+        torch.rand(96, 40, generator=gen) < 0.5,
+        (torch.rand(40, 90, generator=gen) < 0.05)[:, ::2],  # column-strided: not the C++ path
+        torch.zeros(33, 65, dtype=torch.bool),
+        torch.rand(1, 1, generator=gen) < 2,
+    ]
+    cached = tile_index(masks[2], 32, 32)  # already cached: returned as is
+    got = tile_indices(masks, 32, 32)
+    assert got[2] is cached
+    for mask, idx in zip(masks, got):
+        want = build_tile_index(mask, 32, 32)
+        assert all(torch.equal(a, b) for a, b in zip(_index_fields(idx), _index_fields(want)))
+        assert (idx.alive_tiles, idx.max_row_tiles, idx.max_col_tiles) == (
+            want.alive_tiles, want.max_row_tiles, want.max_col_tiles,
+        )  # fmt: skip
+        assert tile_index(mask, 32, 32) is idx  # the layers' lookups hit what tile_indices built
+    masks[0][0, 0] = True  # an in-place edit drops it
+    again = tile_indices(masks, 32, 32)
+    assert again[0] is not got[0] and bool(again[0].tile_alive[0, 0]) and again[1] is got[1]
+    with pytest.raises(ValueError, match="2-D"):
+        tile_indices([torch.ones(2, 2, 2, dtype=torch.bool)], 32, 32)

@@ -159,30 +159,27 @@ def _index_arrays_torch(alive: torch.Tensor) -> tuple:
     )  # fmt: skip
 
 
-def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileIndex:
-    """Build the tile index of a 2-D bool mask [N, K]. Prefer the cached ``tile_index``."""
-    if mask.dim() != 2:
-        raise ValueError(f"tile index needs a 2-D mask, got shape {tuple(mask.shape)}")
-    n, k = mask.shape
+def _ext_ok(mask: torch.Tensor):
+    """lthfast._C when it can index ``mask`` (a CPU bool mask with unit column stride), else None."""
     ext = _backend.ext() if mask.device.type == "cpu" else None
-    if ext is not None and hasattr(ext, "tile_index") and mask.dtype == torch.bool and (mask.stride(1) == 1 or k <= 1):
-        # One C++ call (tile_index.cpp): ~25x fewer calls than the numpy path, and the first rows of a tile
-        # usually settle it. ResNet-50's 54 masks over 10 IMP rounds, 32x32 tiles: 3-7 ms against 11-18 ms.
-        row_stride = mask.stride(0) if n > 1 else k
-        alive, row_ptr, row_cols, col_ptr, col_rows, tile_rows, max_row, max_col = ext.tile_index(
-            mask.data_ptr(), n, k, row_stride, block_n, block_k
-        )
-        alive = torch.from_numpy(alive).view(torch.bool)
-        row_ptr, row_cols, col_ptr, col_rows, tile_rows = map(
-            torch.from_numpy, (row_ptr, row_cols, col_ptr, col_rows, tile_rows)
-        )
-        tile_cols = row_cols
-    else:
-        alive = tile_alive(mask, block_n, block_k)
-        arrays = _index_arrays_numpy if alive.device.type == "cpu" else _index_arrays_torch
-        row_ptr, row_cols, col_ptr, col_rows, tile_rows, tile_cols, max_row, max_col = arrays(alive)
+    if (
+        ext is not None
+        and hasattr(ext, "tile_indices")
+        and mask.dtype == torch.bool
+        and (mask.stride(1) == 1 or mask.shape[1] <= 1)
+    ):
+        return ext
+    return None
+
+
+def _row_stride(mask: torch.Tensor) -> int:
+    return mask.stride(0) if mask.shape[0] > 1 else mask.shape[1]
+
+
+def _from_arrays(shape, block_n: int, block_k: int, alive, arrays) -> TileIndex:
+    row_ptr, row_cols, col_ptr, col_rows, tile_rows, tile_cols, max_row, max_col = arrays
     return TileIndex(
-        shape=(n, k),
+        shape=tuple(shape),
         block_n=block_n,
         block_k=block_k,
         tile_alive=alive,
@@ -196,6 +193,37 @@ def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileInde
         max_row_tiles=max_row,
         max_col_tiles=max_col,
     )
+
+
+def _from_ext(shape, block_n: int, block_k: int, out: tuple) -> TileIndex:
+    """A TileIndex from the tuple of lthfast._C.tile_index / tile_indices (numpy arrays, no copies)."""
+    alive, row_ptr, row_cols, col_ptr, col_rows, tile_rows, max_row, max_col = out
+    row_ptr, row_cols, col_ptr, col_rows, tile_rows = map(
+        torch.from_numpy, (row_ptr, row_cols, col_ptr, col_rows, tile_rows)
+    )
+    arrays = (row_ptr, row_cols, col_ptr, col_rows, tile_rows, row_cols, max_row, max_col)
+    return _from_arrays(shape, block_n, block_k, torch.from_numpy(alive).view(torch.bool), arrays)
+
+
+def _check_2d(mask: torch.Tensor) -> None:
+    if mask.dim() != 2:
+        raise ValueError(f"tile index needs a 2-D mask, got shape {tuple(mask.shape)}")
+
+
+def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileIndex:
+    """Build the tile index of a 2-D bool mask [N, K]. Prefer the cached ``tile_index``."""
+    _check_2d(mask)
+    n, k = mask.shape
+    ext = _ext_ok(mask)
+    if ext is not None:
+        # One C++ call (tile_index.cpp): ~25x fewer calls than the numpy path, and the first rows of a tile
+        # usually settle it. ResNet-50's 54 masks over 10 IMP rounds, 32x32 tiles: 3-7 ms against 11-18 ms.
+        return _from_ext(
+            (n, k), block_n, block_k, ext.tile_index(mask.data_ptr(), n, k, _row_stride(mask), block_n, block_k)
+        )
+    alive = tile_alive(mask, block_n, block_k)
+    arrays = _index_arrays_numpy if alive.device.type == "cpu" else _index_arrays_torch
+    return _from_arrays((n, k), block_n, block_k, alive, arrays(alive))
 
 
 # id(mask owner) -> (weakref to owner, owner._version, {key: value}); keys start with the view's
@@ -230,6 +258,46 @@ def cached_on_mask(mask: torch.Tensor, what: tuple, build):
     return entry[2][key]
 
 
+def _cached(mask: torch.Tensor, what: tuple) -> bool:
+    """Whether ``cached_on_mask(mask, what, ...)`` would return a cached value without building."""
+    owner = mask._base if mask._base is not None else mask
+    entry = _cache.get(id(owner))
+    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), *what)
+    return entry is not None and entry[0]() is owner and entry[1] == owner._version and key in entry[2]
+
+
 def tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileIndex:
     """The tile index of ``mask`` (2-D bool), cached on the mask (``cached_on_mask``)."""
     return cached_on_mask(mask, ("tiles", block_n, block_k), lambda: build_tile_index(mask, block_n, block_k))
+
+
+def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
+    """``[tile_index(m, block_n, block_k) for m in masks]``, cached the same way, with the CPU masks whose
+    index is not cached built by one lthfast._C call on torch's threads (e.g. every layer after a prune step).
+    """
+    masks = list(masks)
+    for mask in masks:
+        _check_2d(mask)
+    out: list = [None] * len(masks)
+    todo = []
+    for i, mask in enumerate(masks):
+        if _ext_ok(mask) is not None and not _cached(mask, ("tiles", block_n, block_k)):
+            todo.append(i)
+    if len(todo) > 1:
+        ext = _backend.ext()
+        built = ext.tile_indices(
+            [masks[i].data_ptr() for i in todo],
+            [masks[i].shape[0] for i in todo],
+            [masks[i].shape[1] for i in todo],
+            [_row_stride(masks[i]) for i in todo],
+            block_n,
+            block_k,
+            torch.get_num_threads(),
+        )
+        for i, arrays in zip(todo, built):
+            index = _from_ext(masks[i].shape, block_n, block_k, arrays)
+            out[i] = cached_on_mask(masks[i], ("tiles", block_n, block_k), lambda index=index: index)
+    for i, mask in enumerate(masks):
+        if out[i] is None:
+            out[i] = tile_index(mask, block_n, block_k)
+    return out
