@@ -23,7 +23,7 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
                 const std::vector<int64_t>& numels, const std::vector<int>& dtypes, const std::vector<float>& scales,
                 const std::vector<std::vector<int>>& groups, const std::vector<double>& amounts,
                 const std::vector<int64_t>& ks, bool write, int threads, int64_t grain,
-                bool zero_weights) {
+                bool zero_weights, bool speculate) {
   const size_t n = data.size();
   if (masks.size() != n || numels.size() != n || dtypes.size() != n || (!scales.empty() && scales.size() != n))
     throw std::invalid_argument("lthfast._C.select: per-tensor lists differ in length");
@@ -51,6 +51,7 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
   req.amounts = amounts;
   req.ks = ks;
   req.write = write;
+  req.speculate = speculate && zero_weights;
   req.threads = threads < 1 ? 1 : threads;
   req.grain = grain < 1 ? 1 : grain;
   lthfast::Result res;
@@ -73,6 +74,7 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
   out["pruned"] = res.pruned;
   out["passes"] = res.passes;
   out["collected"] = res.collected;
+  out["speculated"] = res.speculated;
   out["ms"] = py::dict(py::arg("sample") = res.sample_ms, py::arg("count") = res.count_ms,
                        py::arg("apply") = res.apply_ms);
   return out;
@@ -101,6 +103,30 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
 }
 
+
+std::vector<bool> any_nonzero_py(const std::vector<uintptr_t>& buffers, const std::vector<int64_t>& nbytes) {
+  if (buffers.size() != nbytes.size()) throw std::invalid_argument("lthfast._C.any_nonzero: lists differ in length");
+  std::vector<bool> out(buffers.size());
+  py::gil_scoped_release release;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    // a live mask nearly always has a nonzero byte among its first few: the scan stops there
+    const auto* p = reinterpret_cast<const uint8_t*>(buffers[i]);
+    int64_t j = 0;
+    bool any = false;
+    for (; !any && j + 64 <= nbytes[i]; j += 64) {
+      uint64_t acc = 0;
+      for (int q = 0; q < 8; ++q) {
+        uint64_t w;
+        std::memcpy(&w, p + j + 8 * q, 8);
+        acc |= w;
+      }
+      any = acc != 0;
+    }
+    for (; !any && j < nbytes[i]; ++j) any = p[j] != 0;
+    out[i] = any;
+  }
+  return out;
+}
 
 py::tuple tile_index_tuple(lthfast::TileIndexArrays& a) {
   py::array_t<uint8_t> alive = to_numpy(a.alive);
@@ -206,10 +232,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("STATUS_K_TOO_LARGE") = static_cast<int>(lthfast::K_TOO_LARGE);
   m.def("select", &select_py, py::arg("data"), py::arg("masks"), py::arg("numels"), py::arg("dtypes"),
         py::arg("scales"), py::arg("groups"), py::arg("amounts"), py::arg("ks"), py::arg("write"),
-        py::arg("threads"), py::arg("grain"), py::arg("zero_weights") = false,
+        py::arg("threads"), py::arg("grain"), py::arg("zero_weights") = false, py::arg("speculate") = false,
         "Threshold select over plain buffers (dtype codes: 0 float32, 1 float16, 2 bfloat16; mask address 0 = "
-        "all alive; zero_weights: also write +0.0 into the weights it prunes). Returns a dict: status, "
-        "bad_tensors, alive, k, threshold, pruned, passes, collected (per group), ms (per phase).");
+        "all alive; zero_weights: also write +0.0 into the weights it prunes; speculate, with zero_weights: the "
+        "masks are bool and no two buffers overlap, so the first pass may prune below its bracket in place, "
+        "undone on failure). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes, "
+        "collected, speculated (per group: elements the first pass pruned in place, kept or undone), ms.");
   m.def("write_masks", &write_masks_py, py::arg("weights"), py::arg("esizes"), py::arg("buffers"),
         py::arg("masks"), py::arg("numels"), py::arg("threads"), py::arg("grain"),
         "Copy each mask (bytes) into its buffer and zero the weights (2, 4 or 8-byte elements, all bits) where "
@@ -218,6 +246,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_n"), py::arg("block_k"),
         "Tile index of an [n, k] byte mask (rows row_stride bytes apart): numpy arrays (alive [Tn, Tk] uint8, "
         "row_ptr, row_cols, col_ptr, col_rows, tile_rows, all int32) and (max_row_tiles, max_col_tiles).");
+  m.def("any_nonzero", &any_nonzero_py, py::arg("buffers"), py::arg("nbytes"),
+        "For each contiguous buffer (address, byte count): whether it holds a nonzero byte (a mask an alive entry).");
   m.def("tile_indices", &tile_indices_py, py::arg("masks"), py::arg("ns"), py::arg("ks"), py::arg("row_strides"),
         py::arg("block_n"), py::arg("block_k"), py::arg("threads"),
         "tile_index of several masks in one call, the masks spread over `threads` threads: a list of its tuples.");

@@ -15,7 +15,8 @@
 // (key, position) candidates (capped at n/32: 8 bytes each, <= 0.25 byte per weight) and, in write mode,
 // a bitset of "alive and key < lo" (0.125 byte per weight). If the bracket holds the k-th key and the cap
 // held, steps 3-4 run on those instead (threshold_collect.cpp): the weights are read once, not twice.
-// All groups are counted (and validated) before any mask is written.
+// All groups are counted (and validated) before any mask is written, except the first count pass's speculative
+// pruning (Request::speculate): put back from its log before the call fails, or before the bracket is refined.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -117,6 +118,7 @@ void sample_bracket(Group& g, const Request& req, size_t gi) {
   if (lo_i > 0) {
     std::nth_element(keys.begin(), keys.begin() + lo_i, keys.end());
     g.lo = keys[lo_i];
+    g.below_est = static_cast<int64_t>(static_cast<double>(lo_i) * static_cast<double>(g.n) / kSampleSize);
   }
   if (hi_i < static_cast<int64_t>(keys.size()) - 1) {
     std::nth_element(keys.begin(), keys.begin() + hi_i, keys.end());
@@ -127,21 +129,32 @@ void sample_bracket(Group& g, const Request& req, size_t gi) {
 // Hands the sink of one part the pool's next chunk, after recording the chunk it filled.
 struct SinkOwner {
   Pool* pool;
-  Part* part;
+  std::vector<Chunk>* chunks;  // the part's record of its chunks
 };
 bool refill(CandidateSink& s) {
   const SinkOwner& o = *static_cast<const SinkOwner*>(s.ctx);
-  if (s.cap > 0) o.part->chunks.push_back(Chunk{s.key - o.pool->key.get(), s.n});
+  if (s.cap > 0) o.chunks->push_back(Chunk{s.key - o.pool->key.get(), s.n});
   const int64_t at = o.pool->next.fetch_add(o.pool->chunk, std::memory_order_relaxed);
   if (at + o.pool->chunk > o.pool->cap) {
     s = CandidateSink{nullptr, nullptr, 0, 0, s.refill, s.ctx};
     return false;
   }
   s.key = o.pool->key.get() + at;
-  s.pos = o.pool->pos.get() + at;
+  s.pos = o.pool->pos ? o.pool->pos.get() + at : nullptr;
   s.n = 0;
   s.cap = o.pool->chunk;
   return true;
+}
+
+// A pool of `cap` entries (`with_pos`: positions too) for `nparts` parts, in chunks of up to 4096.
+std::unique_ptr<Pool> make_pool(int64_t cap, int nparts, bool with_pos) {
+  // new[] leaves the buffers uninitialized: only the pages that are written get memory.
+  auto pool = std::make_unique<Pool>();
+  pool->chunk = std::clamp<int64_t>(cap / (8 * nparts), 64, 4096);
+  pool->cap = cap;
+  pool->key.reset(new uint32_t[cap]);
+  if (with_pos) pool->pos.reset(new uint32_t[cap]);
+  return pool;
 }
 
 // Count pass over the whole group for bracket [g.lo, g.hi], collecting candidates (and, in write mode, the
@@ -151,13 +164,14 @@ std::vector<int> count_pass(Group& g, const Request& req, bool collect = false) 
   const int nparts = static_cast<int>(g.parts.size());
   g.part_sub.assign(static_cast<size_t>(nparts) * SUB_BUCKETS, 0);
   if (collect) {
-    // new[] leaves the buffers uninitialized: only the pages that are written get memory.
-    g.pool = std::make_unique<Pool>();
-    g.pool->cap = std::max<int64_t>(g.n / 32, 1 << 12);
-    g.pool->chunk = std::clamp<int64_t>(g.pool->cap / (8 * nparts), 64, 4096);
-    g.pool->key.reset(new uint32_t[g.pool->cap]);
-    g.pool->pos.reset(new uint32_t[g.pool->cap]);
+    g.pool = make_pool(std::max<int64_t>(g.n / 32, 1 << 12), nparts, /*with_pos=*/true);
     if (req.write) g.bits.reset(new uint8_t[g.bits_bytes]);
+    // The undo log: the sample's estimate of the elements below lo, plus a quarter (a miss only stops the
+    // speculation where the log ran out) and a chunk's rounding per part.
+    if (req.write && req.speculate && g.below_est > 0) {
+      const int64_t want = g.below_est + g.below_est / 4 + 4096;
+      g.undo = make_pool(want + 2 * nparts * std::clamp<int64_t>(want / (8 * nparts), 64, 4096), nparts, false);
+    }
   }
   std::vector<int64_t> alive(nparts, 0), below(nparts, 0);
   std::vector<std::vector<int>> bad(nparts);
@@ -165,19 +179,24 @@ std::vector<int> count_pass(Group& g, const Request& req, bool collect = false) 
   parallel_parts(nparts, req.threads, [&](int p) {
     Part& part = g.parts[p];
     uint32_t* const sub = g.part_sub.data() + static_cast<size_t>(p) * SUB_BUCKETS;
-    SinkOwner owner{g.pool.get(), &part};
-    CandidateSink sink;
-    sink.refill = &refill;
+    SinkOwner owner{g.pool.get(), &part.chunks}, undo_owner{g.undo.get(), &part.undo_chunks};
+    CandidateSink sink, undo;
+    sink.refill = undo.refill = &refill;
     sink.ctx = &owner;
+    undo.ctx = &undo_owner;
     part.chunks.clear();
+    part.undo_chunks.clear();
     CountOut out;
     out.sub = sub;
     out.sink = collect ? &sink : nullptr;
-    for (const Piece& pc : part.pieces) {
+    out.undo = collect && g.undo ? &undo : nullptr;
+    for (Piece& pc : part.pieces) {
       out.bits = g.bits ? g.bits.get() + pc.bits_at : nullptr;
       out.pos_base = static_cast<uint32_t>(pc.gpos - part.begin);
       out.bad = false;
+      out.spec_end = pc.begin;
       count_piece(req.tensors[pc.tensor], pc.begin, pc.end, args, out);
+      pc.spec_end = out.spec_end;
       if (out.bad) bad[p].push_back(pc.tensor);
     }
     alive[p] = out.alive;
@@ -185,6 +204,7 @@ std::vector<int> count_pass(Group& g, const Request& req, bool collect = false) 
     part.overflow = out.overflow;
     if (collect) {
       if (sink.cap > 0) part.chunks.push_back(Chunk{sink.key - g.pool->key.get(), sink.n});
+      if (undo.cap > 0) part.undo_chunks.push_back(Chunk{undo.key - g.undo->key.get(), undo.n});
     }
   });
   g.alive = g.below = 0;
@@ -316,6 +336,7 @@ Result select_threshold(const Request& req) {
   res.pruned.assign(ngroups, 0);
   res.passes.assign(ngroups, 0);
   res.collected.assign(ngroups, 0);
+  res.speculated.assign(ngroups, 0);
   std::vector<Group> groups(ngroups);
   for (size_t gi = 0; gi < ngroups; ++gi) {
     Group& g = groups[gi];
@@ -333,22 +354,27 @@ Result select_threshold(const Request& req) {
     // Python's round() on the same double product, as torch.nn.utils.prune computes it.
     g.k = req.amounts.empty() ? req.ks[gi] : static_cast<int64_t>(std::nearbyint(req.amounts[gi] * double(g.alive)));
     res.k[gi] = g.k;
+    res.speculated[gi] = speculated(g);
   }
   std::sort(res.bad_tensors.begin(), res.bad_tensors.end());
-  if (!res.bad_tensors.empty()) {
-    res.status = NONFINITE;
+  const auto fail = [&](int status) {
+    for (Group& g : groups) undo_speculation(g, req);
+    res.status = status;
     return res;
-  }
+  };
+  if (!res.bad_tensors.empty()) return fail(NONFINITE);
   for (size_t gi = 0; gi < ngroups; ++gi) {
-    if (groups[gi].k < 0 || groups[gi].k > groups[gi].alive) {
-      res.status = K_TOO_LARGE;
-      return res;
-    }
+    if (groups[gi].k < 0 || groups[gi].k > groups[gi].alive) return fail(K_TOO_LARGE);
   }
   for (size_t gi = 0; gi < ngroups; ++gi) {
     Group& g = groups[gi];
     const double t0 = now_ms();
-    if (g.k > 0) res.threshold[gi] = finish_group(g, req, res.pruned[gi]);
+    if (g.k > 0) {
+      res.threshold[gi] = finish_group(g, req, res.pruned[gi]);
+    } else {
+      undo_speculation(g, req);  // (a sample bracket with elements below it, then k = 0)
+    }
+    g.undo.reset();
     g.pool.reset();
     g.bits.reset();
     res.apply_ms += now_ms() - t0;  // includes refinement count passes, if any

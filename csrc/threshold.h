@@ -38,6 +38,11 @@ struct Request {
   std::vector<double> amounts;           // per group: fraction of alive (or empty)
   std::vector<int64_t> ks;               // per group: count (or empty)
   bool write = false;                    // update masks in place
+  // Write mode with zeroing, bool masks (alive = 1) and no two tensors sharing memory: the first count pass
+  // prunes the alive fp32 elements below the bracket in place (mask and weight, while their lines are in cache)
+  // and logs their weights; the log puts them back if the call then fails (NaN/Inf, k too large) or the bracket
+  // missed. Nothing else sees the intermediate state: the masks and weights are the caller's, held for the call.
+  bool speculate = false;
   int threads = 1;
   int64_t grain = 1 << 16;  // minimum elements per part (up to 4 parts per thread); small groups use fewer
 };
@@ -53,6 +58,7 @@ struct Result {
   std::vector<int64_t> pruned;      // per group: masks cleared (k when write, else 0)
   std::vector<int> passes;          // per group: full passes over the weights (for tests and benchmarks)
   std::vector<int> collected;       // per group: 1 when finished from the count pass's candidates (no 2nd read)
+  std::vector<int64_t> speculated;  // per group: elements the first count pass pruned in place (kept or undone)
   double sample_ms = 0, count_ms = 0, apply_ms = 0;  // wall time per phase, all groups (for benchmarks)
 };
 
@@ -88,6 +94,12 @@ struct CountOut {
   CandidateSink* sink = nullptr;
   uint32_t pos_base = 0;
   bool overflow = false;  // the sink ran out: some in-bracket keys were only counted
+  // Speculative pruning (Request::speculate, fp32 pieces with bits): elements [begin, spec_end) of the piece
+  // were counted with their below-bracket lanes pruned in place, and those lanes' weight bits appended to
+  // `undo` in position order. The pass stops speculating when the undo pool runs out (undo_spent).
+  CandidateSink* undo = nullptr;
+  int64_t spec_end = 0;
+  bool undo_spent = false;
 };
 void count_piece(const TensorRef& t, int64_t begin, int64_t end, const CountArgs& a, CountOut& out);
 

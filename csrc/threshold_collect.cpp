@@ -9,6 +9,7 @@
 // That pass moves the masks (n bytes, read and written) and n/8 bytes of bits, against 4n + 2n bytes for a
 // second pass over fp32 weights and their masks.
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 
 #include "threshold_driver.h"
@@ -31,6 +32,7 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
   std::vector<uint64_t> sub;
   const uint64_t in = sum_sub(g, sub);
   if (overflow || g.k <= g.below || static_cast<uint64_t>(g.k - g.below) > in) {
+    undo_speculation(g, req);  // the caller's passes read the weights as they were
     release(g);  // before the caller's own passes allocate theirs: the peak stays at the larger of the two
     return false;
   }
@@ -45,6 +47,35 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
   for (int p = 0; p < nparts; ++p) at[p + 1] = at[p] + g.part_sub[static_cast<size_t>(p) * SUB_BUCKETS + b];
   std::vector<Candidate> cand(at[nparts]);
   uint8_t* const bits = g.bits.get();
+  // Pruned by this function: an element of a speculated range is pruned directly (its bit would not be read
+  // again), any other joins the bits for the final pass. Speculated ranges are fp32 with masks.
+  struct Direct {
+    uint8_t* mask;
+    float* weight;
+  };
+  std::vector<std::vector<Direct>> direct(nparts);
+  const auto mark = [&](const Piece& pc, uint64_t local, std::vector<Direct>& list) {
+    const int64_t i = pc.begin + static_cast<int64_t>(local);
+    if (i < pc.spec_end) {
+      const TensorRef& t = req.tensors[pc.tensor];
+      list.push_back(Direct{t.mask + i, static_cast<float*>(t.zero) + i});
+    } else {
+      bits[pc.bits_at + static_cast<int64_t>(local >> 3)] |= static_cast<uint8_t>(1u << (local & 7));
+    }
+  };
+  // A few hundred bytes apart on average: each is a cache miss on its mask and weight lines, so the lines of
+  // the ones kAhead further are prefetched.
+  const auto prune_direct = [](const std::vector<Direct>& list) {
+    constexpr size_t kAhead = 16;
+    for (size_t j = 0; j < list.size(); ++j) {
+      if (j + kAhead < list.size()) {
+        __builtin_prefetch(list[j + kAhead].mask, 1);
+        __builtin_prefetch(list[j + kAhead].weight, 1);
+      }
+      *list[j].mask = 0;
+      *list[j].weight = 0.0f;
+    }
+  };
   parallel_parts(nparts, req.threads, [&](int p) {
     const Part& part = g.parts[p];
     const uint32_t* const keys = g.pool->key.get();
@@ -52,28 +83,39 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
     const uint32_t lo = g.lo, bucket = static_cast<uint32_t>(b);
     const int shift = g.shift;
     Candidate* out = cand.data() + at[p];
-    // pieces and candidates are both in position order: walk them together
-    size_t pi = 0;
-    uint64_t piece_lo = 0, piece_hi = 0;
-    uint8_t* piece_bits = nullptr;
+    // 1. bucket b's candidates to `cand`; the positions of those below it packed without a branch (the test
+    //    is a coin flip per candidate)
+    int64_t total = 0;
+    for (const Chunk& c : part.chunks) total += c.n;
+    std::vector<uint32_t> below(static_cast<size_t>(total) + 1);
+    size_t nbelow = 0;
     for (const Chunk& c : part.chunks) {
       for (int64_t j = c.at; j < c.at + c.n; ++j) {
         const uint32_t key = keys[j], pos = poss[j], kb = (key - lo) >> shift;
         if (kb == bucket) *out++ = Candidate{key, part.begin + pos};
-        if (bits != nullptr) {
-          while (pos >= piece_hi) {
-            const Piece& next = part.pieces[pi++];
-            piece_lo = next.gpos - part.begin;
-            piece_hi = piece_lo + static_cast<uint64_t>(next.end - next.begin);
-            piece_bits = bits + next.bits_at;
-          }
-          const uint64_t local = pos - piece_lo;
-          piece_bits[local >> 3] |= static_cast<uint8_t>(static_cast<unsigned>(kb < bucket) << (local & 7));
-        }
+        below[nbelow] = pos;
+        nbelow += kb < bucket;
       }
     }
     if (out != cand.data() + at[p + 1])
       throw std::runtime_error("lthfast._C: candidate count differs from the histogram");
+    if (bits == nullptr) return;
+    // 2. to bits or the direct list: pieces and candidates are both in position order, walked together
+    direct[p].reserve(nbelow);
+    size_t pi = 0;
+    uint64_t piece_lo = 0, piece_hi = 0;
+    const Piece* piece = nullptr;
+    for (size_t j = 0; j < nbelow; ++j) {
+      const uint32_t pos = below[j];
+      while (pos >= piece_hi) {
+        piece = &part.pieces[pi++];
+        piece_lo = piece->gpos - part.begin;
+        piece_hi = piece_lo + static_cast<uint64_t>(piece->end - piece->begin);
+      }
+      mark(*piece, pos - piece_lo, direct[p]);
+    }
+    // 3. the direct ones
+    prune_direct(direct[p]);
   });
   std::nth_element(cand.begin(), cand.begin() + (rank - 1), cand.end());
   threshold = cand[rank - 1].key;  // the k-th alive element in (key, position) order
@@ -83,6 +125,11 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
     g.collected = true;
     return true;
   }
+  int64_t total = speculated(g);
+  for (auto& list : direct) {
+    total += static_cast<int64_t>(list.size());
+    list.clear();
+  }
   // The bucket's first `rank` (in any order after nth_element) join the marked ones.
   std::vector<const Piece*> pieces;
   for (const Part& part : g.parts)
@@ -91,27 +138,74 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
     const uint64_t pos = cand[j].pos;
     const auto it = std::upper_bound(pieces.begin(), pieces.end(), pos,
                                      [](uint64_t v, const Piece* pc) { return v < pc->gpos; });
-    const Piece& pc = **(it - 1);
-    const uint64_t local = pos - pc.gpos;
-    bits[pc.bits_at + static_cast<int64_t>(local >> 3)] |= static_cast<uint8_t>(1u << (local & 7));
+    mark(**(it - 1), pos - (*(it - 1))->gpos, direct[0]);
   }
+  prune_direct(direct[0]);
+  // The final pass, after each piece's speculated range (done by the count pass).
   std::vector<int64_t> cleared(nparts, 0);
   parallel_parts(nparts, req.threads, [&](int p) {
     for (const Piece& pc : g.parts[p].pieces) {
       const TensorRef& t = req.tensors[pc.tensor];
       const int esize = element_size(t.dtype);
-      void* const zero = t.zero == nullptr ? nullptr : static_cast<char*>(t.zero) + esize * pc.begin;
-      cleared[p] += clear_marked(t.mask + pc.begin, bits + pc.bits_at, pc.end - pc.begin, zero, esize);
+      const int64_t from = pc.spec_end;  // (spec_end - begin) is a multiple of 8: the bits stay whole bytes
+      void* const zero = t.zero == nullptr ? nullptr : static_cast<char*>(t.zero) + esize * from;
+      cleared[p] += clear_marked(t.mask + from, bits + pc.bits_at + (from - pc.begin) / 8, pc.end - from, zero, esize);
     }
   });
-  int64_t total = 0;
+  total += static_cast<int64_t>(direct[0].size());
   for (int64_t c : cleared) total += c;
+  g.undo.reset();  // kept: the count pass's pruning is final
   release(g);
   if (total != g.k)
     throw std::runtime_error("lthfast._C: pruned count differs from k (weights or masks changed during the call?)");
   pruned = total;
   g.collected = true;
   return true;
+}
+
+int64_t speculated(const Group& g) {
+  int64_t n = 0;
+  if (g.undo)
+    for (const Part& part : g.parts)
+      for (const Chunk& c : part.undo_chunks) n += c.n;
+  return n;
+}
+
+void undo_speculation(Group& g, const Request& req) {
+  if (!g.undo) return;
+  const int nparts = static_cast<int>(g.parts.size());
+  std::vector<int64_t> restored(nparts, 0);
+  parallel_parts(nparts, req.threads, [&](int p) {
+    const Part& part = g.parts[p];
+    const uint32_t* const log = g.undo->key.get();
+    size_t ci = 0;
+    int64_t at = 0, left = 0;  // the next logged value: log[at], `left` more in this chunk
+    for (const Piece& pc : part.pieces) {
+      if (pc.spec_end <= pc.begin) continue;
+      const TensorRef& t = req.tensors[pc.tensor];  // speculated pieces are fp32 with masks
+      float* const w = static_cast<float*>(t.zero);
+      const uint8_t* const bits = g.bits.get() + pc.bits_at;
+      for (int64_t byte = 0; byte < (pc.spec_end - pc.begin) / 8; ++byte) {
+        for (unsigned b = bits[byte]; b != 0; b &= b - 1) {
+          while (left == 0) {
+            if (ci == part.undo_chunks.size()) throw std::runtime_error("lthfast._C: speculation log too short");
+            at = part.undo_chunks[ci].at;
+            left = part.undo_chunks[ci++].n;
+          }
+          const int64_t i = pc.begin + 8 * byte + __builtin_ctz(b);
+          t.mask[i] = 1;
+          std::memcpy(w + i, log + at, 4);
+          ++at;
+          --left;
+          ++restored[p];
+        }
+      }
+    }
+  });
+  int64_t total = 0;
+  for (int64_t r : restored) total += r;
+  if (total != speculated(g)) throw std::runtime_error("lthfast._C: speculation log and bits disagree");
+  g.undo.reset();
 }
 
 }  // namespace lthfast

@@ -197,9 +197,18 @@ def _check_found(groups, alive, ks, bad_tensors, layerwise: bool) -> None:
 # ---- the C++ path ----
 
 
+def _distinct(tensors) -> bool:
+    """True when no two of the tensors share a storage."""
+    return len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+
+
 def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, threads, grain, zero_weights):
     weights = [t.detach().contiguous() for t in tensors]
     work = None if masks is None else [m if m.is_contiguous() else m.contiguous() for m in masks]
+    # The C++ pass may prune in place before it has checked every weight (undone if the call fails): only where
+    # no two buffers share memory (a weight passed twice would be read after its own speculative write) and
+    # the masks are bool (an undone mask byte is put back as 1).
+    speculate = zero_weights and write and all(m.dtype == torch.bool for m in work) and _distinct(weights + work)
     res = _backend.ext().select(
         [w.data_ptr() for w in weights],
         [0] * len(weights) if work is None else [m.data_ptr() for m in work],
@@ -213,6 +222,7 @@ def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, t
         torch.get_num_threads() if threads is None else threads,
         1 << 16 if grain is None else grain,
         zero_weights,
+        speculate,
     )
     _check_found(groups, res["alive"], res["k"], res["bad_tensors"], layerwise)
     if write:

@@ -72,7 +72,10 @@ def vector_kernels(enabled: bool):
         _backend.ext().set_vector_kernels(previous)
 
 
-def c_select(tensors, masks, amount, threads, write=True, k=None, grain=1 << 12, layerwise=False, scales=None):
+def c_select(
+    tensors, masks, amount, threads, write=True, k=None, grain=1 << 12, layerwise=False, scales=None,
+    zero_weights=False, speculate=False,
+):  # fmt: skip
     """lthfast._C.select on these tensors (one group, or one per tensor when layerwise): its raw result dict."""
     codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
     groups = [[i] for i in range(len(tensors))] if layerwise else [list(range(len(tensors)))]
@@ -92,6 +95,8 @@ def c_select(tensors, masks, amount, threads, write=True, k=None, grain=1 << 12,
         write,
         threads,
         grain,
+        zero_weights,
+        speculate,
     )
 
 

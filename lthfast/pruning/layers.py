@@ -157,6 +157,21 @@ def any_alive(mask: torch.Tensor) -> bool:
     return bool(u8.amax())
 
 
+def alive_flags(masks: list[torch.Tensor]) -> list[bool]:
+    """``[any_alive(m) for m in masks]``, the contiguous CPU masks in one lthfast._C call (~1 ms of torch calls
+    for ResNet-50's 54 masks on the 2-core dev box, against a few us)."""
+    from lthfast import _backend
+
+    ext = _backend.ext()
+    fast = [ext is not None and m.device.type == "cpu" and m.dtype == torch.bool and m.is_contiguous() for m in masks]
+    out = [None] * len(masks)
+    if any(fast):
+        idx = [i for i, f in enumerate(fast) if f]
+        for i, flag in zip(idx, ext.any_nonzero([masks[i].data_ptr() for i in idx], [masks[i].numel() for i in idx])):
+            out[i] = flag
+    return [any_alive(m) if flag is None else flag for m, flag in zip(masks, out)]
+
+
 def is_torch_pruned(module: nn.Module, name: str = "weight") -> bool:
     """True when ``module.<name>`` is reparametrized by torch.nn.utils.prune (``<name>_orig`` / ``<name>_mask``)."""
     return f"{name}_orig" in module._parameters and f"{name}_mask" in module._buffers

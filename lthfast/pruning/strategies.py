@@ -23,6 +23,7 @@ from torch import nn
 from lthfast.pruning._common import (
     RANKABLE_DTYPES,
     check_can_prune,
+    check_can_prune_all,
     is_multiplier,
     matched,
     naming_bad_weights,
@@ -68,11 +69,8 @@ def magnitude(
     fraction = check_fraction(fraction, "magnitude")
     pairs = resolve(model, masks, "magnitude")
     shared, own = _plan(pairs, fraction, overrides, leave_dense, "magnitude")
-    for i in shared if fraction > 0 else []:
-        check_can_prune(pairs[i][0], pairs[i][1], "magnitude", finite=False)
-    for i, rate in own.items():
-        if rate > 0:
-            check_can_prune(pairs[i][0], pairs[i][1], "magnitude", finite=False)
+    asked = (shared if fraction > 0 else []) + [i for i, rate in own.items() if rate > 0]
+    check_can_prune_all([pairs[i] for i in asked], "magnitude")
     new = [m.clone() for _, m in pairs]
     weights = [layer.param.detach() for layer, _ in pairs]
     with naming_bad_weights(pairs):
@@ -110,7 +108,10 @@ def magnitude_(
     """
     fraction = check_fraction(fraction, "magnitude_")
     layers = all_layers(model)
-    fast = bool(layers) and all(layer.layout == "masked" and layer.param.dtype in RANKABLE_DTYPES for layer in layers)
+    params = [layer.param for layer in layers]
+    fast = bool(layers) and all(
+        layer.layout == "masked" and p.dtype in RANKABLE_DTYPES for layer, p in zip(layers, params)
+    )
     if not fast:
         masks = Masks.from_model(model)
         new = magnitude(
@@ -122,14 +123,13 @@ def magnitude_(
     shared, own = _plan(pairs, fraction, overrides, leave_dense, "magnitude_")
     shared = shared if fraction > 0 else []
     own = {i: rate for i, rate in own.items() if rate > 0}
-    for i in shared:
-        check_can_prune(pairs[i][0], pairs[i][1], "magnitude_", finite=False)  # NaN: the threshold checks
+    check_can_prune_all([pairs[i] for i in shared], "magnitude_")  # NaN: the threshold checks
     for i in own:
         check_can_prune(pairs[i][0], pairs[i][1], "magnitude_", finite=not layerwise)
     from lthfast import threshold
 
     def prune(ids, amount, each):
-        threshold.prune_([pairs[i][0].param.detach() for i in ids], [pairs[i][1] for i in ids], amount=amount,
+        threshold.prune_([params[i].detach() for i in ids], [pairs[i][1] for i in ids], amount=amount,
                          layerwise=each, zero_weights=True)  # fmt: skip
 
     with torch.no_grad(), naming_bad_weights(pairs):

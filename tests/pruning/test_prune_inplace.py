@@ -136,3 +136,19 @@ def test_forward_runs_after_pruning():
     model = lthfast.sparsify(ConvNet())
     strategies.magnitude_(model, 0.5)
     assert model(image_batch()).isfinite().all()
+
+
+def test_alive_flags_match_any_alive():
+    from lthfast.pruning.layers import alive_flags, any_alive
+
+    masks = []
+    for n in (0, 1, 63, 64, 65, 4097, 100_003):
+        for where in (None, 0, n - 1, n // 2):
+            m = torch.zeros(n, dtype=torch.bool)
+            if where is not None and n:
+                m[where] = True  # one alive entry at the start, the end or the middle (or none)
+            masks.append(m)
+    wide = torch.zeros(50, 40, dtype=torch.bool)
+    wide[49, 1] = True
+    masks += [wide[:, ::2], wide[:, 1::2], wide.t(), wide.to(torch.uint8).view(torch.bool)]  # strided: torch
+    assert alive_flags(masks) == [any_alive(m) for m in masks] == [bool(m.any()) for m in masks]
