@@ -237,6 +237,25 @@ def _forget(ref: weakref.ref) -> None:
             del _cache[owner_id]
 
 
+def _untracked(owner: torch.Tensor) -> bool:
+    """Inference and functorch-wrapped tensors have no usable version counter: never cached."""
+    return owner.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(owner)
+
+
+def _entries(owner: torch.Tensor) -> dict:
+    """The cache dict of ``owner`` at its current version (a fresh one when the version moved or the id was reused)."""
+    owner_id = id(owner)
+    entry = _cache.get(owner_id)
+    if entry is None or entry[0]() is not owner or entry[1] != owner._version:
+        entry = (weakref.ref(owner, _forget), owner._version, {})
+        _cache[owner_id] = entry
+    return entry[2]
+
+
+def _key(mask: torch.Tensor, what: tuple) -> tuple:
+    return (tuple(mask.shape), mask.stride(), mask.storage_offset(), *what)
+
+
 def cached_on_mask(mask: torch.Tensor, what: tuple, build):
     """``build()``, cached on ``mask`` (or the tensor it views) under ``what`` and the view's geometry.
 
@@ -245,25 +264,13 @@ def cached_on_mask(mask: torch.Tensor, what: tuple, build):
     Inference and functorch-wrapped tensors have no usable version counter: built every time.
     """
     owner = mask._base if mask._base is not None else mask
-    if owner.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(owner):
+    if _untracked(owner):
         return build()
-    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), *what)
-    owner_id = id(owner)
-    entry = _cache.get(owner_id)
-    if entry is None or entry[0]() is not owner or entry[1] != owner._version:
-        entry = (weakref.ref(owner, _forget), owner._version, {})
-        _cache[owner_id] = entry
-    if key not in entry[2]:
-        entry[2][key] = build()
-    return entry[2][key]
-
-
-def _cached(mask: torch.Tensor, what: tuple) -> bool:
-    """Whether ``cached_on_mask(mask, what, ...)`` would return a cached value without building."""
-    owner = mask._base if mask._base is not None else mask
-    entry = _cache.get(id(owner))
-    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), *what)
-    return entry is not None and entry[0]() is owner and entry[1] == owner._version and key in entry[2]
+    entries = _entries(owner)
+    key = _key(mask, what)
+    if key not in entries:
+        entries[key] = build()
+    return entries[key]
 
 
 def tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileIndex:
@@ -278,25 +285,32 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
     masks = list(masks)
     for mask in masks:
         _check_2d(mask)
+    what = ("tiles", block_n, block_k)
     out: list = [None] * len(masks)
-    todo = []
+    todo = []  # (position, the owner's cache dict, key)
     for i, mask in enumerate(masks):
-        if _ext_ok(mask) is not None and not _cached(mask, ("tiles", block_n, block_k)):
-            todo.append(i)
-    if len(todo) > 1:
-        ext = _backend.ext()
-        built = ext.tile_indices(
-            [masks[i].data_ptr() for i in todo],
-            [masks[i].shape[0] for i in todo],
-            [masks[i].shape[1] for i in todo],
-            [_row_stride(masks[i]) for i in todo],
+        if _ext_ok(mask) is None:
+            continue
+        owner = mask._base if mask._base is not None else mask
+        if _untracked(owner):
+            continue
+        entries, key = _entries(owner), _key(mask, what)
+        if key in entries:
+            out[i] = entries[key]
+        else:
+            todo.append((i, entries, key))
+    if todo:
+        built = _backend.ext().tile_indices(
+            [masks[i].data_ptr() for i, _, _ in todo],
+            [masks[i].shape[0] for i, _, _ in todo],
+            [masks[i].shape[1] for i, _, _ in todo],
+            [_row_stride(masks[i]) for i, _, _ in todo],
             block_n,
             block_k,
             torch.get_num_threads(),
         )
-        for i, arrays in zip(todo, built):
-            index = _from_ext(masks[i].shape, block_n, block_k, arrays)
-            out[i] = cached_on_mask(masks[i], ("tiles", block_n, block_k), lambda index=index: index)
+        for (i, entries, key), arrays in zip(todo, built):
+            out[i] = entries[key] = _from_ext(masks[i].shape, block_n, block_k, arrays)
     for i, mask in enumerate(masks):
         if out[i] is None:
             out[i] = tile_index(mask, block_n, block_k)
