@@ -1,7 +1,8 @@
 """Speculative pruning in the C++ threshold's first count pass (zero_weights with bool masks, no aliasing): the
 alive fp32 weights below the sample bracket are pruned in place while the pass has their lines in cache, and
 logged; the log puts them back, bit for bit, when the call fails (NaN/Inf, k too large) or the bracket misses,
-and the final pass skips the ranges the count pass already pruned.
+and the final pass skips the ranges the count pass already pruned. It runs only when the sample expects at
+most 1/8 of the group below its bracket (later IMP rounds; the cases here prune ~10%).
 
 White-box: the "speculated" counts of lthfast._C.select confirm the speculation ran (and how far), so that an
 undo path cannot pass by not speculating. Every outcome is checked against lthfast.reference.threshold_prune
@@ -12,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_threshold_paths import CASES, SAMPLE, c_select, sample_positions, split, vector_kernels
+from test_threshold_paths import SAMPLE, c_select, sample_positions, split, vector_kernels
 
 from lthfast import _backend, reference, threshold
 
@@ -64,30 +65,43 @@ def unchanged(tensors, masks, before):
     )
 
 
-# case of test_threshold_paths.CASES: (speculates, speculation kept)
-SPECULATION = {
-    "smooth": (True, True),
-    "ties": (True, False),  # the candidates overflow: undone, then the tie quota path
-    "clustered": (False, False),  # below 2^18 elements: no sample, no bracket
-    "missed-high": (True, False),  # the log runs out part way, then the bracket misses: undone
-    "missed-low": (True, False),
-}
+def misleading(sampled_large: bool):
+    """The sampled positions hold the large (or small) values: the sample's bracket misses on that side."""
+    gen = torch.Generator().manual_seed(21)
+    flat = torch.rand(N, generator=gen) * 0.5
+    flat[sample_positions(N)] = (2.0 + torch.rand(SAMPLE, generator=gen)) * (1.0 if sampled_large else 0.01)
+    return flat
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# The speculation runs when the sample expects at most 1/8 of the group below its bracket (amounts ~0.1 here).
+# name: (data, amount, alive density, speculates, speculation kept)
+SPEC_CASES = {
+    "smooth": (lambda: torch.randn(N, generator=torch.Generator().manual_seed(20)), 0.1, 0.85, True, True),
+    # zeros (1/9 of the group) below the bracket; the next key holds 2/9: the candidates overflow, the tie
+    # quota path takes over after the undo
+    "ties": (lambda: torch.randint(-4, 5, (N,), generator=torch.Generator().manual_seed(22)) * 0.125, 0.125, 1.0,
+             True, False),
+    "missed-high": (lambda: misleading(True), 0.1, 1.0, True, False),  # the log runs out part way, then the miss
+    "missed-low": (lambda: misleading(False), 0.1, 1.0, True, False),
+    "small": (lambda: torch.randn(1 << 17, generator=torch.Generator().manual_seed(23)), 0.1, 0.85, False, False),
+    "too-many": (lambda: torch.randn(N, generator=torch.Generator().manual_seed(24)), 0.2, 0.85, False, True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SPEC_CASES))
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_paths_with_speculation_match_the_reference(case, threads):
-    data, spec, _, _ = CASES[case]
-    flat = data()
-    tensors, masks = with_dead(flat, seed=threads) if flat.numel() == N else (split(flat, [flat.numel()]), None)
-    if masks is None:
-        masks = [torch.rand(t.shape) < 0.85 for t in tensors]
+    data, amount, density, speculates, kept = SPEC_CASES[case]
+    flat = data().float()
+    if flat.numel() == N:
+        tensors, masks = with_dead(flat, seed=threads, density=density)
+    else:
+        tensors, masks = [flat], [torch.rand(flat.shape) < density]
     before = ([t.clone() for t in tensors], [m.clone() for m in masks])
-    res = run(tensors, masks, spec, threads)
-    speculates, kept = SPECULATION[case]
+    res = run(tensors, masks, dict(amount=amount), threads)
     assert (res["speculated"][0] > 0) == speculates, "not the path this case is meant to test"
     assert bool(res["collected"][0]) == kept
-    check_pruned(tensors, masks, before, res, spec)
+    check_pruned(tensors, masks, before, res, dict(amount=amount))
 
 
 def test_log_running_out_keeps_what_was_speculated():
@@ -116,20 +130,27 @@ def test_nonfinite_weight_after_speculation_puts_everything_back(vector, threads
     masks[2][-9] = True
     before = ([t.clone() for t in tensors], [m.clone() for m in masks])
     with vector_kernels(vector):
-        res = run(tensors, masks, dict(amount=0.2), threads)
+        res = run(tensors, masks, dict(amount=0.1), threads)
         assert res["status"] == 1 and res["bad_tensors"] == [2]
         assert (res["speculated"][0] > 0) == vector  # the scalar kernels never speculate
         assert unchanged(tensors, masks, before)
         with pytest.raises(ValueError, match=r"tensor 2 holds NaN or Inf"):
-            threshold.prune_(tensors, masks, amount=0.2, zero_weights=True)
+            threshold.prune_(tensors, masks, amount=0.1, zero_weights=True)
         assert unchanged(tensors, masks, before)
 
 
 def test_k_too_large_after_speculation_puts_everything_back():
-    tensors, masks = with_dead(torch.randn(N, generator=torch.Generator().manual_seed(13)), seed=13)
+    # 90% of the sampled positions dead, the rest all alive: the sample puts a k above the alive count at the
+    # top of the alive keys and expects ~10% of the group below its bracket, so the pass speculates (until
+    # its log runs out) before the count shows k is too large
+    gen = torch.Generator().manual_seed(13)
+    flat = torch.randn(N, generator=gen)
+    alive = torch.ones(N, dtype=torch.bool)
+    sampled = sample_positions(N)
+    alive[sampled[torch.rand(SAMPLE, generator=gen) < 0.9]] = False
+    tensors, masks = split(flat, SIZES), split(alive, SIZES)
     before = ([t.clone() for t in tensors], [m.clone() for m in masks])
-    alive = sum(int(m.sum()) for m in masks)
-    res = run(tensors, masks, dict(k=alive + 1), threads=2)
+    res = run(tensors, masks, dict(k=int(alive.sum()) + 1), threads=2)
     assert res["status"] == 2 and res["speculated"][0] > 0
     assert unchanged(tensors, masks, before)
 
@@ -141,12 +162,12 @@ def test_layerwise_groups_undo_every_group_on_a_late_nan():
     tensors[2][5] = math.nan
     masks[2][5] = True
     before = ([t.clone() for t in tensors], [m.clone() for m in masks])
-    res = run(tensors, masks, dict(amount=[0.2, 0.3, 0.1], layerwise=True), threads=2)
+    res = run(tensors, masks, dict(amount=[0.1, 0.08, 0.1], layerwise=True), threads=2)
     assert res["status"] == 1 and res["speculated"][0] > 0 and res["speculated"][1] > 0
     assert unchanged(tensors, masks, before)
     tensors[2][5] = 0.5
     before[0][2][5] = 0.5
-    spec = dict(amount=[0.2, 0.3, 0.1], layerwise=True)
+    spec = dict(amount=[0.1, 0.08, 0.1], layerwise=True)
     res = run(tensors, masks, spec, threads=2)
     assert res["collected"][:2] == [1, 1] and res["speculated"][0] > 0
     check_pruned(tensors, masks, before, res, spec)
