@@ -15,6 +15,8 @@
 // (key, position) candidates (capped at n/32: 8 bytes each, <= 0.25 byte per weight) and, in write mode,
 // a bitset of "alive and key < lo" (0.125 byte per weight). If the bracket holds the k-th key and the cap
 // held, steps 3-4 run on those instead (threshold_collect.cpp): the weights are read once, not twice.
+// With zeroing (Request::speculate) and at most 1/8 of the group expected below lo, that pass also prunes
+// the fp32 elements below lo in place and logs their weights (4 bytes each, sized from the sample).
 // All groups are counted (and validated) before any mask is written, except the first count pass's speculative
 // pruning (Request::speculate): put back from its log before the call fails, or before the bracket is refined.
 #include <algorithm>

@@ -8,6 +8,10 @@
 // which join the bitset; then one pass over masks and bits clears every marked mask byte.
 // That pass moves the masks (n bytes, read and written) and n/8 bytes of bits, against 4n + 2n bytes for a
 // second pass over fp32 weights and their masks.
+// When the count pass speculated (Request::speculate), the elements below lo of the ranges it covered are
+// already pruned: the candidates to prune there are pruned directly (a prefetched list), the final pass
+// covers only the rest, and the log is dropped. When the candidates cannot finish the group, or the call
+// fails, undo_speculation puts the logged weights back first.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>

@@ -104,17 +104,22 @@ def test_paths_with_speculation_match_the_reference(case, threads):
     check_pruned(tensors, masks, before, res, dict(amount=amount))
 
 
+def sampled_partly_dead(fraction: float, seed: int):
+    """Normal weights, all alive but ``fraction`` of the positions the C++ sample reads: (tensors, masks, copies)."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.randn(N, generator=gen)
+    alive = torch.ones(N, dtype=torch.bool)
+    sampled = sample_positions(N)
+    alive[sampled[torch.rand(SAMPLE, generator=gen) < fraction]] = False
+    tensors, masks = split(flat, SIZES), split(alive, SIZES)
+    return tensors, masks, ([t.clone() for t in tensors], [m.clone() for m in masks])
+
+
 def test_log_running_out_keeps_what_was_speculated():
     # 60% of the sampled positions dead, every other weight alive: the sample sees 40% of the alive density,
     # so its estimate of the weights below the bracket (the log's size) is well short. The log runs out
     # part way, the bracket still holds: the first parts keep their speculation, the rest take the bits pass.
-    gen = torch.Generator().manual_seed(11)
-    flat = torch.randn(N, generator=gen)
-    alive = torch.ones(N, dtype=torch.bool)
-    sampled = sample_positions(N)
-    alive[sampled[torch.rand(SAMPLE, generator=gen) < 0.6]] = False
-    tensors, masks = split(flat, SIZES), split(alive, SIZES)
-    before = ([t.clone() for t in tensors], [m.clone() for m in masks])
+    tensors, masks, before = sampled_partly_dead(0.6, seed=11)
     res = run(tensors, masks, dict(amount=0.1), threads=2)
     assert res["collected"] == [1]
     assert 0 < res["speculated"][0] < 0.8 * res["k"][0], "the log was meant to run out"
@@ -143,14 +148,8 @@ def test_k_too_large_after_speculation_puts_everything_back():
     # 90% of the sampled positions dead, the rest all alive: the sample puts a k above the alive count at the
     # top of the alive keys and expects ~10% of the group below its bracket, so the pass speculates (until
     # its log runs out) before the count shows k is too large
-    gen = torch.Generator().manual_seed(13)
-    flat = torch.randn(N, generator=gen)
-    alive = torch.ones(N, dtype=torch.bool)
-    sampled = sample_positions(N)
-    alive[sampled[torch.rand(SAMPLE, generator=gen) < 0.9]] = False
-    tensors, masks = split(flat, SIZES), split(alive, SIZES)
-    before = ([t.clone() for t in tensors], [m.clone() for m in masks])
-    res = run(tensors, masks, dict(k=int(alive.sum()) + 1), threads=2)
+    tensors, masks, before = sampled_partly_dead(0.9, seed=13)
+    res = run(tensors, masks, dict(k=sum(int(m.sum()) for m in masks) + 1), threads=2)
     assert res["status"] == 2 and res["speculated"][0] > 0
     assert unchanged(tensors, masks, before)
 
