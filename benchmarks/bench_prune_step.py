@@ -6,7 +6,7 @@ no torchvision, no BatchNorm: only prunable tensors matter here), ``--rounds`` t
   torch          ``torch.nn.utils.prune.global_unstructured(params, L1Unstructured, amount)``
   lthfast        ``strategies.magnitude_`` (in place on a ``sparsify``-ed model: score + global threshold via
                  lthfast.threshold, the modules' masks cleared and the pruned weights zeroed in the same pass)
-                 -> ``tile_indices(masks2d, block, block)``: the kernels' tile index of every weight, rebuilt
+                 -> ``tile_indices(masks, block, block)``: the kernels' tile index of every weight, rebuilt
                  (one lthfast._C call over all masks on torch's threads; cached where the layers look them up)
   lthfast-masks  the functional route: ``strategies.magnitude`` (new Masks) -> ``Masks.apply_`` (mask copy
                  into the modules, every pruned weight zeroed) -> the same tile index rebuild
@@ -156,7 +156,7 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
                 t1 = time.perf_counter()
                 masks.apply_(model)
                 t2 = time.perf_counter()
-            tile_indices([m.mask.view(m.mask.shape[0], -1) for m in model.values()], block, block)
+            tile_indices([m.mask for m in model.values()], block, block)  # each as [out, in * kh * kw]
             t3 = time.perf_counter()
             for part, dt in zip(parts, (t1 - start, t2 - t1, t3 - t2)):
                 parts[part].append(dt)

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -146,5 +147,25 @@ def test_tile_indices_match_one_by_one_and_share_the_cache():
     masks[0][0, 0] = True  # an in-place edit drops it
     again = tile_indices(masks, 32, 32)
     assert again[0] is not got[0] and bool(again[0].tile_alive[0, 0]) and again[1] is got[1]
-    with pytest.raises(ValueError, match="2-D"):
-        tile_indices([torch.ones(2, 2, 2, dtype=torch.bool)], 32, 32)
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        tile_indices([torch.ones(4, dtype=torch.bool)], 32, 32)
+
+
+def test_tile_indices_of_weight_shaped_masks_are_the_2d_views():
+    from lthfast.kernels.tile_index import tile_indices
+
+    gen = torch.Generator().manual_seed(8)
+    conv = torch.rand(40, 24, 3, 3, generator=gen) < 0.02
+    single = torch.rand(1, 64, 3, 3, generator=gen) < 0.1
+    strided = (torch.rand(30, 16, 3, 3, generator=gen) < 0.1)[:, ::2]  # not contiguous: indexed from a copy
+    channels_last = (torch.rand(16, 8, 3, 3, generator=gen) < 0.1).contiguous(memory_format=torch.channels_last)
+    empty = torch.zeros(0, 5, 3, 3, dtype=torch.bool)
+    masks = [conv, single, strided, channels_last, empty]
+    got = tile_indices(masks, 16, 9 * 4)
+    for mask, idx in zip(masks, got):
+        want = build_tile_index(mask.reshape(mask.shape[0], math.prod(mask.shape[1:])), 16, 36)
+        assert all(torch.equal(a, b) for a, b in zip(_index_fields(idx), _index_fields(want)))
+    for mask, idx in zip((conv, single), got):  # the layers' lookups (2-D views) find what it built
+        assert tile_index(mask.view(mask.shape[0], -1), 16, 36) is idx
+    conv[0, 0, 0, 0] = not bool(conv[0, 0, 0, 0])
+    assert tile_indices([conv], 16, 36)[0] is not got[0]
