@@ -198,8 +198,9 @@ def _check_found(groups, alive, ks, bad_tensors, layerwise: bool) -> None:
 
 
 def _distinct(tensors) -> bool:
-    """True when no two of the tensors share a storage."""
-    return len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    """True when no two of the (contiguous) tensors' memory ranges overlap."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
 def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, threads, grain, zero_weights):

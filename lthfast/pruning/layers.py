@@ -213,11 +213,13 @@ def all_layers(model: nn.Module) -> list[Layer]:
             layout = "torch"
         else:
             layout = "plain"
-        layer = Layer(_weight_name(module_name), module_name, module, layout)
-        if layer.param is None or id(layer.param) in seen:
+        attr = "weight_orig" if layout == "torch" else "weight"
+        param = module._parameters.get(attr)  # Layer.param without nn.Module.__getattr__ (a hot path)
+        param = getattr(module, attr, None) if param is None else param
+        if param is None or id(param) in seen:
             continue
-        seen.add(id(layer.param))
-        layers.append(layer)
+        seen.add(id(param))
+        layers.append(Layer(_weight_name(module_name), module_name, module, layout))
     return layers
 
 
