@@ -169,11 +169,13 @@ std::vector<int> count_pass(Group& g, const Request& req, bool collect = false) 
     g.pool = make_pool(std::max<int64_t>(g.n / 32, 1 << 12), nparts, /*with_pos=*/true);
     if (req.write) g.bits.reset(new uint8_t[g.bits_bytes]);
     // The undo log: the sample's estimate of the elements below lo, plus a quarter (a miss only stops the
-    // speculation where the log ran out) and a chunk's rounding per part. Only when at most 1/8 of the group
-    // is to be pruned: above that nearly every weight line holds a pruned weight, the final pass over the
-    // bits streams through them at memory speed, and a log of up to 4 bytes per pruned weight (20 MB at IMP
-    // round 1 of 25.5M weights, page faults included in a fresh process) made the step slower, not faster.
-    if (req.write && req.speculate && g.below_est > 0 && g.below_est <= g.n / 8) {
+    // speculation where the log ran out) and a chunk's rounding per part. Only when at most 1/16 of the group
+    // is to be pruned: above that most weight lines hold a pruned weight, the final pass over the bits
+    // streams through them at memory speed, and the log (4 bytes per pruned weight, its pages faulted in the
+    // first time a process needs that much) costs more than it saves. ResNet-50-shaped 25.5M weights, 20% of
+    // the alive per IMP round: it starts paying at round 6 (6.6% pruned; rounds 3-4 at 1/8 were 6-16 ms
+    // slower on 1 thread, benchmarks/bench_prune_step.py's lthfast worker against the previous commit).
+    if (req.write && req.speculate && g.below_est > 0 && g.below_est <= g.n / 16) {
       const int64_t want = g.below_est + g.below_est / 4 + 4096;
       g.undo = make_pool(want + 2 * nparts * std::clamp<int64_t>(want / (8 * nparts), 64, 4096), nparts, false);
     }
