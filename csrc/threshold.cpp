@@ -95,11 +95,20 @@ void sample_bracket(Group& g, const Request& req, size_t gi) {
   parallel_parts(nchunks, nt, [&](int p) {
     const int64_t b = kSampleSize * p / nchunks, e = kSampleSize * (p + 1) / nchunks;
     part[p].reserve(e - b);
+    // The mask first (32 ahead), the weight (16 ahead) only where that mask byte, by then in cache, is alive:
+    // in late IMP rounds most samples are pruned and their weight lines are not read (ResNet-50-shaped 25.5M
+    // weights at 10.7% alive, 2 threads: 0.9-1.0 -> 0.8 ms).
+    const auto weight_at = [](const At& f) {
+      return static_cast<const char*>(f.t->data) + f.i * element_size(f.t->dtype);
+    };
     for (int64_t s = b; s < e; ++s) {
+      if (s + 32 < e) {
+        const At& f = at[s + 32];
+        __builtin_prefetch(f.t->mask != nullptr ? static_cast<const void*>(f.t->mask + f.i) : weight_at(f));
+      }
       if (s + 16 < e) {
         const At& f = at[s + 16];
-        __builtin_prefetch(static_cast<const char*>(f.t->data) + f.i * element_size(f.t->dtype));
-        if (f.t->mask != nullptr) __builtin_prefetch(f.t->mask + f.i);
+        if (f.t->mask != nullptr && f.t->mask[f.i] != 0) __builtin_prefetch(weight_at(f));
       }
       uint32_t key;
       const At& a = at[s];
