@@ -14,6 +14,7 @@
 // fails, undo_speculation puts the logged weights back first.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 
 #include "threshold_driver.h"
@@ -91,7 +92,7 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
     //    is a coin flip per candidate)
     int64_t total = 0;
     for (const Chunk& c : part.chunks) total += c.n;
-    std::vector<uint32_t> below(static_cast<size_t>(total) + 1);
+    std::unique_ptr<uint32_t[]> below(new uint32_t[total + 1]);  // uninitialized: only what is written is paged in
     size_t nbelow = 0;
     for (const Chunk& c : part.chunks) {
       for (int64_t j = c.at; j < c.at + c.n; ++j) {
@@ -105,7 +106,9 @@ bool finish_collected(Group& g, const Request& req, uint32_t& threshold, int64_t
       throw std::runtime_error("lthfast._C: candidate count differs from the histogram");
     if (bits == nullptr) return;
     // 2. to bits or the direct list: pieces and candidates are both in position order, walked together
-    direct[p].reserve(nbelow);
+    bool speculated_part = false;
+    for (const Piece& pc : part.pieces) speculated_part |= pc.spec_end > pc.begin;
+    if (speculated_part) direct[p].reserve(nbelow);
     size_t pi = 0;
     uint64_t piece_lo = 0, piece_hi = 0;
     const Piece* piece = nullptr;
