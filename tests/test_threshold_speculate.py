@@ -200,3 +200,24 @@ def test_speculation_only_for_bool_masks_and_distinct_buffers(monkeypatch):
     assert torch.equal(m1, expected[0]) and torch.equal(m2, expected[1])
     assert torch.equal(bits(shared)[m & ~(m1 & m2)], torch.zeros_like(bits(shared)[m & ~(m1 & m2)]))
     assert torch.equal(bits(shared)[m1 & m2], bits(w)[m1 & m2])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_scaled_and_mixed_dtype_groups(threads):
+    # scales rank a layer by |w| * scale (the bracket is on scaled keys); 16-bit pieces are never speculated,
+    # the fp32 pieces of the same group are: the finish must treat each piece by what its pass did
+    gen = torch.Generator().manual_seed(16)
+    tensors = [torch.randn(s, generator=gen) for s in SIZES]
+    tensors[1] = tensors[1].to(torch.bfloat16)
+    masks = [torch.rand(s, generator=gen) < 0.85 for s in SIZES]
+    before = ([t.clone() for t in tensors], [m.clone() for m in masks])
+    scales = [1.0, 0.5, 2.0]
+    expected, expected_t, count = reference.threshold_prune(before[0], before[1], amount=0.05, scales=scales)
+    res = c_select(tensors, masks, 0.05, threads, scales=scales, zero_weights=True, speculate=True)
+    assert res["status"] == 0 and res["speculated"][0] > 0 and res["collected"] == [1]
+    assert res["threshold"] == expected_t and res["pruned"] == [count]
+    for i, (w, m, w0, m0, want) in enumerate(zip(tensors, masks, before[0], before[1], expected)):
+        assert torch.equal(m, want), f"tensor {i}: mask differs from the reference"
+        as_bits = (lambda t: t.view(torch.int16)) if w.dtype == torch.bfloat16 else bits
+        now = m0 & ~want
+        assert not as_bits(w)[now].any() and torch.equal(as_bits(w)[~now], as_bits(w0)[~now]), f"tensor {i}"
