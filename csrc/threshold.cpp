@@ -15,7 +15,7 @@
 // (key, position) candidates (capped at n/32: 8 bytes each, <= 0.25 byte per weight) and, in write mode,
 // a bitset of "alive and key < lo" (0.125 byte per weight). If the bracket holds the k-th key and the cap
 // held, steps 3-4 run on those instead (threshold_collect.cpp): the weights are read once, not twice.
-// With zeroing (Request::speculate) and at most 1/8 of the group expected below lo, that pass also prunes
+// With zeroing (Request::speculate) and at most 1/16 of the group expected below lo, that pass also prunes
 // the fp32 elements below lo in place and logs their weights (4 bytes each, sized from the sample).
 // All groups are counted (and validated) before any mask is written, except the first count pass's speculative
 // pruning (Request::speculate): put back from its log before the call fails, or before the bracket is refined.
@@ -157,11 +157,13 @@ bool refill(CandidateSink& s) {
   return true;
 }
 
-// A pool of `cap` entries (`with_pos`: positions too) for `nparts` parts, in chunks of up to 4096.
-std::unique_ptr<Pool> make_pool(int64_t cap, int nparts, bool with_pos) {
+// A pool of `cap` entries (`with_pos`: positions too) for `nparts` parts, in chunks of up to 4096, plus
+// `spare` chunks per part (room for the unused tails of the chunks the parts hold).
+std::unique_ptr<Pool> make_pool(int64_t cap, int nparts, bool with_pos, int spare = 0) {
   // new[] leaves the buffers uninitialized: only the pages that are written get memory.
   auto pool = std::make_unique<Pool>();
   pool->chunk = std::clamp<int64_t>(cap / (8 * nparts), 64, 4096);
+  cap += int64_t{spare} * nparts * pool->chunk;
   pool->cap = cap;
   pool->key.reset(new uint32_t[cap]);
   if (with_pos) pool->pos.reset(new uint32_t[cap]);
@@ -184,10 +186,8 @@ std::vector<int> count_pass(Group& g, const Request& req, bool collect = false) 
     // first time a process needs that much) costs more than it saves. ResNet-50-shaped 25.5M weights, 20% of
     // the alive per IMP round: it starts paying at round 6 (6.6% pruned; rounds 3-4 at 1/8 were 6-16 ms
     // slower on 1 thread, benchmarks/bench_prune_step.py's lthfast worker against the previous commit).
-    if (req.write && req.speculate && g.below_est > 0 && g.below_est <= g.n / 16) {
-      const int64_t want = g.below_est + g.below_est / 4 + 4096;
-      g.undo = make_pool(want + 2 * nparts * std::clamp<int64_t>(want / (8 * nparts), 64, 4096), nparts, false);
-    }
+    if (req.write && req.speculate && g.below_est > 0 && g.below_est <= g.n / 16)
+      g.undo = make_pool(g.below_est + g.below_est / 4 + 4096, nparts, /*with_pos=*/false, /*spare=*/2);
   }
   std::vector<int64_t> alive(nparts, 0), below(nparts, 0);
   std::vector<std::vector<int>> bad(nparts);
@@ -390,7 +390,6 @@ Result select_threshold(const Request& req) {
     } else {
       undo_speculation(g, req);  // (a sample bracket with elements below it, then k = 0)
     }
-    g.undo.reset();
     g.pool.reset();
     g.bits.reset();
     res.apply_ms += now_ms() - t0;  // includes refinement count passes, if any

@@ -160,21 +160,16 @@ def _index_arrays_torch(alive: torch.Tensor) -> tuple:
     )  # fmt: skip
 
 
-def _ext_ok(mask: torch.Tensor):
-    """lthfast._C when it can index ``mask`` (a CPU bool mask with unit column stride), else None."""
-    ext = _backend.ext() if mask.device.type == "cpu" else None
-    if (
-        ext is not None
-        and hasattr(ext, "tile_indices")
-        and mask.dtype == torch.bool
-        and (mask.stride(1) == 1 or mask.shape[1] <= 1)
-    ):
-        return ext
-    return None
+def _ext_ok(mask: torch.Tensor, stride: tuple, k: int):
+    """lthfast._C when it can index ``mask`` as an [N, k] view of that stride (a CPU bool mask with unit column
+    stride), else None."""
+    if mask.device.type != "cpu" or mask.dtype != torch.bool or (stride[1] != 1 and k > 1):
+        return None
+    return _backend.ext()
 
 
-def _row_stride(mask: torch.Tensor) -> int:
-    return mask.stride(0) if mask.shape[0] > 1 else mask.shape[1]
+def _row_stride(n: int, k: int, stride: tuple) -> int:
+    return stride[0] if n > 1 else k
 
 
 def _from_arrays(shape, block_n: int, block_k: int, alive, arrays) -> TileIndex:
@@ -215,13 +210,12 @@ def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileInde
     """Build the tile index of a 2-D bool mask [N, K]. Prefer the cached ``tile_index``."""
     _check_2d(mask)
     n, k = mask.shape
-    ext = _ext_ok(mask)
+    ext = _ext_ok(mask, mask.stride(), k)
     if ext is not None:
         # One C++ call (tile_index.cpp): ~25x fewer calls than the numpy path, and the first rows of a tile
         # usually settle it. ResNet-50's 54 masks over 10 IMP rounds, 32x32 tiles: 3-7 ms against 11-18 ms.
-        return _from_ext(
-            (n, k), block_n, block_k, ext.tile_index(mask.data_ptr(), n, k, _row_stride(mask), block_n, block_k)
-        )
+        row_stride = _row_stride(n, k, mask.stride())
+        return _from_ext((n, k), block_n, block_k, ext.tile_index(mask.data_ptr(), n, k, row_stride, block_n, block_k))
     alive = tile_alive(mask, block_n, block_k)
     arrays = _index_arrays_numpy if alive.device.type == "cpu" else _index_arrays_torch
     return _from_arrays((n, k), block_n, block_k, alive, arrays(alive))
@@ -290,7 +284,6 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
     out: list = [None] * len(masks)
     geometry = []  # (n, k, row stride) of each mask's 2-D view
     todo = []  # (position, the owner's cache dict, key)
-    ext = _backend.ext()
     for i, mask in enumerate(masks):
         if mask.dim() < 2:
             raise ValueError(f"tile index needs a mask of 2 or more dimensions, got shape {tuple(mask.shape)}")
@@ -300,8 +293,8 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
         if not plain:  # a view it cannot describe without making it
             masks[i] = mask = mask.view(n, k) if mask.is_contiguous() else mask.reshape(n, k)
         stride = mask.stride() if mask.dim() == 2 else (k, 1)
-        geometry.append((n, k, stride[0] if n > 1 else k))
-        if ext is None or mask.device.type != "cpu" or mask.dtype != torch.bool or (stride[1] != 1 and k > 1):
+        geometry.append((n, k, _row_stride(n, k, stride)))
+        if _ext_ok(mask, stride, k) is None:
             continue
         owner = mask._base if mask._base is not None else mask
         if _untracked(owner):
@@ -312,7 +305,7 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
         else:
             todo.append((i, entries, key))
     if todo:
-        built = ext.tile_indices(
+        built = _backend.ext().tile_indices(
             [masks[i].data_ptr() for i, _, _ in todo],
             *([geometry[i][j] for i, _, _ in todo] for j in range(3)),
             block_n,

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from lthfast.pruning.layers import Layer, alive_flags, any_alive, check_finite, check_fraction, matches
+from lthfast.pruning.layers import Layer, alive_flags, check_finite, check_fraction, matches
 from lthfast.pruning.masks import Masks
 
 
@@ -72,19 +72,18 @@ def overrides_by_name(overrides: Mapping | None, names: list[str], what: str) ->
     return out
 
 
-def check_can_prune(layer: Layer, mask: torch.Tensor, what: str, finite: bool = True) -> None:
-    """A layer asked to prune more must have alive weights (and, with ``finite``, all of them finite)."""
-    if mask.numel() and not any_alive(mask):
-        raise ValueError(f"{what}: layer {layer.name!r} is already fully pruned and was asked to prune further")
-    if finite:
-        check_finite(layer.param, mask, layer.name)
-
-
 def check_can_prune_all(pairs: list[tuple[Layer, torch.Tensor]], what: str) -> None:
-    """``check_can_prune(layer, mask, what, finite=False)`` for every pair, the masks checked in one batch."""
+    """Every layer asked to prune more must have alive weights (the masks checked in one batch)."""
     for (layer, mask), alive in zip(pairs, alive_flags([mask for _, mask in pairs])):
         if mask.numel() and not alive:
             raise ValueError(f"{what}: layer {layer.name!r} is already fully pruned and was asked to prune further")
+
+
+def check_can_prune(layer: Layer, mask: torch.Tensor, what: str, finite: bool = True) -> None:
+    """A layer asked to prune more must have alive weights (and, with ``finite``, all of them finite)."""
+    check_can_prune_all([(layer, mask)], what)
+    if finite:
+        check_finite(layer.param, mask, layer.name)
 
 
 @contextlib.contextmanager
