@@ -19,6 +19,25 @@ namespace py = pybind11;
 
 namespace {
 
+// Whether the byte ranges of any two buffers (weights and masks) of `tensors` overlap.
+bool any_overlap(const std::vector<lthfast::TensorRef>& tensors) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  spans.reserve(2 * tensors.size());
+  for (const lthfast::TensorRef& t : tensors) {
+    if (t.numel == 0) continue;
+    const auto data = reinterpret_cast<uintptr_t>(t.data);
+    spans.emplace_back(data, data + static_cast<uintptr_t>(t.numel) * lthfast::element_size(t.dtype));
+    if (t.mask != nullptr) {
+      const auto mask = reinterpret_cast<uintptr_t>(t.mask);
+      spans.emplace_back(mask, mask + static_cast<uintptr_t>(t.numel));
+    }
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    if (spans[i].first < spans[i - 1].second) return true;
+  return false;
+}
+
 py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr_t>& masks,
                 const std::vector<int64_t>& numels, const std::vector<int>& dtypes, const std::vector<float>& scales,
                 const std::vector<std::vector<int>>& groups, const std::vector<double>& amounts,
@@ -51,7 +70,9 @@ py::dict select_py(const std::vector<uintptr_t>& data, const std::vector<uintptr
   req.amounts = amounts;
   req.ks = ks;
   req.write = write;
-  req.speculate = speculate && zero_weights;
+  // Speculative pruning writes a weight before the pass has read the rest: only where no two buffers share
+  // memory (a weight passed twice would be read after its own speculative write).
+  req.speculate = speculate && zero_weights && !any_overlap(req.tensors);
   req.threads = threads < 1 ? 1 : threads;
   req.grain = grain < 1 ? 1 : grain;
   lthfast::Result res;
@@ -129,8 +150,9 @@ std::vector<bool> any_nonzero_py(const std::vector<uintptr_t>& buffers, const st
 }
 
 py::tuple tile_index_tuple(lthfast::TileIndexArrays& a) {
-  py::array_t<uint8_t> alive = to_numpy(a.alive);
-  alive.resize({static_cast<py::ssize_t>(a.tiles_n), static_cast<py::ssize_t>(a.tiles_k)});
+  // bool: torch.from_numpy gives the torch.bool tile map without a view
+  py::array_t<bool> alive({static_cast<py::ssize_t>(a.tiles_n), static_cast<py::ssize_t>(a.tiles_k)});
+  if (!a.alive.empty()) std::memcpy(alive.mutable_data(), a.alive.data(), a.alive.size());
   return py::make_tuple(alive, to_numpy(a.row_ptr), to_numpy(a.tile_cols), to_numpy(a.col_ptr), to_numpy(a.col_rows),
                         to_numpy(a.tile_rows), a.max_row_tiles, a.max_col_tiles);
 }

@@ -116,6 +116,8 @@ def _check_tensors(tensors, masks):
             raise TypeError(f"tensor {i} is a {type(t).__name__}, not a torch.Tensor")
         if t.dtype not in _DTYPE_CODES:
             raise TypeError(f"tensor {i} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    all_cpu = all(t.is_cpu for t in tensors)  # then no device objects to compare (~1 us each)
+    for i, t in enumerate([] if all_cpu else tensors):
         if t.device != tensors[0].device:
             raise ValueError(f"tensor {i} is on {t.device} but tensor 0 is on {tensors[0].device}: mixed devices")
     if masks is None:
@@ -132,7 +134,7 @@ def _check_tensors(tensors, masks):
             raise TypeError(f"mask {i} has dtype {m.dtype}; masks are bool or uint8")
         if m.shape != t.shape:
             raise ValueError(f"mask {i} has shape {tuple(m.shape)} but tensor {i} has shape {tuple(t.shape)}")
-        if m.device != t.device:
+        if not (all_cpu and m.is_cpu) and m.device != t.device:
             raise ValueError(f"mask {i} is on {m.device} but tensor {i} is on {t.device}")
     return tensors, masks
 
@@ -197,19 +199,19 @@ def _check_found(groups, alive, ks, bad_tensors, layerwise: bool) -> None:
 # ---- the C++ path ----
 
 
-def _distinct(tensors) -> bool:
-    """True when no two of the (contiguous) tensors' memory ranges overlap."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
-    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+def _contiguous(ts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
+    """The tensors detached and contiguous, and which of them had to be copied to be."""
+    out = [t.detach() for t in ts]
+    copied = [not t.is_contiguous() for t in out]
+    return [t.contiguous() if c else t for t, c in zip(out, copied)], copied
 
 
 def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, threads, grain, zero_weights):
-    weights = [t.detach().contiguous() for t in tensors]
-    work = None if masks is None else [m if m.is_contiguous() else m.contiguous() for m in masks]
-    # The C++ pass may prune in place before it has checked every weight (undone if the call fails): only where
-    # no two buffers share memory (a weight passed twice would be read after its own speculative write) and
-    # the masks are bool (an undone mask byte is put back as 1).
-    speculate = zero_weights and write and all(m.dtype == torch.bool for m in work) and _distinct(weights + work)
+    weights, weights_copied = _contiguous(tensors)
+    work, work_copied = (None, None) if masks is None else _contiguous(masks)
+    # The C++ pass may prune in place before it has checked every weight (undone if the call fails): only with
+    # bool masks (an undone mask byte is put back as 1), and where no two buffers share memory (checked there).
+    speculate = zero_weights and write and all(m.dtype == torch.bool for m in work)
     res = _backend.ext().select(
         [w.data_ptr() for w in weights],
         [0] * len(weights) if work is None else [m.data_ptr() for m in work],
@@ -227,21 +229,20 @@ def _select_cpp(tensors, masks, groups, amounts, ks, scales, layerwise, write, t
     )
     _check_found(groups, res["alive"], res["k"], res["bad_tensors"], layerwise)
     if write:
-        written = []
-        for m, w in zip(masks, work):
-            if w is not m:
-                m.copy_(w)  # an in-place op: bumps m's version itself
+        # Copies (non-contiguous masks, and weights when zeroing) go back with copy_, an in-place op that bumps
+        # the version itself. The others were written through raw pointers: their version counters are bumped
+        # as an in-place op would (a detached tensor shares its source's), so that caches keyed on them (the
+        # masked layers' tile index and block plans) cannot serve the masks from before.
+        back = list(zip(masks, work, work_copied))
+        if zero_weights:
+            back += zip(tensors, weights, weights_copied)
+        bump = []
+        for t, w, copied in back:
+            if copied:
+                t.detach().copy_(w)
             else:
-                written.append(m)
-        # Written through raw pointers: bump the version counters as an in-place torch op would, so that caches
-        # keyed on them (the masked layers' tile index and block plans) cannot serve the masks from before.
-        if zero_weights:  # zeroed in `weights`: copies (non-contiguous tensors) go back, the others were in place
-            for t, w in zip(tensors, weights):
-                if w.data_ptr() != t.data_ptr() or w.stride() != t.stride():
-                    t.detach().copy_(w)
-                else:
-                    written.append(w)
-        torch.autograd.graph.increment_version(written)
+                bump.append(w)
+        torch.autograd.graph.increment_version(bump)
     return res["threshold"], res["k"]
 
 

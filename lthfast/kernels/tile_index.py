@@ -163,7 +163,7 @@ def _index_arrays_torch(alive: torch.Tensor) -> tuple:
 def _ext_ok(mask: torch.Tensor, stride: tuple, k: int):
     """lthfast._C when it can index ``mask`` as an [N, k] view of that stride (a CPU bool mask with unit column
     stride), else None."""
-    if mask.device.type != "cpu" or mask.dtype != torch.bool or (stride[1] != 1 and k > 1):
+    if not mask.is_cpu or mask.dtype != torch.bool or (stride[1] != 1 and k > 1):
         return None
     return _backend.ext()
 
@@ -194,11 +194,12 @@ def _from_arrays(shape, block_n: int, block_k: int, alive, arrays) -> TileIndex:
 def _from_ext(shape, block_n: int, block_k: int, out: tuple) -> TileIndex:
     """A TileIndex from the tuple of lthfast._C.tile_index / tile_indices (numpy arrays, no copies)."""
     alive, row_ptr, row_cols, col_ptr, col_rows, tile_rows, max_row, max_col = out
-    row_ptr, row_cols, col_ptr, col_rows, tile_rows = map(
-        torch.from_numpy, (row_ptr, row_cols, col_ptr, col_rows, tile_rows)
-    )
-    arrays = (row_ptr, row_cols, col_ptr, col_rows, tile_rows, row_cols, max_row, max_col)
-    return _from_arrays(shape, block_n, block_k, torch.from_numpy(alive).view(torch.bool), arrays)
+    row_cols = torch.from_numpy(row_cols)
+    return TileIndex(
+        shape, block_n, block_k, torch.from_numpy(alive), torch.from_numpy(row_ptr), row_cols,
+        torch.from_numpy(col_ptr), torch.from_numpy(col_rows), torch.from_numpy(tile_rows), row_cols,
+        len(tile_rows), max_row, max_col,
+    )  # fmt: skip
 
 
 def _check_2d(mask: torch.Tensor) -> None:
@@ -282,18 +283,20 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
     masks = list(masks)
     what = ("tiles", block_n, block_k)
     out: list = [None] * len(masks)
-    geometry = []  # (n, k, row stride) of each mask's 2-D view
-    todo = []  # (position, the owner's cache dict, key)
+    todo = []  # (position, the owner's cache dict, key, (n, k, row stride) of the 2-D view)
     for i, mask in enumerate(masks):
-        if mask.dim() < 2:
-            raise ValueError(f"tile index needs a mask of 2 or more dimensions, got shape {tuple(mask.shape)}")
-        n = mask.shape[0]
-        k = math.prod(mask.shape[1:])
-        plain = mask.dim() == 2 or (mask.is_contiguous() and mask.numel() > 0)
-        if not plain:  # a view it cannot describe without making it
+        shape = mask.shape
+        if len(shape) < 2:
+            raise ValueError(f"tile index needs a mask of 2 or more dimensions, got shape {tuple(shape)}")
+        n = shape[0]
+        k = mask.numel() // n if n else math.prod(shape[1:])
+        if len(shape) == 2:
+            stride = mask.stride()
+        elif mask.is_contiguous() and n and k:
+            stride = (k, 1)  # indexed as the [n, k] view without making it
+        else:  # a view it cannot describe without making it
             masks[i] = mask = mask.view(n, k) if mask.is_contiguous() else mask.reshape(n, k)
-        stride = mask.stride() if mask.dim() == 2 else (k, 1)
-        geometry.append((n, k, _row_stride(n, k, stride)))
+            stride = mask.stride()
         if _ext_ok(mask, stride, k) is None:
             continue
         owner = mask._base if mask._base is not None else mask
@@ -303,20 +306,18 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
         if key in entries:
             out[i] = entries[key]
         else:
-            todo.append((i, entries, key))
+            todo.append((i, entries, key, (n, k, _row_stride(n, k, stride))))
     if todo:
         built = _backend.ext().tile_indices(
-            [masks[i].data_ptr() for i, _, _ in todo],
-            *([geometry[i][j] for i, _, _ in todo] for j in range(3)),
+            [masks[i].data_ptr() for i, _, _, _ in todo],
+            *([geometry[j] for _, _, _, geometry in todo] for j in range(3)),
             block_n,
             block_k,
             torch.get_num_threads(),
         )
-        for (i, entries, key), arrays in zip(todo, built):
-            out[i] = entries[key] = _from_ext(geometry[i][:2], block_n, block_k, arrays)
+        for (i, entries, key, geometry), arrays in zip(todo, built):
+            out[i] = entries[key] = _from_ext(geometry[:2], block_n, block_k, arrays)
     for i, mask in enumerate(masks):
         if out[i] is None:
-            out[i] = tile_index(
-                mask if mask.dim() == 2 else mask.view(geometry[i][0], geometry[i][1]), block_n, block_k
-            )
+            out[i] = tile_index(mask if mask.dim() == 2 else mask.view(mask.shape[0], -1), block_n, block_k)
     return out

@@ -36,9 +36,9 @@ class Layer:
     @property
     def param(self) -> nn.Parameter:
         """The stored weight Parameter (``weight_orig`` for the torch layout)."""
-        if self.layout == "torch":
-            return self.module.weight_orig
-        return self.module.weight
+        attr = "weight_orig" if self.layout == "torch" else "weight"
+        param = self.module._parameters.get(attr)  # without nn.Module.__getattr__ (a hot path)
+        return getattr(self.module, attr) if param is None else param
 
     def current_mask(self) -> torch.Tensor | None:
         """The mask the module holds now as a bool tensor (a view for "masked"), or None for "plain"."""
@@ -163,7 +163,7 @@ def alive_flags(masks: list[torch.Tensor]) -> list[bool]:
     from lthfast import _backend
 
     ext = _backend.ext()
-    fast = [ext is not None and m.device.type == "cpu" and m.dtype == torch.bool and m.is_contiguous() for m in masks]
+    fast = [ext is not None and m.is_cpu and m.dtype == torch.bool and m.is_contiguous() for m in masks]
     out = [None] * len(masks)
     if any(fast):
         idx = [i for i, f in enumerate(fast) if f]
@@ -199,12 +199,29 @@ def _weight_name(module_name: str) -> str:
     return f"{module_name}.weight" if module_name else "weight"
 
 
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())``: the same names, order (pre-order) and dedup (a module reached twice is
+    listed, with its subtree, at its first place only), walked with a stack instead of nested generators."""
+    out, seen, stack = [], set(), [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append((name, module))
+        children = module._modules
+        if children:
+            prefix = name + "." if name else ""
+            stack.extend((prefix + n, c) for n, c in reversed(children.items()) if c is not None)
+    return out
+
+
 def all_layers(model: nn.Module) -> list[Layer]:
     """Every nn.Linear / nn.Conv2d weight of ``model`` in ``named_parameters`` order (shared weights once)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     layers, seen = [], set()
-    for module_name, module in model.named_modules():
+    for module_name, module in _named_modules(model):
         if not isinstance(module, PRUNABLE_TYPES):
             continue
         if isinstance(module, MASKED_TYPES):

@@ -119,7 +119,7 @@ def magnitude_(
         )
         new.apply_(model)
         return model
-    pairs = [(layer, layer.module.mask) for layer in layers]
+    pairs = [(layer, layer.module._buffers["mask"]) for layer in layers]  # (the masked layers' own buffers)
     shared, own = _plan(pairs, fraction, overrides, leave_dense, "magnitude_")
     shared = shared if fraction > 0 else []
     own = {i: rate for i, rate in own.items() if rate > 0}
@@ -129,8 +129,9 @@ def magnitude_(
     from lthfast import threshold
 
     def prune(ids, amount, each):
-        threshold.prune_([params[i].detach() for i in ids], [pairs[i][1] for i in ids], amount=amount,
-                         layerwise=each, zero_weights=True)  # fmt: skip
+        # (prune_ detaches the weights itself)
+        threshold.prune_([params[i] for i in ids], [pairs[i][1] for i in ids], amount=amount, layerwise=each,
+                         zero_weights=True)  # fmt: skip
 
     with torch.no_grad(), naming_bad_weights(pairs):
         if layerwise:  # one call: every layer its own k
