@@ -23,6 +23,24 @@ def test_prunable_names_follow_named_parameters(convnet):
     assert all(p is dict(convnet.named_parameters())[n] for n, p in lthfast.prunable(convnet).items())
 
 
+def test_module_walk_is_named_modules(convnet):
+    # all_layers walks modules with a stack: named_modules' names, pre-order and dedup (a shared module, and its
+    # subtree, listed at its first place only), None children skipped
+    from torch import nn
+
+    from lthfast.pruning.layers import _named_modules
+
+    shared = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()))
+    model = nn.Module()
+    model.a = nn.Sequential(nn.Linear(3, 3), shared)
+    model.b = shared[1]
+    model.c = None
+    model.d = nn.ModuleList([shared, nn.Linear(1, 1), model.a])
+    model.e = nn.ModuleDict({"z": nn.Linear(2, 1), "y": shared[0]})
+    for m in (model, convnet, shared):
+        assert [(n, id(x)) for n, x in _named_modules(m)] == [(n, id(x)) for n, x in m.named_modules()]
+
+
 def test_prunable_rejects_unknown_pattern(convnet):
     with pytest.raises(ValueError, match="'fc9'"):
         lthfast.prunable(convnet, exclude="fc9")
