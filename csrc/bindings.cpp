@@ -257,8 +257,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"), py::arg("grain"), py::arg("zero_weights") = false, py::arg("speculate") = false,
         "Threshold select over plain buffers (dtype codes: 0 float32, 1 float16, 2 bfloat16; mask address 0 = "
         "all alive; zero_weights: also write +0.0 into the weights it prunes; speculate, with zero_weights: the "
-        "masks are bool and no two buffers overlap, so the first pass may prune below its bracket in place, "
-        "undone on failure). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes, "
+        "masks are bool, so the first pass may prune below its bracket in place, undone on failure, where no two "
+        "buffers overlap). Returns a dict: status, bad_tensors, alive, k, threshold, pruned, passes, "
         "collected, speculated (per group: elements the first pass pruned in place, kept or undone), ms.");
   m.def("write_masks", &write_masks_py, py::arg("weights"), py::arg("esizes"), py::arg("buffers"),
         py::arg("masks"), py::arg("numels"), py::arg("threads"), py::arg("grain"),
