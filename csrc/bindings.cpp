@@ -174,9 +174,9 @@ py::tuple tile_index_py(uintptr_t mask, int64_t n, int64_t k, int64_t row_stride
 
 py::list tile_indices_py(const std::vector<uintptr_t>& masks, const std::vector<int64_t>& ns,
                          const std::vector<int64_t>& ks, const std::vector<int64_t>& row_strides, int64_t block_n,
-                         int64_t block_k, int threads) {
+                         int64_t block_k, int threads, const std::vector<uintptr_t>& previous) {
   const size_t m = masks.size();
-  if (ns.size() != m || ks.size() != m || row_strides.size() != m)
+  if (ns.size() != m || ks.size() != m || row_strides.size() != m || (!previous.empty() && previous.size() != m))
     throw std::invalid_argument("lthfast._C.tile_indices: per-mask lists differ in length");
   for (size_t i = 0; i < m; ++i) check_tile_job(ns[i], ks[i], row_strides[i], block_n, block_k);
   std::vector<lthfast::TileIndexArrays> out(m);
@@ -189,11 +189,18 @@ py::list tile_indices_py(const std::vector<uintptr_t>& masks, const std::vector<
     lthfast::parallel_for(static_cast<int64_t>(m), threads < 1 ? 1 : threads, [&](int64_t j) {
       const size_t i = order[j];
       out[i] = lthfast::build_tile_index(reinterpret_cast<const uint8_t*>(masks[i]), ns[i], ks[i], row_strides[i],
-                                         block_n, block_k);
+                                         block_n, block_k,
+                                         previous.empty() ? nullptr : reinterpret_cast<const uint8_t*>(previous[i]));
     });
   }
   py::list result;
-  for (auto& a : out) result.append(tile_index_tuple(a));
+  for (auto& a : out) {
+    if (a.same) {
+      result.append(py::none());
+    } else {
+      result.append(tile_index_tuple(a));
+    }
+  }
   return result;
 }
 
@@ -271,8 +278,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("any_nonzero", &any_nonzero_py, py::arg("buffers"), py::arg("nbytes"),
         "For each contiguous buffer (address, byte count): whether it holds a nonzero byte (a mask an alive entry).");
   m.def("tile_indices", &tile_indices_py, py::arg("masks"), py::arg("ns"), py::arg("ks"), py::arg("row_strides"),
-        py::arg("block_n"), py::arg("block_k"), py::arg("threads"),
-        "tile_index of several masks in one call, the masks spread over `threads` threads: a list of its tuples.");
+        py::arg("block_n"), py::arg("block_k"), py::arg("threads"), py::arg("previous") = std::vector<uintptr_t>{},
+        "tile_index of several masks in one call, the masks spread over `threads` threads: a list of its tuples. "
+        "previous (optional, one per mask, 0 = none): the address of an earlier tiles_n x tiles_k byte map of the "
+        "same geometry; None in place of the tuple where the new map equals it.");
   m.def("block_kernels_supported", &lthfast::block_kernels_supported,
         "Whether this CPU has the AVX2+FMA that block_rows_product / block_grad_weight need.");
   m.def("block_use_openmp", &lthfast::block_use_openmp, py::arg("enabled"),

@@ -44,7 +44,7 @@ void or_rows(const uint8_t* first, int64_t rows, int64_t row_stride, int64_t k, 
 }  // namespace
 
 TileIndexArrays build_tile_index(const uint8_t* mask, int64_t n, int64_t k, int64_t row_stride, int64_t block_n,
-                                 int64_t block_k) {
+                                 int64_t block_k, const uint8_t* previous) {
   TileIndexArrays out;
   const int64_t tn = (n + block_n - 1) / block_n, tk = (k + block_k - 1) / block_k;
   out.tiles_n = tn;
@@ -99,6 +99,10 @@ TileIndexArrays build_tile_index(const uint8_t* mask, int64_t n, int64_t k, int6
       nopen = keep;
       ++r;
     }
+  }
+  if (previous != nullptr && std::memcmp(previous, out.alive.data(), out.alive.size()) == 0) {
+    out.same = true;
+    return out;
   }
   out.row_ptr.assign(static_cast<size_t>(tn + 1), 0);
   out.col_ptr.assign(static_cast<size_t>(tk + 1), 0);

@@ -144,9 +144,18 @@ def test_tile_indices_match_one_by_one_and_share_the_cache():
             want.alive_tiles, want.max_row_tiles, want.max_col_tiles,
         )  # fmt: skip
         assert tile_index(mask, 32, 32) is idx  # the layers' lookups hit what tile_indices built
-    masks[0][0, 0] = True  # an in-place edit drops it
+    # An in-place edit drops the cached index. The rebuilt one is the earlier object when the tile map is the
+    # same (an index is a function of its map), a new one when it changed; either way it is the mask's index.
+    alive = got[0].tile_alive.nonzero()
+    r, c = (int(v) * 32 for v in alive[0])
+    masks[0][r : r + 32, c : c + 32] = False  # an alive tile emptied: a new map
+    masks[2][0, 0] = True  # (0.5 dense: its first tile was alive) the same map
     again = tile_indices(masks, 32, 32)
-    assert again[0] is not got[0] and bool(again[0].tile_alive[0, 0]) and again[1] is got[1]
+    assert again[0] is not got[0] and not bool(again[0].tile_alive[r // 32, c // 32])
+    assert again[2] is got[2] and again[1] is got[1]
+    for mask, idx in zip(masks, again):
+        assert all(torch.equal(a, b) for a, b in zip(_index_fields(idx), _index_fields(build_tile_index(mask, 32, 32))))
+        assert tile_index(mask, 32, 32) is idx
     with pytest.raises(ValueError, match="2 or more dimensions"):
         tile_indices([torch.ones(4, dtype=torch.bool)], 32, 32)
 
@@ -167,5 +176,9 @@ def test_tile_indices_of_weight_shaped_masks_are_the_2d_views():
         assert all(torch.equal(a, b) for a, b in zip(_index_fields(idx), _index_fields(want)))
     for mask, idx in zip((conv, single), got):  # the layers' lookups (2-D views) find what it built
         assert tile_index(mask.view(mask.shape[0], -1), 16, 36) is idx
-    conv[0, 0, 0, 0] = not bool(conv[0, 0, 0, 0])
-    assert tile_indices([conv], 16, 36)[0] is not got[0]
+    conv[:16, :4] = False  # the first tile (16 x 36 of the [40, 216] view), alive at 2% density, emptied
+    assert bool(got[0].tile_alive[0, 0])
+    again = tile_indices([conv], 16, 36)[0]
+    assert again is not got[0] and not bool(again.tile_alive[0, 0])
+    want = build_tile_index(conv.reshape(40, -1), 16, 36)
+    assert all(torch.equal(a, b) for a, b in zip(_index_fields(again), _index_fields(want)))

@@ -302,21 +302,31 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
         owner = mask._base if mask._base is not None else mask
         if _untracked(owner):
             continue
+        earlier = _cache.get(id(owner))  # (the entries of an earlier version, which _entries drops)
         entries, key = _entries(owner), ((n, k), stride, mask.storage_offset(), *what)
         if key in entries:
             out[i] = entries[key]
-        else:
-            todo.append((i, entries, key, (n, k, _row_stride(n, k, stride))))
+            continue
+        previous = None
+        if earlier is not None and earlier[2] is not entries and earlier[0]() is owner:
+            previous = earlier[2].get(key)
+            if previous is not None and not previous.tile_alive.is_contiguous():
+                previous = None
+        todo.append((i, entries, key, (n, k, _row_stride(n, k, stride)), previous))
     if todo:
+        # The index of the mask's earlier version is kept where its tile map has not changed (after a prune step,
+        # every layer whose pruned weights left no tile empty): an index is a function of its map alone.
         built = _backend.ext().tile_indices(
-            [masks[i].data_ptr() for i, _, _, _ in todo],
-            *([geometry[j] for _, _, _, geometry in todo] for j in range(3)),
+            [masks[i].data_ptr() for i, *_ in todo],
+            *([geometry[j] for _, _, _, geometry, _ in todo] for j in range(3)),
             block_n,
             block_k,
             torch.get_num_threads(),
+            [0 if previous is None else previous.tile_alive.data_ptr() for *_, previous in todo],
         )
-        for (i, entries, key, geometry), arrays in zip(todo, built):
-            out[i] = entries[key] = _from_ext(geometry[:2], block_n, block_k, arrays)
+        for (i, entries, key, geometry, previous), arrays in zip(todo, built):
+            index = previous if arrays is None else _from_ext(geometry[:2], block_n, block_k, arrays)
+            out[i] = entries[key] = index
     for i, mask in enumerate(masks):
         if out[i] is None:
             out[i] = tile_index(mask if mask.dim() == 2 else mask.view(mask.shape[0], -1), block_n, block_k)
