@@ -283,7 +283,7 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
     masks = list(masks)
     what = ("tiles", block_n, block_k)
     out: list = [None] * len(masks)
-    todo = []  # (position, the owner's cache dict, key, (n, k, row stride) of the 2-D view)
+    todo = []  # (position, the owner's cache dict, key, (n, k, row stride) of the 2-D view, earlier index or None)
     for i, mask in enumerate(masks):
         shape = mask.shape
         if len(shape) < 2:
