@@ -238,18 +238,29 @@ def _untracked(owner: torch.Tensor) -> bool:
     return owner.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(owner)
 
 
-def _entries(owner: torch.Tensor) -> dict:
-    """The cache dict of ``owner`` at its current version (a fresh one when the version moved or the id was reused)."""
+def _renew(owner: torch.Tensor) -> tuple[dict, dict | None]:
+    """The cache dict of ``owner`` at its current version (a fresh one when the version moved or the id was
+    reused), and the dict of ``owner``'s earlier version that this call dropped, if it did."""
     owner_id = id(owner)
     entry = _cache.get(owner_id)
-    if entry is None or entry[0]() is not owner or entry[1] != owner._version:
-        entry = (weakref.ref(owner, _forget), owner._version, {})
-        _cache[owner_id] = entry
-    return entry[2]
+    if entry is not None and entry[0]() is owner and entry[1] == owner._version:
+        return entry[2], None
+    dropped = entry[2] if entry is not None and entry[0]() is owner else None
+    _cache[owner_id] = (weakref.ref(owner, _forget), owner._version, {})
+    return _cache[owner_id][2], dropped
+
+
+def _entries(owner: torch.Tensor) -> dict:
+    """The cache dict of ``owner`` at its current version (``_renew``)."""
+    return _renew(owner)[0]
+
+
+def _key_of(shape: tuple, stride: tuple, offset: int, what: tuple) -> tuple:
+    return (shape, stride, offset, *what)
 
 
 def _key(mask: torch.Tensor, what: tuple) -> tuple:
-    return (tuple(mask.shape), mask.stride(), mask.storage_offset(), *what)
+    return _key_of(tuple(mask.shape), mask.stride(), mask.storage_offset(), what)
 
 
 def cached_on_mask(mask: torch.Tensor, what: tuple, build):
@@ -302,16 +313,13 @@ def tile_indices(masks, block_n: int, block_k: int) -> list[TileIndex]:
         owner = mask._base if mask._base is not None else mask
         if _untracked(owner):
             continue
-        earlier = _cache.get(id(owner))  # (the entries of an earlier version, which _entries drops)
-        entries, key = _entries(owner), ((n, k), stride, mask.storage_offset(), *what)
+        (entries, earlier), key = _renew(owner), _key_of((n, k), stride, mask.storage_offset(), what)
         if key in entries:
             out[i] = entries[key]
             continue
-        previous = None
-        if earlier is not None and earlier[2] is not entries and earlier[0]() is owner:
-            previous = earlier[2].get(key)
-            if previous is not None and not previous.tile_alive.is_contiguous():
-                previous = None
+        previous = None if earlier is None else earlier.get(key)  # the index of the mask's earlier version
+        if previous is not None and not previous.tile_alive.is_contiguous():
+            previous = None
         todo.append((i, entries, key, (n, k, _row_stride(n, k, stride)), previous))
     if todo:
         # The index of the mask's earlier version is kept where its tile map has not changed (after a prune step,

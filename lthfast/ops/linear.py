@@ -127,12 +127,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad, grads=None):
+def _backward(ctx, grad, eager=False):
     x, weight, mask = ctx.saved_tensors
     need_x, need_w, _, need_b = ctx.needs_input_grad
     grad_x = grad_w = grad_b = None
     if need_x or need_w:
-        grads = grads or torch.ops.lthfast.masked_linear_bwd
+        grads = _grads if eager else torch.ops.lthfast.masked_linear_bwd
         grad_x, grad_w = grads(grad, x, weight, mask, need_x, need_w)
     if need_b and ctx.has_bias:
         grad_b = grad.sum(0)
@@ -152,7 +152,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, grads=_grads)
+        return _backward(ctx, grad, eager=True)
 
 
 # Under torch.autocast the forward computes in the autocast dtype, the backward in the forward's dtypes.
