@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 import lthfast
 from lthfast import _backend, functional
+from lthfast.bench import results as bench_results
 from lthfast.ops import conv as conv_op
 
 # (name, Cin, Cout, kernel, stride, padding, input H=W): each distinct conv of the network once
@@ -291,23 +291,28 @@ def main(argv=None) -> int:
     info = _backend.describe()
     print(f"# {info['device']} torch {info['torch']} triton {info['triton']} {args.dtype} backend-default auto")
     rows = []
+    meta = {**info, "git": bench_results.git_info(), "args": {k: str(v) for k, v in vars(args).items()},
+            "timer": "triton.testing.do_bench median" if device.type == "cuda" else "torch.utils.benchmark median",
+            "dense_tile_density_constant": conv_op.DENSE_TILE_DENSITY}  # fmt: skip
+
+    def save(done: bool) -> None:  # after every layer, so that a run cut short still leaves its rows
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"meta": meta | {"complete": done}, "rows": rows, "crossovers": crossovers(rows)}
+            args.out.write_text(json.dumps(doc, indent=1))
+
     for net in args.nets:
         for layer in NETS[net]:
             if args.layers and layer[0] not in args.layers:
                 continue
             for batch in args.batch:
                 rows += bench_layer(args, net, layer, batch, device, dtype, gen)
-    cross = crossovers(rows)
-    for c in cross:
+                save(done=False)
+    for c in crossovers(rows):
         if c["crossover_tile_density"] is not None:
             print(f"# crossover {c['net']}/{c['layer']} b{c['batch']} {c['mode']}: {c['crossover_tile_density']:.3f}")
+    save(done=True)
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        meta = {**info, "git_commit": commit, "args": {k: str(v) for k, v in vars(args).items()},
-                "timer": "triton.testing.do_bench median" if device.type == "cuda" else "torch.utils.benchmark median",
-                "dense_tile_density_constant": conv_op.DENSE_TILE_DENSITY}  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "crossovers": cross}, indent=1))
         print(f"# wrote {args.out}")
     return 0
 

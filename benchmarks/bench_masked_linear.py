@@ -241,15 +241,17 @@ def main(argv=None) -> int:
     out = {"schema": "lthfast.bench.masked_linear/1", "command": command, "notes": args.notes,
            "device": results.device_info(torch.device(device)), "git": results.git_info(),
            "versions": lthfast._backend.describe()}  # fmt: skip
-    if "sweep" in args.sections:
-        out["sweep"] = sweep(args, device, command)
-    if "targets" in args.sections:
-        out["targets"] = targets(args, device, command)
-    if "crossover" in args.sections:
-        out["crossover"] = crossover(args, device, command)
+
+    def save() -> None:  # after every section, so that a run cut short keeps what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+    for section, run in (("sweep", sweep), ("targets", targets), ("crossover", crossover)):
+        if section in args.sections:
+            out[section] = run(args, device, command)
+            save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

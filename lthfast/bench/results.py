@@ -62,7 +62,10 @@ def device_tag(device: torch.device) -> str:
 
 
 def git_info() -> dict:
-    """The commit of the checkout lthfast was imported from, and whether tracked files differ from it."""
+    """The commit of the checkout lthfast was imported from, and whether tracked files differ from it.
+
+    A copy without its .git (e.g. a tree sent to a remote GPU machine) takes the commit from ``LTHFAST_GIT_COMMIT``
+    and reports ``dirty`` as unknown (None)."""
     root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
@@ -73,6 +76,8 @@ def git_info() -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": os.environ.get("LTHFAST_GIT_COMMIT") or None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 

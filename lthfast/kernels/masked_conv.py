@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from lthfast import _backend
+from lthfast.kernels.autotune import autotune
 from lthfast.kernels.tile_index import TileIndex, tile_index
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,12 +98,9 @@ def _tuned(kernel, key: list[str]):
         return kernel
     configs = [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (bm == 64 and w == 8)
+        for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 2))
     ]
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return autotune(configs, key)(kernel)
 
 
 def _meta() -> dict:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lthfast.kernels.autotune import autotune
 from lthfast.kernels.tile_index import TileIndex, tile_index
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
@@ -37,7 +38,7 @@ INTERPRETER_TILE = 16
 def _cuda_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3), (64, 4, 5))
+        for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3))
     ]
 
 
@@ -186,9 +187,9 @@ def _grad_weight_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nk)
 
 
-_forward_tuned = triton.autotune(**_TUNE)(_forward_kernel)
-_grad_input_tuned = triton.autotune(**_TUNE)(_grad_input_kernel)
-_grad_weight_tuned = triton.autotune(**_TUNE)(_grad_weight_kernel)
+_forward_tuned = autotune(**_TUNE)(_forward_kernel)
+_grad_input_tuned = autotune(**_TUNE)(_grad_input_kernel)
+_grad_weight_tuned = autotune(**_TUNE)(_grad_weight_kernel)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
