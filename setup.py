@@ -32,6 +32,13 @@ def _cmake_executable() -> str:
 
 
 class CMakeBuild(build_ext):
+    def build_extensions(self) -> None:
+        self._failed: set[str] = set()
+        super().build_extensions()
+        # An optional extension that failed is dropped, so that the install (editable or not) does not look for
+        # its file when it copies the outputs.
+        self.extensions = [ext for ext in self.extensions if ext.name not in self._failed]
+
     def build_extension(self, ext: Extension) -> None:
         require = os.environ.get("LTHFAST_REQUIRE_EXT", "0") == "1"
         try:
@@ -45,6 +52,7 @@ class CMakeBuild(build_ext):
                 "WARNING: set LTHFAST_REQUIRE_EXT=1 to make this failure fatal.\n"
             )
             print(msg, file=sys.stderr)
+            self._failed.add(ext.name)
 
     def _build_with_cmake(self, ext: Extension) -> None:
         import pybind11

@@ -4,10 +4,11 @@
 # (default ./device-out); the JSON is written as each layer / section finishes, so a cut-short stage keeps
 # what it measured. Run from the repository root:
 #
-#     LTHFAST_GIT_COMMIT=$(git rev-parse HEAD) STAGES=tests,linear,conv,crossover bash benchmarks/device_run.sh
+#     LTHFAST_GIT_COMMIT=$(git rev-parse HEAD) STAGES=tests,profile,linear bash benchmarks/device_run.sh
 #
 # Stages (STAGES, comma-separated, in this order; limits in seconds can be overridden, e.g. LIMIT_tests=200):
 #   tests      gpu-marked tests (autotuned) and, beside them, the layer tests on CUDA with LTHFAST_AUTOTUNE=0
+#   profile    gpu_profile.py --profile: raw kernels vs cuBLAS/cuDNN, the step's host syncs, a profiler table
 #   linear     bench_masked_linear.py --sections targets          -> masked_linear-<gpu>.json
 #   conv       bench_masked_conv.py on ResNet-18 (ImageNet) 3x3 layers with >= 128 channels -> masked_conv-<gpu>.json
 #   crossover  bench_masked_linear.py --sections crossover --mode train -> masked_linear-crossover-<gpu>.json
@@ -15,7 +16,7 @@ set -u
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STAGES=${STAGES:-tests,linear,conv,crossover}
+STAGES=${STAGES:-tests,profile,linear,conv,crossover}
 PY=${PY:-python3}
 LOG=$OUT/device.log
 GPU=$($PY -c "import torch; n = torch.cuda.get_device_name(); print(next((g for g in ('h100', 'h200', 'a100', 'l4') if g in n.lower()), 'gpu'))")
@@ -45,11 +46,17 @@ tests() {
   tail -n 25 "$OUT/tests-gpu.log" "$OUT/tests-cuda.log"
 }
 
+if [ "${1:-}" = "--tests" ]; then  # the tests stage, run as its own process so that `timeout` can run it
+  tests
+  exit
+fi
+
 say "# $(nvidia-smi -L 2>&1 | head -1); $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
 # The C++ extension serves the CPU paths only; build it in the background, as the project installs.
-(pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; echo "install rc $?" >>"$OUT/install.log") &
+($PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; echo "install rc $?" >>"$OUT/install.log") &
 
-run_stage tests 170 tests
+run_stage tests 170 bash "$0" --tests
+run_stage profile 90 $PY benchmarks/gpu_profile.py --profile
 run_stage linear 110 $PY benchmarks/bench_masked_linear.py --sections targets --rep-ms 50 \
   --out "$OUT/masked_linear-$GPU.json"
 run_stage conv 110 $PY benchmarks/bench_masked_conv.py --nets resnet18-imagenet --layers layer2 layer3 layer4 \

@@ -1,0 +1,201 @@
+"""Where a masked training step spends its time on a GPU: the raw kernels against cuBLAS/cuDNN, the whole step,
+the host syncs inside it, and a profiler table. A diagnostic for tuning, not a benchmark of record.
+
+    python benchmarks/gpu_profile.py [--sparsity 0.9] [--block 32] [--what linear,conv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import traceback
+import warnings
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+import lthfast
+from lthfast import functional
+from lthfast.bench.masks import block_mask
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def tflops(flop: float, ms: float) -> str:
+    return f"{ms:7.3f} ms {flop / ms / 1e9:6.0f} TFLOP/s"
+
+
+def syncs(step) -> None:
+    """Run ``step`` once with CUDA sync debugging on and print where each host sync came from."""
+    seen = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        seen.append((str(message).splitlines()[0], "".join(traceback.format_stack(limit=12)[:-1])))
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = old
+    print(f"  host syncs in one step: {len(seen)}")
+    for message, stack in seen[:4]:
+        print(f"  -- {message}\n{stack}")
+
+
+def profile(step) -> None:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as p:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    table = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60)
+    print(table)
+    table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60)
+    print(table)
+
+
+def linear(args) -> None:
+    from lthfast.kernels import masked_matmul as mm
+
+    m, n, k = 8192, 4096, 4096
+    dt = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    w = torch.randn(n, k, device="cuda", dtype=dt) / math.sqrt(k)
+    g = torch.randn(m, n, device="cuda", dtype=dt)
+
+    def case(sparsity: float) -> None:
+        mask = block_mask(n, k, sparsity, args.block).cuda()
+        index = mm.mask_tile_index(mask)
+        flop = 2 * m * n * k
+        sparse_flop = mm.flops(m, index)
+        print(f"\n## linear {m}x{k} @ {n}x{k} bf16, sparsity {sparsity} in {args.block}-blocks: tile "
+              f"{index.block_n}x{index.block_k}, {index.tile_density:.3f} of tiles alive")  # fmt: skip
+        wm = w * mask
+        rows = [
+            ("fwd  cuBLAS", flop, lambda: x @ wm.t()),
+            ("fwd  lthfast", sparse_flop, lambda: mm.masked_linear_forward(x, w, mask, None, index)),
+            ("dX   cuBLAS", flop, lambda: g @ wm),
+            ("dX   lthfast", sparse_flop, lambda: mm.masked_linear_grad_input(g, w, mask, index)),
+            ("dW   cuBLAS", flop, lambda: g.t() @ x),
+            ("dW   lthfast", sparse_flop, lambda: mm.masked_linear_grad_weight(g, x, mask, index)),
+        ]
+        for name, fl, fn in rows:
+            print(f"  {name:14s} {tflops(fl, bench(fn))}")
+        for name, kern in (("fwd", mm._forward_tuned), ("dX", mm._grad_input_tuned), ("dW", mm._grad_weight_tuned)):
+            print(f"  best config {name}: {getattr(kern, 'best_config', None)}")
+        xr = x.clone().requires_grad_()
+        wr = w.clone().requires_grad_()
+
+        def step():
+            functional.masked_linear(xr, wr, mask).backward(g)
+
+        def dense_step():
+            F.linear(xr, wm).backward(g)
+
+        wm.requires_grad_()
+        print(f"  step dense    {tflops(3 * flop, bench(dense_step))}")
+        print(f"  step lthfast  {tflops(3 * sparse_flop, bench(step))}")
+        syncs(step)
+        if args.profile:
+            profile(step)
+        wm.requires_grad_(False)
+
+    for sparsity in args.sparsity:
+        try:
+            case(sparsity)
+        except Exception:  # noqa: BLE001 - a diagnostic: report and go on to the next case
+            traceback.print_exc()
+
+
+def conv(args) -> None:
+    from lthfast.kernels import masked_conv as mc
+
+    b, c, n, hw = 128, 256, 256, 14
+    dt = torch.bfloat16
+    x = torch.randn(b, c, hw, hw, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+    w = (torch.randn(n, c, 3, 3, device="cuda", dtype=dt) / math.sqrt(9 * c)).to(memory_format=torch.channels_last)
+    g = torch.randn(b, n, hw, hw, device="cuda", dtype=dt).to(memory_format=torch.channels_last)
+
+    def case(sparsity: float) -> None:
+        bn, bc = mc.conv_tiles(x.device)
+        tiles = block_mask(n // bn * 1, c // bc, sparsity, 1).cuda()
+        mask = tiles.repeat_interleave(bn, 0).repeat_interleave(bc, 1)[:, :, None, None].expand(n, c, 3, 3)
+        mask = mask.contiguous(memory_format=torch.channels_last)
+        index = mc.conv_tile_index(mask)
+        flop = 2 * b * hw * hw * n * c * 9
+        sparse = flop * index.tile_density
+        print(f"\n## conv 3x3 {c}->{n} {hw}x{hw} b{b} bf16 channels_last, tile-block sparsity {sparsity}: "
+              f"{index.tile_density:.3f} of {bn}x{bc} tiles alive")  # fmt: skip
+        wm = w * mask
+        out = torch.empty_like(g)
+        gx = torch.empty_like(x)
+        gw = torch.zeros_like(w)
+        pad = (1, 1, 1, 1)
+        rows = [
+            ("fwd  cuDNN", flop, lambda: F.conv2d(x, wm, padding=1)),
+            ("fwd  lthfast", sparse, lambda: mc.conv2d_forward(x, w, mask, None, out, (1, 1), pad, (1, 1), index)),
+            ("dX   cuDNN", flop, lambda: torch.ops.aten.convolution_backward(
+                g, x, wm, None, (1, 1), (1, 1), (1, 1), False, [0, 0], 1, [True, False, False])),
+            ("dX   lthfast", sparse, lambda: mc.conv2d_grad_input(g, w, mask, gx, (1, 1), pad, (1, 1), index)),
+            ("dW   cuDNN", flop, lambda: torch.ops.aten.convolution_backward(
+                g, x, wm, None, (1, 1), (1, 1), (1, 1), False, [0, 0], 1, [False, True, False])),
+            ("dW   lthfast", sparse, lambda: mc.conv2d_grad_weight(g, x, mask, gw, (1, 1), pad, (1, 1), index)),
+        ]  # fmt: skip
+        for name, fl, fn in rows:
+            print(f"  {name:14s} {tflops(fl, bench(fn))}")
+        for name, kern in (("fwd", mc._fwd), ("dX", mc._dx), ("dW", mc._dw)):
+            print(f"  best config {name}: {getattr(kern, 'best_config', None)}")
+        xr = x.clone().requires_grad_()
+        wr = w.clone().requires_grad_()
+
+        def step():
+            functional.masked_conv2d(xr, wr, mask, padding=1).backward(g)
+
+        wm.requires_grad_()
+
+        def dense_step():
+            F.conv2d(xr, wm, padding=1).backward(g)
+
+        print(f"  step dense    {tflops(3 * flop, bench(dense_step))}")
+        print(f"  step lthfast  {tflops(3 * sparse, bench(step))}")
+        syncs(step)
+        if args.profile:
+            profile(step)
+        wm.requires_grad_(False)
+
+    for sparsity in args.sparsity:
+        try:
+            case(sparsity)
+        except Exception:  # noqa: BLE001 - a diagnostic: report and go on to the next case
+            traceback.print_exc()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sparsity", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.9, 0.98])
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--what", default="linear,conv")
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    with lthfast.backend("triton"):
+        if "linear" in args.what:
+            linear(args)
+        if "conv" in args.what:
+            conv(args)
+
+
+if __name__ == "__main__":
+    main()
