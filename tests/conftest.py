@@ -38,11 +38,18 @@ def _seed_and_backend(request):
 
 @pytest.fixture
 def triton_backend():
-    """Run the test body on the Triton kernels (interpreter on CPU, compiled on CUDA)."""
+    """Run the test body on the Triton kernels: the interpreter on CPU tensors where there is no GPU; on a CUDA
+    machine compiled, with CUDA as torch's default device, so that the tensors a test makes reach the kernels."""
     if not _backend.triton_available():
         pytest.skip("triton is not importable")
-    with lthfast.backend("triton"):
-        yield "triton"
+    if torch.cuda.is_available():
+        torch.set_default_device("cuda")
+    try:
+        with lthfast.backend("triton"):
+            yield "triton"
+    finally:
+        if torch.cuda.is_available():
+            torch.set_default_device(None)
 
 
 @pytest.fixture

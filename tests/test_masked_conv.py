@@ -74,7 +74,7 @@ def _check(x, w, m, b, fn=masked_conv2d, **conv):
     """Run fn forward + backward and compare y, dX, dW, db with float64 autograd of F.conv2d on W*M."""
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
     y = fn(leaves[0], leaves[1], m, leaves[2], **conv)
-    grad = torch.randn(y.shape).to(y.dtype)
+    grad = torch.randn(y.shape, device=y.device).to(y.dtype)
     y.backward(grad)
     ref = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
     y_ref = F.conv2d(ref[0], torch.where(m, ref[1], 0), ref[2], **conv)
