@@ -64,8 +64,8 @@ def device_tag(device: torch.device) -> str:
 def git_info() -> dict:
     """The commit of the checkout lthfast was imported from, and whether tracked files differ from it.
 
-    A copy without its .git (e.g. a tree sent to a remote GPU machine) takes the commit from ``LTHFAST_GIT_COMMIT``
-    and reports ``dirty`` as unknown (None)."""
+    ``LTHFAST_GIT_COMMIT``, when set, names the commit instead, with ``dirty`` unknown (None): a tree sent to a
+    remote GPU machine may carry no .git, or a stale one (seen on the lent H200: it reported an older commit)."""
     root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
@@ -75,9 +75,9 @@ def git_info() -> dict:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    if os.environ.get("LTHFAST_GIT_COMMIT"):
+        return {"commit": os.environ["LTHFAST_GIT_COMMIT"], "dirty": None}
     commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": os.environ.get("LTHFAST_GIT_COMMIT") or None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 

@@ -22,9 +22,11 @@ from lthfast.ops import autocast
 from lthfast.ops.eager import eager_ok
 
 # "auto" runs dense cuDNN on W*M when the tile density (fraction of alive weight tiles) is above this value,
-# the Triton kernels at or below it. PROVISIONAL: no GPU was available when the kernels were written; the
-# benchmark (benchmarks/bench_masked_conv.py) prints the measured crossover, and GPU tuning sets it.
-DENSE_TILE_DENSITY = 0.5
+# the Triton kernels at or below it. Measured on an H200 (bf16, ResNet-18 ImageNet layers 2-4, batch 128,
+# benchmarks/results/masked_conv-h200.json): the kernels ran at 0.17-0.61x cuDNN at every tile density down to
+# 0.023, forward and train step, so there is no crossover and "auto" stays dense for any mask with an alive tile
+# (the "triton" backend still runs the kernels). Raise it when a GPU run measures one.
+DENSE_TILE_DENSITY = 0.0
 
 _warned_groups: set[str] = set()
 

@@ -21,10 +21,11 @@ from lthfast.ops import autocast, linear_torch
 from lthfast.ops.eager import eager_ok
 
 # "auto" backend on CUDA: above this tile density cuBLAS on W ⊙ M beats the sparse kernels, so it is used
-# instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). 0.5 is an
-# estimate (sparse kernels at ~50% of cuBLAS' rate on 32x32 tiles) until benchmarks/bench_masked_linear.py
-# --crossover is run on an H100; see its JSON under benchmarks/results/.
-CUDA_DENSE_ABOVE = 0.5
+# instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). Measured on an
+# H200 (bf16, Linear 4096x4096, 8192 tokens, train step; benchmarks/results/masked_linear-h200.json and
+# h200-notes.md): at 2% alive 32x32 tiles the kernel step beat mask-multiply (1.107 vs 1.139 ms), at 10% it lost
+# to dense in two runs out of two (1.177 and 1.430 ms against ~1.1 ms), the step being bound by host time.
+CUDA_DENSE_ABOVE = 0.05
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)
