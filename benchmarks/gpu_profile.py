@@ -85,6 +85,30 @@ def profile(step) -> None:
     print(table)
 
 
+def report(args, rows, kernels, flop: float, sparse_flop: float, step, dense_step) -> None:
+    """Time the raw kernels (``rows``: (name, flop, fn)), print the tuned configs, then the whole step against
+    dense, its host syncs, and the profiles asked for."""
+    for name, fl, fn in rows:
+        print(f"  {name:14s} {tflops(fl, bench(fn))}")
+    for name, kernel in kernels:
+        print(f"  best config {name}: {getattr(kernel, 'best_config', None)}")
+    print(f"  step dense    {tflops(3 * flop, bench(dense_step))}")
+    print(f"  step lthfast  {tflops(3 * sparse_flop, bench(step))}")
+    syncs(step)
+    if args.profile:
+        profile(step)
+    if args.cprofile:
+        python_profile(step)
+
+
+def each_sparsity(args, case) -> None:
+    for sparsity in args.sparsity:
+        try:
+            case(sparsity)
+        except Exception:  # noqa: BLE001 - a diagnostic: report and go on to the next case
+            traceback.print_exc()
+
+
 def linear(args) -> None:
     from lthfast.kernels import masked_matmul as mm
 
@@ -110,34 +134,17 @@ def linear(args) -> None:
             ("dW   cuBLAS", flop, lambda: g.t() @ x),
             ("dW   lthfast", sparse_flop, lambda: mm.masked_linear_grad_weight(g, x, mask, index)),
         ]
-        for name, fl, fn in rows:
-            print(f"  {name:14s} {tflops(fl, bench(fn))}")
-        for name, kern in (("fwd", mm._forward_tuned), ("dX", mm._grad_input_tuned), ("dW", mm._grad_weight_tuned)):
-            print(f"  best config {name}: {getattr(kern, 'best_config', None)}")
         xr = x.clone().requires_grad_()
         wr = w.clone().requires_grad_()
+        wd = wm.clone().requires_grad_()  # the dense step's weight (W*M made once)
+        kernels = (("fwd", mm._forward_tuned), ("dX", mm._grad_input_tuned), ("dW", mm._grad_weight_tuned))
+        report(
+            args, rows, kernels, flop, sparse_flop,
+            step=lambda: functional.masked_linear(xr, wr, mask).backward(g),
+            dense_step=lambda: F.linear(xr, wd).backward(g),
+        )  # fmt: skip
 
-        def step():
-            functional.masked_linear(xr, wr, mask).backward(g)
-
-        def dense_step():
-            F.linear(xr, wm).backward(g)
-
-        wm.requires_grad_()
-        print(f"  step dense    {tflops(3 * flop, bench(dense_step))}")
-        print(f"  step lthfast  {tflops(3 * sparse_flop, bench(step))}")
-        syncs(step)
-        if args.profile:
-            profile(step)
-        if args.cprofile:
-            python_profile(step)
-        wm.requires_grad_(False)
-
-    for sparsity in args.sparsity:
-        try:
-            case(sparsity)
-        except Exception:  # noqa: BLE001 - a diagnostic: report and go on to the next case
-            traceback.print_exc()
+    each_sparsity(args, case)
 
 
 def conv(args) -> None:
@@ -174,35 +181,16 @@ def conv(args) -> None:
                 g, x, wm, None, (1, 1), (1, 1), (1, 1), False, [0, 0], 1, [False, True, False])),
             ("dW   lthfast", sparse, lambda: mc.conv2d_grad_weight(g, x, mask, gw, (1, 1), pad, (1, 1), index)),
         ]  # fmt: skip
-        for name, fl, fn in rows:
-            print(f"  {name:14s} {tflops(fl, bench(fn))}")
-        for name, kern in (("fwd", mc._fwd), ("dX", mc._dx), ("dW", mc._dw)):
-            print(f"  best config {name}: {getattr(kern, 'best_config', None)}")
         xr = x.clone().requires_grad_()
         wr = w.clone().requires_grad_()
+        wd = wm.clone().requires_grad_()  # the dense step's weight (W*M made once)
+        report(
+            args, rows, (("fwd", mc._fwd), ("dX", mc._dx), ("dW", mc._dw)), flop, sparse,
+            step=lambda: functional.masked_conv2d(xr, wr, mask, padding=1).backward(g),
+            dense_step=lambda: F.conv2d(xr, wd, padding=1).backward(g),
+        )  # fmt: skip
 
-        def step():
-            functional.masked_conv2d(xr, wr, mask, padding=1).backward(g)
-
-        wm.requires_grad_()
-
-        def dense_step():
-            F.conv2d(xr, wm, padding=1).backward(g)
-
-        print(f"  step dense    {tflops(3 * flop, bench(dense_step))}")
-        print(f"  step lthfast  {tflops(3 * sparse, bench(step))}")
-        syncs(step)
-        if args.profile:
-            profile(step)
-        if args.cprofile:
-            python_profile(step)
-        wm.requires_grad_(False)
-
-    for sparsity in args.sparsity:
-        try:
-            case(sparsity)
-        except Exception:  # noqa: BLE001 - a diagnostic: report and go on to the next case
-            traceback.print_exc()
+    each_sparsity(args, case)
 
 
 def main() -> None:
