@@ -305,3 +305,11 @@ def test_cli_bench_train_writes_json_and_png(tmp_path, capsys):
     assert doc["kind"] == "train" and doc["command"].startswith("lthfast bench train --model lenet300 --batch 8")
     assert [r["provider"] for r in doc["rows"][0]["results"]] == list(train.VARIANTS)
     assert json_path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_git_info_names_the_checkout_or_the_commit_it_is_told(monkeypatch):
+    monkeypatch.delenv("LTHFAST_GIT_COMMIT", raising=False)
+    here = results.git_info()
+    assert here["commit"] is None or len(here["commit"]) == 40
+    monkeypatch.setenv("LTHFAST_GIT_COMMIT", "f" * 40)  # a copy whose .git is missing or stale
+    assert results.git_info() == {"commit": "f" * 40, "dirty": None}
