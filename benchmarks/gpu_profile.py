@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 import triton.testing
+from bench_masked_conv import make_mask  # benchmarks/ is this script's sys.path[0]
 
 import lthfast
 from lthfast import functional
@@ -33,19 +34,18 @@ def syncs(step) -> None:
     seen = []
 
     def show(message, category, filename, lineno, file=None, line=None):
-        seen.append((str(message).splitlines()[0], "".join(traceback.format_stack(limit=12)[:-1])))
+        text = str(message).splitlines()[0]
+        if not text.startswith("Synchronization debug mode is a prototype"):  # torch's notice, not a sync
+            seen.append((text, "".join(traceback.format_stack(limit=12)[:-1])))
 
-    old = warnings.showwarning
-    warnings.showwarning = show
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning on exit
             warnings.simplefilter("always")
             warnings.showwarning = show
             step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = old
     print(f"  host syncs in one step: {len(seen)}")
     for message, stack in seen[:4]:
         print(f"  -- {message}\n{stack}")
@@ -158,8 +158,7 @@ def conv(args) -> None:
 
     def case(sparsity: float) -> None:
         bn, bc = mc.conv_tiles(x.device)
-        tiles = block_mask(n // bn * 1, c // bc, sparsity, 1).cuda()
-        mask = tiles.repeat_interleave(bn, 0).repeat_interleave(bc, 1)[:, :, None, None].expand(n, c, 3, 3)
+        mask = make_mask("tile-block", sparsity, w.shape, x.device, torch.Generator().manual_seed(0))
         mask = mask.contiguous(memory_format=torch.channels_last)
         index = mc.conv_tile_index(mask)
         flop = 2 * b * hw * hw * n * c * 9
