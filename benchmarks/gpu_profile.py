@@ -90,8 +90,10 @@ def report(args, rows, kernels, flop: float, sparse_flop: float, step, dense_ste
     dense, its host syncs, and the profiles asked for."""
     for name, fl, fn in rows:
         print(f"  {name:14s} {tflops(fl, bench(fn))}")
-    for name, kernel in kernels:
-        print(f"  best config {name}: {getattr(kernel, 'best_config', None)}")
+    for name, tuned in kernels:  # lthfast.kernels.autotune.Tuned: the config of the key tuned last, its timings
+        key = next(reversed(tuned.best), None)
+        timings = [(*c.values(), round(ms, 4)) for c, ms in tuned.timings.get(key, [])]
+        print(f"  best config {name}: {tuned.best.get(key)}; timed (config values, ms): {timings}")
     print(f"  step dense    {tflops(3 * flop, bench(dense_step))}")
     print(f"  step lthfast  {tflops(3 * sparse_flop, bench(step))}")
     syncs(step)
@@ -137,7 +139,7 @@ def linear(args) -> None:
         xr = x.clone().requires_grad_()
         wr = w.clone().requires_grad_()
         wd = wm.clone().requires_grad_()  # the dense step's weight (W*M made once)
-        kernels = (("fwd", mm._forward_tuned), ("dX", mm._grad_input_tuned), ("dW", mm._grad_weight_tuned))
+        kernels = (("fwd", mm._forward), ("dX", mm._grad_input), ("dW", mm._grad_weight))
         report(
             args, rows, kernels, flop, sparse_flop,
             step=lambda: functional.masked_linear(xr, wr, mask).backward(g),

@@ -265,6 +265,27 @@ def test_cuda_tile_shape_follows_the_mask_granularity(triton_backend):
     assert choose_tile_shape(block_mask(256, 256, 0.9, 32)) == (32, 32)  # 64x64 would be ~3x the alive area
 
 
+def test_cuda_kernel_index_is_one_cached_choice_and_never_stale(monkeypatch):
+    """On CUDA the ops look the kernels' index up once per call: the shape choice is cached with the indices,
+    and dropped with them when the mask changes in place (here the CUDA route runs on a CPU mask)."""
+    from lthfast.kernels import masked_matmul as mm
+    from lthfast.kernels import tile_index as ti
+
+    monkeypatch.setattr(mm, "_interpreted", lambda t: False)
+    mask = block_mask(256, 256, 0.9, 32)
+    first = mm.mask_tile_index(mask)
+    assert (first.block_n, first.block_k) == (32, 32)
+    lookups = []
+    monkeypatch.setattr(ti, "build_tile_index", lambda *a: lookups.append(a) or pytest.fail("rebuilt"))
+    assert mm.mask_tile_index(mask) is first and not lookups
+
+    monkeypatch.undo()
+    monkeypatch.setattr(mm, "_interpreted", lambda t: False)
+    mask.fill_(True)  # in place: every tile alive, so the coarsest tile wins now
+    second = mm.mask_tile_index(mask)
+    assert (second.block_n, second.block_k) == (64, 64) and second.alive_tiles == 16
+
+
 def test_compiles_with_fullgraph():
     mask = _random_mask(12, 20, 0.5)
     x = torch.randn(2, 3, 20, requires_grad=True)

@@ -1,19 +1,28 @@
-"""``triton.autotune`` as the kernels use it: short timing per config, and a switch to turn tuning off.
+"""The kernels' launch configurations: timed once per key, then launched directly.
 
-Each new autotune key (shape class, tile shape, density bucket) times every config; at Triton's default
-25 ms warm-up + 100 ms per config that is ~0.5 s per kernel and key before the first step runs. Configs
-differ by tens of percent, so 5 + 25 ms of timing tells them apart.
+``Tuned(kernel, configs)`` replaces ``triton.autotune`` for the masked kernels. Triton's ``Autotuner.run``
+rebuilds a dict of every argument, recomputes its key from them and stringifies every tensor's dtype on each
+launch: 15-18 us of host time per launch on the 2-core dev box (``benchmarks/host_overhead.py --what tuner``),
+against ~2 us for the dictionary lookup here, where the launcher hands over the key it already knows. A training
+step launches three or four kernels, and on an H200 the step was bound by host time (h200-notes.md).
 
-``LTHFAST_AUTOTUNE=0`` keeps the first config only (no timing at all): correctness runs on a GPU, where
-compiling and timing every config for every odd test shape costs minutes and checks nothing more.
+Each new key (shape class, tile shape, density bucket, dtype) times every config once with
+``triton.testing.do_bench`` for ``WARMUP_MS`` + ``REP_MS`` (Triton's defaults, 25 + 100 ms per config, cost
+~0.5 s per kernel and key before the first step; configs differ by tens of percent, which 5 + 25 ms tells
+apart), keeps the fastest (the median), and from then on launches ``kernel[grid](*args, **kwargs, **config)``.
+A config that fails to compile or launch (e.g. too much shared memory) is timed as infinite; if all fail, the
+first error is raised. The kernels here only write their outputs, so timing a config repeatedly changes nothing.
+
+``LTHFAST_AUTOTUNE=0`` keeps the first config only (no timing at all): correctness runs on a GPU, where compiling
+and timing every config for every odd test shape costs minutes and checks nothing more. Tuning synchronizes the
+GPU: run one step of every shape before capturing a CUDA graph.
 """
 
 from __future__ import annotations
 
-import inspect
+import math
 import os
-
-import triton
+from collections.abc import Callable, Sequence
 
 WARMUP_MS = 5
 REP_MS = 25
@@ -23,17 +32,90 @@ def enabled() -> bool:
     return os.environ.get("LTHFAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=WARMUP_MS, rep=REP_MS, quantiles=quantiles)
+def _bench(launch: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(launch, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
 
 
-def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune(configs, key, **kwargs)`` with the short timing above; one config when disabled."""
-    if not enabled():
-        configs = configs[:1]
-        kwargs.pop("prune_configs_by", None)
-    if "do_bench" in inspect.signature(triton.autotune).parameters:
-        kwargs["do_bench"] = _bench
-    else:  # older Triton: the (later deprecated) timing arguments
-        kwargs.update(warmup=WARMUP_MS, rep=REP_MS)
-    return triton.autotune(configs=configs, key=key, **kwargs)
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids on the host: ``triton.cdiv`` is a constexpr function since Triton 3.5 and costs
+    ~2.6 us per host call (2-core dev box), ~40x this."""
+    return -(-a // b)
+
+
+def size_class(n: int) -> int:
+    """``n`` rounded up to a power of two: a key tunes once per size class, not once per batch size."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def density_class(tile_density: float) -> int:
+    """Tile density in 1/16 steps: a tile pattern of similar density reuses the tuned config."""
+    return round(16 * tile_density)
+
+
+Config = dict  # meta-parameters plus num_warps / num_stages, as kernel[grid](...) takes them
+Grid = Callable[[Config], tuple[int, ...]]
+
+
+class Tuned:
+    """A ``@triton.jit`` kernel with a list of launch configs, the best one kept per key.
+
+    ``launch(key, grid, *args, **kwargs)`` runs ``kernel[grid(config)](*args, **kwargs, **config)``. ``key`` must
+    determine everything the best config depends on (shape class, dtypes, constexprs); ``grid`` maps a config to
+    the launch grid. ``prune(configs, key)`` may drop configs for a key before timing (never all of them).
+    ``fixed=config`` launches with that config and neither times nor caches (the interpreter's small tiles).
+    """
+
+    def __init__(
+        self,
+        kernel,
+        configs: Sequence[Config],
+        prune: Callable[[list[Config], tuple], list[Config]] | None = None,
+        bench: Callable[[Callable[[], object]], float] | None = None,
+    ) -> None:
+        if not configs:
+            raise ValueError("Tuned: at least one config is needed")
+        self.kernel = kernel
+        self.configs = [dict(c) for c in configs]
+        self.prune = prune
+        self.bench = bench or _bench
+        self.best: dict[tuple, Config] = {}  # key -> the config it launches with
+        self.timings: dict[tuple, list[tuple[Config, float]]] = {}  # key -> (config, ms) of its tuning run
+
+    def candidates(self, key: tuple) -> list[Config]:
+        """The configs timed for ``key``: the first only when tuning is off, else those ``prune`` keeps."""
+        if not enabled():
+            return self.configs[:1]
+        kept = self.prune(self.configs, key) if self.prune is not None else self.configs
+        return list(kept) or self.configs[:1]
+
+    def _tune(self, key: tuple, grid: Grid, args: tuple, kwargs: dict) -> Config:
+        configs = self.candidates(key)
+        if len(configs) == 1:
+            self.best[key] = configs[0]
+            return configs[0]
+        timings, errors = [], []
+        for config in configs:
+
+            def run(config=config):
+                return self.kernel[grid(config)](*args, **kwargs, **config)
+
+            try:
+                ms = self.bench(run)
+            except Exception as exc:  # noqa: BLE001 - a config that cannot run on this device is skipped
+                errors.append(exc)
+                ms = math.inf
+            timings.append((config, ms))
+        if all(math.isinf(ms) for _, ms in timings):
+            raise errors[0]
+        best = min(timings, key=lambda item: item[1])[0]
+        self.timings[key] = timings
+        self.best[key] = best
+        return best
+
+    def launch(self, key: tuple, grid: Grid, *args, fixed: Config | None = None, **kwargs):
+        config = fixed if fixed is not None else self.best.get(key)
+        if config is None:
+            config = self._tune(key, grid, args, kwargs)
+        return self.kernel[grid(config)](*args, **kwargs, **config)

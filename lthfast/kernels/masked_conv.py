@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from lthfast import _backend
-from lthfast.kernels.autotune import autotune
+from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
 from lthfast.kernels.tile_index import TileIndex, tile_index
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,19 +92,21 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _backend.interpreter_enabled()
 
 
-def _tuned(kernel, key: list[str]):
-    """Autotuned on CUDA; the interpreter runs the plain kernel at INTERPRETER_TILE (autotuning would time it)."""
+# Launch configs on CUDA (BLOCK_M, warps, stages), timed once per key by lthfast.kernels.autotune.Tuned; the
+# interpreter runs INTERPRETER_TILE's BLOCK_M and times nothing.
+CUDA_CONFIGS = [
+    {"BLOCK_M": bm, "num_warps": w, "num_stages": s}
+    for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 2))
+]
+INTERPRETER_CONFIG = {"BLOCK_M": INTERPRETER_TILE[0]}
+
+
+def _launch(tuned: Tuned, x_like: torch.Tensor, key: tuple, grid, *args, **constexprs):
+    """Launch ``tuned`` with the config tuned for ``key`` (plus dtype and constexprs) on CUDA, the interpreter's
+    config elsewhere."""
     if _backend.interpreter_enabled():
-        return kernel
-    configs = [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 2))
-    ]
-    return autotune(configs, key)(kernel)
-
-
-def _meta() -> dict:
-    return {"BLOCK_M": INTERPRETER_TILE[0]} if _backend.interpreter_enabled() else {}
+        return tuned.launch(None, grid, *args, fixed=INTERPRETER_CONFIG, **constexprs)
+    return tuned.launch((*key, x_like.dtype, *constexprs.values()), grid, *args, **constexprs)
 
 
 @triton.jit
@@ -295,9 +297,9 @@ def _conv_dw_reduce_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nc_ok)
 
 
-_fwd = _tuned(_conv_fwd_kernel, ["N", "C", "P", "Q", "KH", "KW", "stride_h", "stride_w"])
-_dx = _tuned(_conv_dx_kernel, ["N", "C", "H", "W", "KH", "KW", "stride_h", "stride_w"])
-_dw = _tuned(_conv_dw_kernel, ["N", "C", "P", "Q", "KH", "KW", "M_PER_SPLIT", "DIRECT"])
+_fwd = Tuned(_conv_fwd_kernel, CUDA_CONFIGS)
+_dx = Tuned(_conv_dx_kernel, CUDA_CONFIGS)
+_dw = Tuned(_conv_dw_kernel, CUDA_CONFIGS)
 
 
 def _conv_args(stride, padding, dilation) -> tuple[int, ...]:
@@ -327,14 +329,15 @@ def conv2d_forward(
     index = conv_tile_index(mask) if index is None else index
     weight, mask = _channels_last(weight, mask)
     block_n, block_c = conv_tiles(x.device)
-    grid = lambda meta: (triton.cdiv(batch * p * q, meta["BLOCK_M"]) * triton.cdiv(n, block_n),)
-    _fwd[grid](
+    grid = lambda meta: (cdiv(batch * p * q, meta["BLOCK_M"]) * cdiv(n, block_n),)
+    _launch(
+        _fwd, x, (size_class(batch), n, c, p, q, *stride, density_class(index.tile_density)), grid,
         x, weight, mask, bias if bias is not None else weight, out, index.row_ptr, index.row_cols,
         batch, c, h, w, n, p, q,
         *x.stride(), *weight.stride(), *mask.stride(), *out.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
-        BLOCK_N=block_n, BLOCK_C=block_c, **_meta(),
+        BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     return out
 
@@ -356,14 +359,15 @@ def conv2d_grad_input(
     index = conv_tile_index(mask) if index is None else index
     weight, mask = _channels_last(weight, mask)
     block_n, block_c = conv_tiles(grad_x.device)
-    grid = lambda meta: (triton.cdiv(batch * h * w, meta["BLOCK_M"]) * triton.cdiv(c, block_c),)
-    _dx[grid](
+    grid = lambda meta: (cdiv(batch * h * w, meta["BLOCK_M"]) * cdiv(c, block_c),)
+    _launch(
+        _dx, grad_x, (size_class(batch), n, c, h, w, *stride, density_class(index.tile_density)), grid,
         grad_out, weight, mask, grad_x, index.col_ptr, index.col_rows,
         batch, c, h, w, n, p, q,
         *grad_out.stride(), *weight.stride(), *mask.stride(), *grad_x.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, INPUT_PRECISION=_input_precision(grad_x.dtype), DOT_FP32=_dot_fp32(grad_x.dtype),
-        BLOCK_N=block_n, BLOCK_C=block_c, **_meta(),
+        BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     return grad_x
 
@@ -373,7 +377,7 @@ def _dw_split(m: int, programs: int, device: torch.device) -> int:
     if device.type != "cuda" or _backend.interpreter_enabled():
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, programs), m // 2048))
+    return max(1, min(cdiv(4 * sms, programs), m // 2048))
 
 
 def conv2d_grad_weight(
@@ -402,17 +406,19 @@ def conv2d_grad_weight(
         return grad_w
     block_n, block_c = conv_tiles(x.device)
     split = _dw_split(m, programs, x.device) if split is None else split
-    m_per_split = triton.cdiv(m, split)
-    split = triton.cdiv(m, m_per_split)
+    m_per_split = cdiv(m, split)
+    split = cdiv(m, m_per_split)
     direct = split == 1
     ws = grad_w if direct else torch.empty((split, programs, block_n, block_c), device=x.device, dtype=torch.float32)
-    _dw[(programs, split)](
+    _launch(
+        _dw, x, (size_class(batch), n, c, p, q, *stride, m_per_split, density_class(index.tile_density)),
+        lambda meta: (programs, split),
         x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols,
         batch, c, h, w, n, p, q, m_per_split,
         *x.stride(), *grad_out.stride(), *mask.stride(), *grad_w.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, DIRECT=direct, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
-        BLOCK_N=block_n, BLOCK_C=block_c, **_meta(),
+        BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     if not direct:
         _conv_dw_reduce_kernel[(programs,)](

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lthfast.kernels.autotune import autotune
-from lthfast.kernels.tile_index import TileIndex, tile_index
+from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
+from lthfast.kernels.tile_index import TileIndex, cached_on_mask, tile_index
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
 # feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).
@@ -33,27 +33,18 @@ CUDA_TILE_SHAPES = ((64, 64), (64, 32), (32, 32))
 TILE_AREA_SLACK = 0.15
 # The interpreter (CI on CPU) runs one small fixed config, so that odd shapes span several partial tiles.
 INTERPRETER_TILE = 16
+INTERPRETER_CONFIG = {"BLOCK_M": INTERPRETER_TILE}
+
+# Launch configs on CUDA (BLOCK_M, warps, stages), timed once per key by lthfast.kernels.autotune.Tuned.
+CUDA_CONFIGS = [
+    {"BLOCK_M": bm, "num_warps": w, "num_stages": s} for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3))
+]
 
 
-def _cuda_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3))
-    ]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop BLOCK_M larger than the (bucketed) token count; keep at least the smallest config."""
-    m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET"))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m_bucket)]
-    return kept or configs[:1]
-
-
-_TUNE = {
-    "configs": _cuda_configs(),
-    "key": ["M_BUCKET", "N", "K", "ALIVE_BUCKET", "BLOCK_N", "BLOCK_K"],
-    "prune_configs_by": {"early_config_prune": _prune_configs},
-}
+def _prune_configs(configs: list[dict], key: tuple) -> list[dict]:
+    """Drop BLOCK_M larger than the (bucketed) token count, the key's first entry; keep at least one config."""
+    m_bucket = key[0]
+    return [c for c in configs if c["BLOCK_M"] <= max(64, m_bucket)] or configs[:1]
 
 
 @triton.jit
@@ -74,8 +65,6 @@ def _forward_kernel(
     M, N, K, tiles_n,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
-    # autotune keys only
-    M_BUCKET, ALIVE_BUCKET,
     # meta-parameters
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -118,8 +107,6 @@ def _grad_input_kernel(
     M, N, K, tiles_k,
     # strides
     stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk, stride_xm, stride_xk,
-    # autotune keys only
-    M_BUCKET, ALIVE_BUCKET,
     # meta-parameters
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -158,8 +145,6 @@ def _grad_weight_kernel(
     M, N, K,
     # strides
     stride_gm, stride_gn, stride_xm, stride_xk, stride_mn, stride_mk, stride_wn, stride_wk,
-    # autotune keys only
-    M_BUCKET, ALIVE_BUCKET,
     # meta-parameters
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -187,9 +172,9 @@ def _grad_weight_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nk)
 
 
-_forward_tuned = autotune(**_TUNE)(_forward_kernel)
-_grad_input_tuned = autotune(**_TUNE)(_grad_input_kernel)
-_grad_weight_tuned = autotune(**_TUNE)(_grad_weight_kernel)
+_forward = Tuned(_forward_kernel, CUDA_CONFIGS, prune=_prune_configs)
+_grad_input = Tuned(_grad_input_kernel, CUDA_CONFIGS, prune=_prune_configs)
+_grad_weight = Tuned(_grad_weight_kernel, CUDA_CONFIGS, prune=_prune_configs)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -210,16 +195,6 @@ def _upcast(t: torch.Tensor) -> bool:
     return _interpreted(t) and t.dtype == torch.bfloat16
 
 
-def _bucket(n: int) -> int:
-    """Round up to a power of two: autotune once per size class, not once per batch size."""
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _alive_bucket(index: TileIndex) -> int:
-    """Tile density in 1/16 steps: a tile pattern of similar density reuses the tuned config."""
-    return round(16 * index.tile_density)
-
-
 def choose_tile_shape(mask: torch.Tensor, shapes=CUDA_TILE_SHAPES, slack: float = TILE_AREA_SLACK) -> tuple[int, int]:
     """The first (coarsest) of ``shapes`` whose alive area (alive tiles x tile area) is within ``slack`` of the
     smallest alive area over ``shapes``. Builds (and caches) one tile index per shape. Any device."""
@@ -237,8 +212,15 @@ def pick_tile_shape(mask: torch.Tensor) -> tuple[int, int]:
 
 
 def mask_tile_index(mask: torch.Tensor) -> TileIndex:
-    """The (cached) tile index at the granularity ``pick_tile_shape`` chooses for this mask."""
-    return tile_index(mask, *pick_tile_shape(mask))
+    """The (cached) tile index at the granularity ``pick_tile_shape`` chooses for this mask.
+
+    One cache lookup per call (the ops call it once per kernel launch group): the choice itself, which looks up
+    one index per candidate shape, is cached on the mask beside the indices and dropped with them.
+    """
+    if _interpreted(mask):
+        return tile_index(mask, INTERPRETER_TILE, INTERPRETER_TILE)
+    what = ("picked", CUDA_TILE_SHAPES, TILE_AREA_SLACK)
+    return cached_on_mask(mask, what, lambda: tile_index(mask, *choose_tile_shape(mask)))
 
 
 def _check(index: TileIndex, weight_shape: tuple[int, ...], *tensors: torch.Tensor) -> None:
@@ -250,9 +232,14 @@ def _check(index: TileIndex, weight_shape: tuple[int, ...], *tensors: torch.Tens
             raise ValueError(f"masked_matmul: tensors on {t.device} and {device}")
 
 
-def _launch_args(x_like: torch.Tensor) -> dict:
-    """The fixed meta-parameters of an interpreted launch; on CUDA the autotuner supplies them."""
-    return {"BLOCK_M": INTERPRETER_TILE} if _interpreted(x_like) else {}
+def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, m: int, grid, *args, **constexprs):
+    """Launch ``tuned`` with the config tuned for this key on CUDA, the interpreter's config elsewhere."""
+    if _interpreted(x_like):
+        return tuned.launch(None, grid, *args, fixed=INTERPRETER_CONFIG, **constexprs)
+    # everything the best config depends on: token-count class, sizes, tiles, density class, dtype, constexprs
+    key = (size_class(m), *index.shape, index.block_n, index.block_k, density_class(index.tile_density), x_like.dtype,
+           *constexprs.values())  # fmt: skip
+    return tuned.launch(key, grid, *args, **constexprs)
 
 
 def masked_linear_forward(
@@ -266,18 +253,16 @@ def masked_linear_forward(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    kernel = _forward_kernel if _interpreted(x) else _forward_tuned
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * index.tiles_n,)
-    kernel[grid](
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * index.tiles_n,)
+    _launch(
+        _forward, x, index, m, grid,
         x, weight, mask.view(torch.uint8), bias if bias is not None else y, y,
         index.row_ptr, index.row_cols,
         m, n, k, index.tiles_n,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         y.stride(0), y.stride(1),
-        _bucket(m), _alive_bucket(index),
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
         BLOCK_N=index.block_n, BLOCK_K=index.block_k,
-        **_launch_args(x),
     )  # fmt: skip
     return y
 
@@ -292,17 +277,15 @@ def masked_linear_grad_input(
     dx = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
     if m == 0 or k == 0:
         return dx
-    kernel = _grad_input_kernel if _interpreted(grad) else _grad_input_tuned
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * index.tiles_k,)
-    kernel[grid](
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * index.tiles_k,)
+    _launch(
+        _grad_input, grad, index, m, grid,
         grad, weight, mask.view(torch.uint8), dx,
         index.col_ptr, index.col_rows,
         m, n, k, index.tiles_k,
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         dx.stride(0), dx.stride(1),
-        _bucket(m), _alive_bucket(index),
         PRECISION=_precision(grad.dtype), UPCAST=_upcast(grad), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
-        **_launch_args(grad),
     )  # fmt: skip
     return dx
 
@@ -320,16 +303,15 @@ def masked_linear_grad_weight(
     dw = torch.zeros((n, k), dtype=x.dtype, device=x.device)
     if m == 0 or index.alive_tiles == 0:
         return dw
-    kernel = _grad_weight_kernel if _interpreted(x) else _grad_weight_tuned
-    kernel[(index.alive_tiles,)](
+    grid = lambda meta: (index.alive_tiles,)
+    _launch(
+        _grad_weight, x, index, m, grid,
         grad, x, mask.view(torch.uint8), dw,
         index.tile_rows, index.tile_cols,
         m, n, k,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
-        _bucket(m), _alive_bucket(index),
         PRECISION=_precision(x.dtype), UPCAST=_upcast(x), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
-        **_launch_args(x),
     )  # fmt: skip
     return dw
 
