@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import lthfast
 from lthfast import _backend, functional
 from lthfast.bench import results as bench_results
+from lthfast.bench import timing
 from lthfast.ops import conv as conv_op
 
 # (name, Cin, Cout, kernel, stride, padding, input H=W): each distinct conv of the network once
@@ -151,9 +152,11 @@ def check(outputs, reference, dtype, what: str) -> float:
     return worst
 
 
-def time_ms(fn, sets, device) -> float:
+def time_ms(fn, sets, device, cuda_graph: bool = False) -> float:
     it = itertools.cycle(sets)
     call = lambda: fn(*next(it))
+    if cuda_graph:  # each input set's step captured once, then replayed (lthfast.bench.timing.graphed)
+        call = timing.graphed(fn, sets)
     if device.type == "cuda":
         import triton.testing
 
@@ -217,7 +220,7 @@ def bench_layer(args, net, layer, batch, device, dtype, gen) -> list[dict]:
                 row["providers"][prov] = {"max_rel_error": err, "rounds_ms": []}
             for _ in range(args.rounds):  # interleaved, so that a burst of load on the machine hits every provider
                 for prov, step in steps.items():
-                    row["providers"][prov]["rounds_ms"].append(time_ms(step, sets, device))
+                    row["providers"][prov]["rounds_ms"].append(time_ms(step, sets, device, args.cuda_graph))
             for result in row["providers"].values():
                 result["ms"] = sorted(result["rounds_ms"])[len(result["rounds_ms"]) // 2]
             results.append(row)
@@ -279,11 +282,14 @@ def main(argv=None) -> int:
         help="of the inputs and weights (channels_last is the fast layout of cuDNN and of the lthfast kernels)",
     )  # fmt: skip
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--cuda-graph", action="store_true", help="CUDA: time each step captured as a CUDA graph")
     ap.add_argument("--rounds", type=int, default=1 if cuda else 3, help="interleaved timing rounds (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        ap.error("--cuda-graph needs a CUDA device")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -97,7 +97,7 @@ providers.PREPARE.update(EXTRA_PROVIDERS)  # this process only: lthfast.bench.la
 def _config(args, device: str, **overrides) -> layer.LayerConfig:
     base = {"min_run_time": args.min_run_time, "repeats": args.repeats, "seed": args.seed}
     if device == "cuda":
-        base |= {"rep_ms": args.rep_ms}
+        base |= {"rep_ms": args.rep_ms, "cuda_graph": args.cuda_graph}
     return layer.default_layer_config("linear", device, **(base | overrides))
 
 
@@ -167,11 +167,13 @@ def targets(args, device: str, command: str) -> dict:
         ratio = _ratio(_row(docs[(sparsity, block)], sparsity, block), "lthfast", baseline)
         checks.append({"target": name, "baseline": baseline, "ratio": ratio, "bound": bound,
                        "pass": ratio is not None and ratio >= bound})  # fmt: skip
-    print("\n== targets (ratio = baseline median / lthfast median, same run, train step)")
+    graphs = ", every step a CUDA graph replay" if device == "cuda" and args.cuda_graph else ""
+    print(f"\n== targets (ratio = baseline median / lthfast median, same run, train step{graphs})")
     for c in checks:
         shown = "n/a" if c["ratio"] is None else f"{c['ratio']:.2f}x"
         print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['target']:58s} {shown:>8} (bound {c['bound']:.2f}x)")
-    return {"shape": list(shape), "tokens": tokens, "dtype": dtype, "checks": checks, "runs": list(docs.values())}
+    return {"shape": list(shape), "tokens": tokens, "dtype": dtype, "cuda_graph": bool(graphs), "checks": checks,
+            "runs": list(docs.values())}  # fmt: skip
 
 
 def crossover(args, device: str, command: str) -> dict:
@@ -220,6 +222,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--min-run-time", type=float, default=0.1, help="CPU: seconds per blocked_autorange round")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per provider (CPU)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: do_bench timed milliseconds")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA: time every call captured as CUDA graphs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--notes", default="", help="free text stored in the JSON (e.g. machine load)")
@@ -236,6 +239,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.cuda_graph and device != "cuda":
+        raise SystemExit("bench_masked_linear.py: --cuda-graph needs a CUDA device")
     args.dtype = args.dtype or (["bfloat16"] if device == "cuda" else ["float32"])
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_masked_linear.py", *argv])
     out = {"schema": "lthfast.bench.masked_linear/1", "command": command, "notes": args.notes,

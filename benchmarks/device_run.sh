@@ -12,11 +12,14 @@
 #   linear     bench_masked_linear.py --sections targets          -> masked_linear-<gpu>.json
 #   conv       bench_masked_conv.py on ResNet-18 (ImageNet) 3x3 layers with >= 128 channels -> masked_conv-<gpu>.json
 #   crossover  bench_masked_linear.py --sections crossover --mode train -> masked_linear-crossover-<gpu>.json
+#   graphs     the linear targets and the conv layer3 rows with every step captured as CUDA graphs (no host time)
+#              -> masked_linear-graphs-<gpu>.json, masked_conv-graphs-<gpu>.json
+#   host       host_overhead.py: the tuner's and the op layers' host time per call on this machine's CPU
 set -u
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-STAGES=${STAGES:-tests,profile,linear,conv,crossover}
+STAGES=${STAGES:-tests,profile,linear,conv,crossover,graphs,host}
 PY=${PY:-python3}
 LOG=$OUT/device.log
 GPU=$($PY -c "import torch; n = torch.cuda.get_device_name(); print(next((g for g in ('h100', 'h200', 'a100', 'l4') if g in n.lower()), 'gpu'))")
@@ -63,5 +66,10 @@ run_stage conv 110 $PY benchmarks/bench_masked_conv.py --nets resnet18-imagenet 
   --batch 128 --sparsity 0.5 0.8 0.9 0.98 --layouts tile-block channel-block-32 --out "$OUT/masked_conv-$GPU.json"
 run_stage crossover 70 $PY benchmarks/bench_masked_linear.py --sections crossover --mode train --rep-ms 50 \
   --out "$OUT/masked_linear-crossover-$GPU.json"
+run_stage graphs 120 bash -c "$PY benchmarks/bench_masked_linear.py --sections targets --rep-ms 50 --cuda-graph \
+  --out $OUT/masked_linear-graphs-$GPU.json; $PY benchmarks/bench_masked_conv.py --nets resnet18-imagenet \
+  --layers layer3 --batch 128 --sparsity 0.9 0.98 --layouts tile-block --cuda-graph \
+  --out $OUT/masked_conv-graphs-$GPU.json"
+run_stage host 40 $PY benchmarks/host_overhead.py --repeat 3 --calls 1000
 wait
 tail -n 2 "$OUT/install.log" | tee -a "$LOG"

@@ -313,3 +313,76 @@ def test_git_info_names_the_checkout_or_the_commit_it_is_told(monkeypatch):
     assert here["commit"] is None or len(here["commit"]) == 40
     monkeypatch.setenv("LTHFAST_GIT_COMMIT", "f" * 40)  # a copy whose .git is missing or stale
     assert results.git_info() == {"commit": "f" * 40, "dirty": None}
+
+
+# ---- CUDA graphs -------------------------------------------------------------------------------------------------
+
+
+def test_cuda_graph_timing_is_refused_off_cuda():
+    with pytest.raises(ValueError, match="cuda_graph needs device 'cuda'"):
+        tiny_layer(cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_graphed_masked_step_replays_the_eager_step():
+    """A captured lthfast train step (Triton kernels, CUDA) recomputes from whatever its static inputs hold."""
+    import lthfast
+    from lthfast import functional
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 80, device="cuda", requires_grad=True)
+    mask = block_mask(96, 80, 0.75, 16).cuda()
+    x = torch.randn(33, 80, device="cuda", requires_grad=True)
+    g = torch.randn(33, 96, device="cuda")
+    out = {}
+
+    def step(x, g):
+        y = functional.masked_linear(x, w, mask)
+        out["y"], (out["dx"], out["dw"]) = y, torch.autograd.grad(y, (x, w), g)
+
+    with lthfast.backend("triton"):
+        replay = timing.graphed(step, [(x, g)])
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x) + 1.0)  # new values in the captured input buffer
+        replay()
+        torch.cuda.synchronize()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y = reference.masked_linear(xd, wd, mask)
+    dx, dw = torch.autograd.grad(y, (xd, wd), g.double())
+    for name, want in (("y", y), ("dx", dx), ("dw", dw)):
+        torch.testing.assert_close(out[name].double(), want, atol=1e-4, rtol=1e-4, msg=name)  # fp32, IEEE products
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["linear", "conv"])
+def test_layer_rows_time_every_provider_as_graphs(op):
+    cfg = tiny_layer(op, "train", device="cuda", cuda_graph=True, warmup_ms=1.0, rep_ms=3.0)
+    cfg.providers = ["dense", "mask-multiply", "lthfast"]
+    doc = layer.run_layer(cfg, log=quiet)
+    for row in doc["rows"]:
+        for r in row["results"]:
+            assert r["status"] == "ok", r
+            assert r["median_ms"] > 0
+
+
+# ---- benchmarks/host_overhead.py ---------------------------------------------------------------------------------
+
+
+def test_host_overhead_script_measures_and_restores_the_kernels():
+    import importlib.util
+    from pathlib import Path
+
+    from lthfast import _backend
+    from lthfast.kernels import autotune, masked_conv, masked_matmul
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    before = (masked_matmul._forward.kernel, masked_conv._dw.kernel, masked_matmul._interpreted, autotune.enabled)
+    tuner = script.tuner(calls=20, repeat=1)
+    layers = script.layers(calls=5, repeat=1)
+    assert set(tuner) == {"triton Autotuner.run", "lthfast Tuned.launch"} and all(v > 0 for v in tuner.values())
+    assert len(layers) == 4 and all(v > 0 for v in layers.values())
+    after = (masked_matmul._forward.kernel, masked_conv._dw.kernel, masked_matmul._interpreted, autotune.enabled)
+    assert after == before and _backend.triton_runs_on.__module__ == "lthfast._backend"

@@ -58,6 +58,11 @@ class LayerConfig:
     seed: int = 0
     peak_tflops: float | None = None  # floor: device peak; None = from floor.PEAKS for known GPUs and 16-bit dtypes
     peak_gbps: float | None = None
+    cuda_graph: bool = False  # CUDA: time every provider's call captured as CUDA graphs (timing.graphed)
+
+    def __post_init__(self) -> None:
+        if self.cuda_graph and not str(self.device).startswith("cuda"):
+            raise ValueError(f"LayerConfig: cuda_graph needs device 'cuda', got {self.device!r}")
 
     def conv_args(self) -> dict:
         kh = self.shape[2]
@@ -233,8 +238,16 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
     for name in cfg.providers:
         entry, prepared = prepare_provider(name, problem, rotation, expected)
         results.append(entry)
-        if prepared is not None:
+        if prepared is None:
+            continue
+        if not cfg.cuda_graph:
             calls[name] = lambda call=prepared.call: call(*next(rotation))
+            continue
+        try:
+            calls[name] = timing.graphed(prepared.call, rotation.sets)
+        except Exception as exc:  # noqa: BLE001 - a provider that cannot be captured is reported, not fatal
+            status, text = classify_failure(exc)
+            entry.update(status=status, reason=f"CUDA graph capture: {text}")
     timings = time_interleaved(calls, device, cfg)
     for r in results:
         if r["provider"] in timings:
