@@ -27,7 +27,7 @@ import triton.language as tl
 
 from lthfast import _backend
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
-from lthfast.kernels.tile_index import TileIndex, tile_index
+from lthfast.kernels.tile_index import TileIndex, keep_if_capturing, tile_index
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Interpreter tiles: the smallest tl.dot accepts, so CI runs few and cheap loop iterations.
@@ -75,7 +75,11 @@ def _channels_last(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     # 3x3 NCHW weight. Compiled offline for sm_90 (bf16, channels_last x), the forward has 42 scalar global loads
     # with an NCHW weight and 10 with a channels_last one (the rest become 16-byte cp.async). The copy costs one
     # pass over the weight, small next to the activations.
-    return weight.contiguous(memory_format=torch.channels_last), mask_as(mask, torch.channels_last)
+    # Under CUDA graph capture the mask copy is made inside the graph, from the live mask: a cached copy would be
+    # replayed stale (and freed) after the mask changes in place.
+    capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    layout = mask.contiguous(memory_format=torch.channels_last) if capturing else mask_as(mask, torch.channels_last)
+    return weight.contiguous(memory_format=torch.channels_last), layout
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -101,11 +105,12 @@ CUDA_CONFIGS = [
 INTERPRETER_CONFIG = {"BLOCK_M": INTERPRETER_TILE[0]}
 
 
-def _launch(tuned: Tuned, x_like: torch.Tensor, key: tuple, grid, *args, **constexprs):
+def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, key: tuple, grid, *args, **constexprs):
     """Launch ``tuned`` with the config tuned for ``key`` (plus dtype and constexprs) on CUDA, the interpreter's
-    config elsewhere."""
+    config elsewhere. A CUDA graph capturing the launch keeps ``index`` alive (``keep_if_capturing``)."""
     if _backend.interpreter_enabled():
         return tuned.launch(None, grid, *args, fixed=INTERPRETER_CONFIG, **constexprs)
+    keep_if_capturing(x_like, index)
     return tuned.launch((*key, x_like.dtype, *constexprs.values()), grid, *args, **constexprs)
 
 
@@ -331,7 +336,7 @@ def conv2d_forward(
     block_n, block_c = conv_tiles(x.device)
     grid = lambda meta: (cdiv(batch * p * q, meta["BLOCK_M"]) * cdiv(n, block_n),)
     _launch(
-        _fwd, x, (size_class(batch), n, c, p, q, *stride, density_class(index.tile_density)), grid,
+        _fwd, x, index, (size_class(batch), n, c, p, q, *stride, density_class(index.tile_density)), grid,
         x, weight, mask, bias if bias is not None else weight, out, index.row_ptr, index.row_cols,
         batch, c, h, w, n, p, q,
         *x.stride(), *weight.stride(), *mask.stride(), *out.stride(),
@@ -361,7 +366,7 @@ def conv2d_grad_input(
     block_n, block_c = conv_tiles(grad_x.device)
     grid = lambda meta: (cdiv(batch * h * w, meta["BLOCK_M"]) * cdiv(c, block_c),)
     _launch(
-        _dx, grad_x, (size_class(batch), n, c, h, w, *stride, density_class(index.tile_density)), grid,
+        _dx, grad_x, index, (size_class(batch), n, c, h, w, *stride, density_class(index.tile_density)), grid,
         grad_out, weight, mask, grad_x, index.col_ptr, index.col_rows,
         batch, c, h, w, n, p, q,
         *grad_out.stride(), *weight.stride(), *mask.stride(), *grad_x.stride(),
@@ -411,7 +416,7 @@ def conv2d_grad_weight(
     direct = split == 1
     ws = grad_w if direct else torch.empty((split, programs, block_n, block_c), device=x.device, dtype=torch.float32)
     _launch(
-        _dw, x, (size_class(batch), n, c, p, q, *stride, m_per_split, density_class(index.tile_density)),
+        _dw, x, index, (size_class(batch), n, c, p, q, *stride, m_per_split, density_class(index.tile_density)),
         lambda meta: (programs, split),
         x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols,
         batch, c, h, w, n, p, q, m_per_split,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
-from lthfast.kernels.tile_index import TileIndex, cached_on_mask, tile_index
+from lthfast.kernels.tile_index import TileIndex, cached_on_mask, keep_if_capturing, tile_index
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
 # feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).
@@ -236,6 +236,7 @@ def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, m: int, grid, 
     """Launch ``tuned`` with the config tuned for this key on CUDA, the interpreter's config elsewhere."""
     if _interpreted(x_like):
         return tuned.launch(None, grid, *args, fixed=INTERPRETER_CONFIG, **constexprs)
+    keep_if_capturing(x_like, index)
     # everything the best config depends on: token-count class, sizes, tiles, density class, dtype, constexprs
     key = (size_class(m), *index.shape, index.block_n, index.block_k, density_class(index.tile_density), x_like.dtype,
            *constexprs.values())  # fmt: skip

@@ -227,6 +227,19 @@ def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileInde
 _cache: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
+# What CUDA graphs captured, kept for the life of the process (id -> object): a tile index is dropped from the cache
+# when its mask changes, and a graph replayed after that (one not captured again after a prune) would read freed
+# memory. Kept, it reads the old index: a superset of the alive tiles while masks only shrink (IMP), which stays
+# exact because the kernels apply the mask itself elementwise. Indices are small (int32 per alive tile).
+_graph_kept: dict[int, object] = {}
+
+
+def keep_if_capturing(t: torch.Tensor, obj) -> None:
+    """Keep ``obj`` alive for good when a CUDA graph is being captured on ``t``'s device (``t`` a CUDA tensor)."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        _graph_kept[id(obj)] = obj
+
+
 def _forget(ref: weakref.ref) -> None:
     for owner_id, entry in list(_cache.items()):
         if entry[0] is ref:
