@@ -42,13 +42,17 @@ def triton_backend():
     machine compiled, with CUDA as torch's default device, so that the tensors a test makes reach the kernels."""
     if not _backend.triton_available():
         pytest.skip("triton is not importable")
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.set_default_device("cuda")
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 checked at fp32 precision (cuDNN and the conv kernels follow it)
     try:
         with lthfast.backend("triton"):
             yield "triton"
     finally:
-        if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = tf32
+        if cuda:
             torch.set_default_device(None)
 
 

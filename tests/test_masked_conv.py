@@ -47,12 +47,22 @@ def _mask(kind: str, shape) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.bool)
     if kind == "pruned":
         return torch.zeros(shape, dtype=torch.bool)
-    if kind == "channel-block":  # 4x4 channel blocks over all taps, the first 16x16 block pruned whole
+    if kind == "channel-block":  # 4x4 channel blocks over all taps, the first kernel tile pruned whole
         blocks = torch.rand(-(-n // 4), -(-c // 4)) < 0.4
         m = blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)[:n, :c]
-        m[:16, :16] = False
+        bn, bc = _tiles()
+        m[:bn, :bc] = False
         return m[:, :, None, None].expand(shape).contiguous()
     raise ValueError(kind)
+
+
+def _tiles() -> tuple[int, int]:
+    """The kernels' (Cout, Cin) tile on this machine's test device: 16x16 in the interpreter, larger on CUDA."""
+    if not _backend.triton_available():
+        return 16, 16
+    from lthfast.kernels.masked_conv import conv_tiles
+
+    return conv_tiles(torch.empty(0).device)
 
 
 def _draw(b, cin, cout, hw, kernel, dtype=torch.float32, mask="unstructured", bias=True):
@@ -110,7 +120,8 @@ def test_shapes_match_float64_reference(backend, shape):
 
 @pytest.mark.parametrize("kind", ["full", "pruned", "channel-block", "sparse"])
 def test_mask_kinds(backend, kind):
-    x, w, m, bias = _draw(1, 18, 20, (6, 7), 3, mask=kind)
+    bn, bc = _tiles()  # 2 x 2 kernel tiles, the last ones partial
+    x, w, m, bias = _draw(1, bc + 2, bn + 4, (6, 7), 3, mask=kind)
     w[~m] = float("nan")  # a pruned weight must contribute nothing, even a NaN
     if backend == "triton" and kind == "channel-block":
         index = _kernels().conv_tile_index(m)
@@ -193,10 +204,12 @@ def test_auto_backend_runs_the_kernel_only_below_the_density_crossover(monkeypat
 def test_kernels_skip_the_tiles_the_index_leaves_out(triton_backend):
     """Give the kernels the index of a sparser mask: they must compute exactly as if that mask were in force."""
     kernels = _kernels()
-    x, w, m, _ = _draw(1, 18, 20, (5, 6), 3, mask="full")
+    bn, bc = _tiles()
+    x, w, m, _ = _draw(1, bc + 2, bn + 4, (5, 6), 3, mask="full")
     sub = _mask("channel-block", w.shape)
     index = kernels.conv_tile_index(sub)
-    alive = index.tile_alive.repeat_interleave(16, 0).repeat_interleave(16, 1)[:20, :18, None, None].expand_as(m)
+    alive = index.tile_alive.repeat_interleave(bn, 0).repeat_interleave(bc, 1)[: bn + 4, : bc + 2, None, None]
+    alive = alive.expand_as(m)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     y_ref = F.conv2d(xr, torch.where(alive, wr, 0), padding=1)
     grad = torch.randn(y_ref.shape)
@@ -214,11 +227,12 @@ def test_kernels_skip_the_tiles_the_index_leaves_out(triton_backend):
 def test_mask_copies_and_tile_index_are_cached_until_the_mask_is_edited():
     kernels = _kernels()
     for fmt, other in ((torch.contiguous_format, torch.channels_last), (torch.channels_last, torch.contiguous_format)):
-        mask = (torch.rand(20, 18, 3, 3) < 0.5).contiguous(memory_format=fmt)
+        bn, bc = _tiles()
+        mask = (torch.rand(bn + 4, bc + 2, 3, 3) < 0.5).contiguous(memory_format=fmt)
         first, copy = kernels.conv_tile_index(mask), kernels.mask_as(mask, other)
         assert kernels.conv_tile_index(mask) is first and kernels.mask_as(mask, other) is copy
         assert copy.is_contiguous(memory_format=other) and torch.equal(copy, mask)
-        mask[:16] = False
+        mask[:bn] = False
         second = kernels.conv_tile_index(mask)
         assert second is not first and not second.tile_alive[0].any()
         assert torch.equal(kernels.mask_as(mask, other), mask)
