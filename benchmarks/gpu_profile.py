@@ -19,6 +19,7 @@ from bench_masked_conv import make_mask  # benchmarks/ is this script's sys.path
 import lthfast
 from lthfast import functional
 from lthfast.bench.masks import block_mask
+from lthfast.bench.timing import graphed
 
 
 def bench(fn) -> float:
@@ -88,14 +89,16 @@ def profile(step) -> None:
 def report(args, rows, kernels, flop: float, sparse_flop: float, step, dense_step) -> None:
     """Time the raw kernels (``rows``: (name, flop, fn)), print the tuned configs, then the whole step against
     dense, its host syncs, and the profiles asked for."""
+    # Each call timed eagerly and as a CUDA graph replay: the graph takes the host out, so the second figure is the
+    # GPU's time, and where the first is larger the eager call was bound by host time.
     for name, fl, fn in rows:
-        print(f"  {name:14s} {tflops(fl, bench(fn))}")
+        print(f"  {name:14s} {tflops(fl, bench(fn))} | graphed {tflops(fl, bench(graphed(fn, [()])))}")
     for name, tuned in kernels:  # lthfast.kernels.autotune.Tuned: the config of the key tuned last, its timings
         key = next(reversed(tuned.best), None)
         timings = [(*c.values(), round(ms, 4)) for c, ms in tuned.timings.get(key, [])]
         print(f"  best config {name}: {tuned.best.get(key)}; timed (config values, ms): {timings}")
-    print(f"  step dense    {tflops(3 * flop, bench(dense_step))}")
-    print(f"  step lthfast  {tflops(3 * sparse_flop, bench(step))}")
+    for name, fl, fn in (("step dense", 3 * flop, dense_step), ("step lthfast", 3 * sparse_flop, step)):
+        print(f"  {name:14s} {tflops(fl, bench(fn))} | graphed {tflops(fl, bench(graphed(fn, [()])))}")
     syncs(step)
     if args.profile:
         profile(step)
