@@ -197,6 +197,17 @@ def conv(args) -> None:
     each_sparsity(args, case)
 
 
+def bandwidths() -> None:
+    """Read bandwidth from HBM (one sum over a 1 GiB tensor) and from L2 (one sum over a 16 MiB tensor expanded 32
+    times with stride 0: do_bench's L2 flush leaves only the first pass to HBM): the rooflines the sparse kernels
+    are held against. A reduction is not the fastest reader, so both are lower bounds."""
+    big = torch.ones(1 << 29, device="cuda", dtype=torch.bfloat16)
+    small = torch.ones(1 << 23, device="cuda", dtype=torch.bfloat16).view(1, -1).expand(32, -1)
+    hbm = big.numel() * 2 / bench(big.sum) / 1e9
+    l2 = small.numel() * 2 / bench(small.sum) / 1e9
+    print(f"## read bandwidth: HBM {hbm:.2f} TB/s (1 GiB sum), L2 {l2:.2f} TB/s (16 MiB read 32 times)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sparsity", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.9, 0.98])
@@ -206,6 +217,7 @@ def main() -> None:
     p.add_argument("--cprofile", action="store_true", help="cProfile of 30 steps (host time)")
     args = p.parse_args()
     torch.manual_seed(0)
+    bandwidths()
     with lthfast.backend("triton"):
         if "linear" in args.what:
             linear(args)
