@@ -159,3 +159,19 @@ def test_classes():
 def test_no_config_is_an_error():
     with pytest.raises(ValueError, match="at least one config"):
         Tuned(_scaled_copy, [])
+
+
+def test_an_untuned_key_inside_a_cuda_graph_capture_is_a_clear_error(monkeypatch):
+    """Timing synchronizes the GPU, which a capture forbids: say to warm up first; a tuned key still launches."""
+    monkeypatch.delenv("LTHFAST_AUTOTUNE", raising=False)
+    tuned, bench = _tuned({16: 1.0, 32: 2.0, 64: 3.0})
+    x, y = _data(40)
+    tuned.launch(("warm",), _grid(x.numel()), x, y, x.numel(), 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="run one eager step"):
+        tuned.launch(("cold",), _grid(x.numel()), x, y, x.numel(), 1.0)
+    assert ("cold",) not in tuned.best and len(bench.calls) == 3
+    y.fill_(float("nan"))
+    tuned.launch(("warm",), _grid(x.numel()), x, y, x.numel(), 5.0)
+    torch.testing.assert_close(y, x * 5.0, rtol=0, atol=0)

@@ -92,3 +92,17 @@ def test_replay_after_an_in_place_prune_is_exact(op):
     torch.cuda.synchronize()
     _check(out, _expected(op, x, w, mask, g, conv))
     assert not out["dw"][~mask].any(), "a pruned weight got a gradient"
+
+
+def test_capturing_before_any_eager_step_says_to_warm_up():
+    x, w, mask, g, _ = _problem("linear")
+    fresh = mask.clone()  # never indexed
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the capture's own error may be raised on top of ours
+        with torch.cuda.graph(graph):
+            functional.masked_linear(x, w, fresh)
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__context__ or error.__cause__
+    assert any("run one eager step" in message for message in chain), chain

@@ -24,6 +24,8 @@ import math
 import os
 from collections.abc import Callable, Sequence
 
+import torch
+
 WARMUP_MS = 5
 REP_MS = 25
 
@@ -91,6 +93,12 @@ class Tuned:
         return list(kept) or self.configs[:1]
 
     def _tune(self, key: tuple, grid: Grid, args: tuple, kwargs: dict) -> Config:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            name = getattr(self.kernel, "__name__", type(self.kernel).__name__)
+            raise RuntimeError(
+                f"lthfast: {name} has no tuned config for {key} and cannot be timed inside a CUDA graph capture: "
+                "run one eager step of the same shapes and masks before capturing"
+            )
         configs = self.candidates(key)
         if len(configs) == 1:
             self.best[key] = configs[0]

@@ -217,6 +217,11 @@ def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileInde
         # usually settle it. ResNet-50's 54 masks over 10 IMP rounds, 32x32 tiles: 3-7 ms against 11-18 ms.
         row_stride = _row_stride(n, k, mask.stride())
         return _from_ext((n, k), block_n, block_k, ext.tile_index(mask.data_ptr(), n, k, row_stride, block_n, block_k))
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():  # nonzero() syncs, which a capture forbids
+        raise RuntimeError(
+            f"lthfast: the tile index of a mask {tuple(mask.shape)} is built at its first use, which cannot happen "
+            "inside a CUDA graph capture: run one eager step with this mask before capturing"
+        )
     alive = tile_alive(mask, block_n, block_k)
     arrays = _index_arrays_numpy if alive.device.type == "cpu" else _index_arrays_torch
     return _from_arrays((n, k), block_n, block_k, alive, arrays(alive))
