@@ -125,7 +125,7 @@ def tuner(calls: int, repeat: int) -> dict[str, float]:
 def kernels_stubbed():
     """The Triton route with every launch a no-op, on CPU tensors: everything but the kernels runs as on CUDA
     (the CUDA tile-shape choice and tuner keys included)."""
-    from lthfast.kernels import autotune
+    from lthfast.kernels import autotune, dw_split
     from lthfast.kernels import masked_conv as mc
     from lthfast.kernels import masked_matmul as mm
 
@@ -135,7 +135,7 @@ def kernels_stubbed():
         (mm, "_interpreted", lambda t: False),
         (_backend, "triton_runs_on", lambda device: True),
         (_backend, "interpreter_enabled", lambda: False),
-        (mc, "_conv_dw_reduce_kernel", NoLaunch()),
+        (dw_split, "_reduce_kernel", NoLaunch()),
         (autotune, "enabled", lambda: False),  # one config per key: the no-op kernels are never timed
     ]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]

@@ -286,6 +286,28 @@ def test_cuda_kernel_index_is_one_cached_choice_and_never_stale(monkeypatch):
     assert (second.block_n, second.block_k) == (64, 64) and second.alive_tiles == 16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_is_the_same_for_every_m_split(triton_backend, dtype):
+    """dW over M-splits (fp32 partial sums, then lthfast.kernels.dw_split.reduce) against the float64 reference:
+    splits that divide M unevenly, more splits than BLOCK_M steps, a NaN under a pruned weight's gradient."""
+    from lthfast.kernels import masked_matmul as mm
+
+    mask = block_mask(100, 72, 0.5, 32) & _random_mask(100, 72, 0.7)  # dead tiles at 16x16 (CPU) and 32x32 (CUDA)
+    mask[:16, :16] = True  # the first tile stays alive ...
+    mask[:, 5] = False  # ... with a column that no alive weight reads
+    index = mm.mask_tile_index(mask)
+    assert 0 < index.alive_tiles < index.tile_alive.numel()
+    x, g = torch.randn(53, 72).to(dtype), torch.randn(53, 100).to(dtype)
+    x[0, 5] = float("nan")  # read by the alive tile's dot products; must not reach dW anywhere
+    expected = torch.where(mask, g.double().t() @ x.double(), 0)
+    atol, rtol = TOL[dtype]
+    for split in (1, 2, 3, 7):
+        dw = mm.masked_linear_grad_weight(g, x, mask, index, split=split)
+        assert dw.dtype == dtype and not dw[~mask].any(), f"split={split}: dW leaks where the mask is False"
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(dw.double(), expected, atol=atol * scale, rtol=rtol, msg=f"split={split}")
+
+
 def test_compiles_with_fullgraph():
     mask = _random_mask(12, 20, 0.5)
     x = torch.randn(2, 3, 20, requires_grad=True)

@@ -11,7 +11,8 @@ is materialized). The mask is applied elementwise (``tl.where``) inside alive ti
            the transposed implicit GEMM in gather form (no atomics); grid: input-pixel tiles x C-blocks, loop over
            the CSC column of the C-block
   dW       (dY^T Xcol) * M on the alive tiles only (an SDDMM over the COO tile list), one program per
-           (alive tile, tap, M-split); partial sums of several splits are reduced by a second small kernel.
+           (alive tile, tap, M-split); partial sums of several splits are reduced by a second small kernel
+           (lthfast.kernels.dw_split, shared with the linear dW).
 
 Inputs may be NCHW or channels_last (all strides are passed). float32/float16/bfloat16 in, fp32 accumulation.
 Launchers check nothing beyond what the ops layer (``lthfast.ops.conv``) already validated.
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from lthfast import _backend
+from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
 from lthfast.kernels.tile_index import TileIndex, keep_if_capturing, tile_index
 
@@ -278,30 +280,6 @@ def _conv_dw_kernel(
         tl.store(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block, acc)
 
 
-@triton.jit
-def _conv_dw_reduce_kernel(
-    ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, SPLIT, N, C,
-    smn, smc, smh, smw, swn, swc, swh, sww,
-    KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype."""
-    pid = tl.program_id(0)
-    tile = pid // (KH * KW)
-    r = (pid % (KH * KW)) // KW
-    s = pid % KW
-    offs_n = tl.load(tile_rows + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.load(tile_cols + tile) * BLOCK_C + tl.arange(0, BLOCK_C)
-    block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
-    for split in range(SPLIT):
-        acc += tl.load(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block)
-    nc_ok = (offs_n < N)[:, None] & (offs_c < C)[None, :]
-    keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=nc_ok, other=0)
-    acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-    dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nc_ok)
-
-
 _fwd = Tuned(_conv_fwd_kernel, CUDA_CONFIGS)
 _dx = Tuned(_conv_dx_kernel, CUDA_CONFIGS)
 _dw = Tuned(_conv_dw_kernel, CUDA_CONFIGS)
@@ -377,14 +355,6 @@ def conv2d_grad_input(
     return grad_x
 
 
-def _dw_split(m: int, programs: int, device: torch.device) -> int:
-    """M-splits for dW: enough programs to fill the GPU (4 per SM), each reducing at least 2048 rows."""
-    if device.type != "cuda" or _backend.interpreter_enabled():
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(cdiv(4 * sms, programs), m // 2048))
-
-
 def conv2d_grad_weight(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -410,11 +380,11 @@ def conv2d_grad_weight(
     if programs == 0 or m == 0:
         return grad_w
     block_n, block_c = conv_tiles(x.device)
-    split = _dw_split(m, programs, x.device) if split is None else split
+    split = dw_split.split_count(m, programs, x.device) if split is None else split
     m_per_split = cdiv(m, split)
     split = cdiv(m, m_per_split)
     direct = split == 1
-    ws = grad_w if direct else torch.empty((split, programs, block_n, block_c), device=x.device, dtype=torch.float32)
+    ws = grad_w if direct else dw_split.workspace(split, programs, block_n, block_c, x.device)
     _launch(
         _dw, x, index, (size_class(batch), n, c, p, q, *stride, m_per_split, density_class(index.tile_density)),
         lambda meta: (programs, split),
@@ -426,8 +396,5 @@ def conv2d_grad_weight(
         BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     if not direct:
-        _conv_dw_reduce_kernel[(programs,)](
-            ws, mask, grad_w, index.tile_rows, index.tile_cols, split, n, c,
-            *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, BLOCK_N=block_n, BLOCK_C=block_c,
-        )  # fmt: skip
+        dw_split.reduce(ws, mask, grad_w, index)
     return grad_w

@@ -3,7 +3,7 @@
 Weight W [N, K] is stored dense, mask M [N, K] is bool; X [M, K] and dY [M, N] are 2-D (callers flatten).
   forward  Y  = X (W ⊙ M)^T + b     per (m, n) output tile, loop over the alive k-tiles of n-tile row (CSR)
   dX       dX = dY (W ⊙ M)          per (m, k) output tile, loop over the alive n-tiles of k-tile column (CSC)
-  dW       dW = (dY^T X) ⊙ M        per alive weight tile (COO list, an SDDMM); dead tiles stay zero
+  dW       dW = (dY^T X) ⊙ M        per alive weight tile (COO list, an SDDMM) and M-split; dead tiles stay zero
 Inside a live tile the mask is applied elementwise with ``tl.where``, so a value stored under a pruned entry
 (even NaN) never reaches the result. Accumulation is fp32; inputs fp32/fp16/bf16; fp32 uses IEEE products
 unless ``torch.backends.cuda.matmul.allow_tf32`` is set, matching torch's default numerics.
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
 from lthfast.kernels.tile_index import TileIndex, cached_on_mask, keep_if_capturing, tile_index
 
@@ -138,38 +139,48 @@ def _grad_input_kernel(
 
 @triton.jit
 def _grad_weight_kernel(
-    # pointers
-    g_ptr, x_ptr, m_ptr, dw_ptr,
+    # pointers; ws: fp32 workspace [SPLIT, alive tiles, BLOCK_N, BLOCK_K] (unused when DIRECT)
+    g_ptr, x_ptr, m_ptr, dw_ptr, ws_ptr,
     tile_rows, tile_cols,  # COO list of alive weight tiles
     # sizes
-    M, N, K,
+    M, N, K, M_PER_SPLIT,
     # strides
     stride_gm, stride_gn, stride_xm, stride_xk, stride_mn, stride_mk, stride_wn, stride_wk,
     # meta-parameters
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DIRECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dW tile = (dY^T [N, M] @ X [M, K]) ⊙ M for one alive weight tile; M is reduced in BLOCK_M steps."""
+    """dW tile = (dY^T [N, M] @ X [M, K]) ⊙ M for one alive weight tile over one M-split (program_id 1), reduced in
+    BLOCK_M steps. DIRECT (one split): masked and stored into dW; else the fp32 partial sum goes to the workspace
+    and lthfast.kernels.dw_split.reduce finishes."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     nt = tl.load(tile_rows + pid).to(tl.int64)
     kt = tl.load(tile_cols + pid).to(tl.int64)
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     in_n = offs_n < N
     in_k = offs_k < K
+    m_lo = split * M_PER_SPLIT
+    m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        in_m = offs_m < M
+        in_m = offs_m < m_hi
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                     mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(tl.trans(_operand(g, UPCAST)), _operand(x, UPCAST), acc, input_precision=PRECISION)
-    nk = in_n[:, None] & in_k[None, :]
-    keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
-    acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-    dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nk)
+    if DIRECT:
+        nk = in_n[:, None] & in_k[None, :]
+        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
+        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+        dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nk)
+    else:
+        block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        tl.store(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_K) + block, acc)
 
 
 _forward = Tuned(_forward_kernel, CUDA_CONFIGS, prune=_prune_configs)
@@ -292,28 +303,37 @@ def masked_linear_grad_input(
 
 
 def masked_linear_grad_weight(
-    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, index: TileIndex
+    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, index: TileIndex, split: int | None = None
 ) -> torch.Tensor:
     """dW [N, K] = (grad [M, N]^T x [M, K]) ⊙ mask, exactly zero where the mask is False; x's dtype.
 
     Dead tiles are never visited: the output starts as zeros (one memset) and only alive tiles are written.
+    ``split``: M-splits per alive tile (``lthfast.kernels.dw_split``); default: enough programs for the GPU.
     """
     _check(index, mask.shape, grad, x, mask)
     m, n = grad.shape
     k = x.shape[1]
     dw = torch.zeros((n, k), dtype=x.dtype, device=x.device)
-    if m == 0 or index.alive_tiles == 0:
+    programs = index.alive_tiles
+    if m == 0 or programs == 0:
         return dw
-    grid = lambda meta: (index.alive_tiles,)
+    split = dw_split.split_count(m, programs, x.device) if split is None else split
+    m_per_split = cdiv(m, split)
+    split = cdiv(m, m_per_split)
+    direct = split == 1
+    ws = dw if direct else dw_split.workspace(split, programs, index.block_n, index.block_k, x.device)
+    grid = lambda meta: (programs, split)
     _launch(
         _grad_weight, x, index, m, grid,
-        grad, x, mask.view(torch.uint8), dw,
+        grad, x, mask.view(torch.uint8), dw, ws,
         index.tile_rows, index.tile_cols,
-        m, n, k,
+        m, n, k, m_per_split,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
-        PRECISION=_precision(x.dtype), UPCAST=_upcast(x), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        DIRECT=direct, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
+    if not direct:  # the [N, K] layer as a 1x1 conv weight [N, K, 1, 1]
+        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], index)
     return dw
 
 

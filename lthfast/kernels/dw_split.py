@@ -1,0 +1,82 @@
+"""Weight gradients reduced over M in several splits: the part shared by the linear and conv dW kernels.
+
+dW is an SDDMM with one program per alive weight tile (per tap for conv), each reducing over all M rows (tokens or
+output pixels). With few alive tiles that is too few programs for the GPU, each a long sequential loop: at 98% in
+32x32 blocks a Linear(4096, 4096) has 328 alive tiles for 132 SMs, each looping over 8192 tokens. Splitting M
+gives ``split`` programs per tile, each writing its fp32 partial sum into a workspace [split, programs, BN, BK];
+``reduce`` then sums the splits, applies the mask and writes dW in its dtype (one more launch, cheap next to the
+loop it shortens).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lthfast import _backend
+from lthfast.kernels.autotune import cdiv
+from lthfast.kernels.tile_index import TileIndex
+
+# Each split reduces at least this many rows: below that a program's loop is short enough already.
+MIN_ROWS_PER_SPLIT = 2048
+# Enough programs to fill the GPU: this many per SM.
+PROGRAMS_PER_SM = 4
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_count(m: int, programs: int, device: torch.device) -> int:
+    """M-splits for a dW of ``programs`` tile programs reducing ``m`` rows: enough programs to fill the GPU
+    (PROGRAMS_PER_SM per SM), each reducing at least MIN_ROWS_PER_SPLIT rows. 1 off CUDA (the interpreter)."""
+    if device.type != "cuda" or _backend.interpreter_enabled():
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(cdiv(PROGRAMS_PER_SM * _sm_count(index), programs), m // MIN_ROWS_PER_SPLIT))
+
+
+@triton.jit
+def _reduce_kernel(
+    ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, SPLIT, N, C,
+    smn, smc, smh, smw, swn, swc, swh, sww,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype. One program per (alive tile, tap)."""
+    pid = tl.program_id(0)
+    tile = pid // (KH * KW)
+    r = (pid % (KH * KW)) // KW
+    s = pid % KW
+    offs_n = tl.load(tile_rows + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.load(tile_cols + tile) * BLOCK_C + tl.arange(0, BLOCK_C)
+    block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for split in range(SPLIT):
+        acc += tl.load(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block)
+    nc_ok = (offs_n < N)[:, None] & (offs_c < C)[None, :]
+    keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=nc_ok, other=0)
+    acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+    dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nc_ok)
+
+
+def workspace(split: int, programs: int, block_n: int, block_c: int, device: torch.device) -> torch.Tensor:
+    """The fp32 partial sums of ``split`` M-splits of ``programs`` [block_n, block_c] tile programs."""
+    return torch.empty((split, programs, block_n, block_c), device=device, dtype=torch.float32)
+
+
+def reduce(ws: torch.Tensor, mask: torch.Tensor, grad_w: torch.Tensor, index: TileIndex) -> torch.Tensor:
+    """Sum the workspace ``ws`` [split, programs, BN, BC] over its splits into the alive tiles of ``grad_w``, with
+    exact zeros where ``mask`` is False. ``mask`` and ``grad_w`` are [N, C, KH, KW] (a linear layer's [N, K] as
+    [N, K, 1, 1]); ``programs`` = alive tiles x KH x KW of ``index`` at tile [BN, BC]."""
+    split, programs, block_n, block_c = ws.shape
+    n, c, kh, kw = grad_w.shape
+    _reduce_kernel[(programs,)](
+        ws, mask, grad_w, index.tile_rows, index.tile_cols, split, n, c,
+        *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, BLOCK_N=block_n, BLOCK_C=block_c,
+    )  # fmt: skip
+    return grad_w
