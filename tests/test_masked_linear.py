@@ -429,3 +429,16 @@ def test_block_path_with_worker_threads_and_autograd(block_path, monkeypatch):
     monkeypatch.setattr(linear_torch, "MAX_WORKERS", 3)
     monkeypatch.setattr(linear_torch.torch, "get_num_threads", lambda: 3)
     _check((7,), block_mask(128, 96, 0.5, 32) & _random_mask(128, 96, 0.8))  # no padding copy of the bias
+
+
+def test_dw_split_count_fills_the_gpu(monkeypatch):
+    from lthfast.kernels import dw_split
+
+    cuda = torch.device("cuda", 0)  # a descriptor only: nothing below touches a GPU
+    monkeypatch.setattr(dw_split, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(dw_split._backend, "interpreter_enabled", lambda: False)
+    assert dw_split.split_count(8192, 328, torch.device("cpu")) == 1
+    assert dw_split.split_count(8192, 328, cuda) == 2  # 4 * 132 programs wanted, 328 tiles
+    assert dw_split.split_count(8192, 64, cuda) == 4  # capped: at least 2048 rows per split
+    assert dw_split.split_count(8192, 4096, cuda) == 1  # enough tiles already
+    assert dw_split.split_count(1000, 8, cuda) == 1  # too few rows to split

@@ -33,7 +33,12 @@ def _sm_count(device_index: int) -> int:
 
 def split_count(m: int, programs: int, device: torch.device) -> int:
     """M-splits for a dW of ``programs`` tile programs reducing ``m`` rows: enough programs to fill the GPU
-    (PROGRAMS_PER_SM per SM), each reducing at least MIN_ROWS_PER_SPLIT rows. 1 off CUDA (the interpreter)."""
+    (PROGRAMS_PER_SM per SM), each reducing at least MIN_ROWS_PER_SPLIT rows. 1 off CUDA (the interpreter).
+
+    The same in eager mode and inside a CUDA graph capture, so that a capture meets the kernel variants and tuned
+    configs its eager warm-up made. In an eager step bound by host time (the H200's, h200-notes.md) the reduce is
+    one more launch of host time for GPU time nobody waits for; a graph replay gets the shorter dW loop for free.
+    """
     if device.type != "cuda" or _backend.interpreter_enabled():
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
