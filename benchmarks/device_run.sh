@@ -6,6 +6,10 @@
 #
 #     LTHFAST_GIT_COMMIT=$(git rev-parse HEAD) STAGES=tests,profile,linear bash benchmarks/device_run.sh
 #
+# The next call after the H200 session (2026-11-30) should answer, within one 10-minute call: do the layer tests
+# pass on CUDA now, how much of a step is host time (gpu_profile's graphed columns), and what the targets give with
+# the host out:   STAGES=tests,profile,graphs,host LIMIT_tests=240 bash benchmarks/device_run.sh
+#
 # Stages (STAGES, comma-separated, in this order; limits in seconds can be overridden, e.g. LIMIT_tests=200):
 #   tests      gpu-marked tests (autotuned) and, beside them, the layer tests on CUDA with LTHFAST_AUTOTUNE=0
 #   profile    gpu_profile.py --profile: raw kernels vs cuBLAS/cuDNN, the step's host syncs, a profiler table

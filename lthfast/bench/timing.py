@@ -133,7 +133,8 @@ def graphed(call: Callable[..., object], sets: Sequence[tuple], warmup: int = 3)
 
     ``warmup`` eager calls per set run first on a side stream, as torch's capture recipe asks: they compile and
     tune the kernels and build lthfast's tile indices, none of which may happen inside a capture. A graph keeps
-    the tile index of the mask it was captured with: capture again after the mask changes.
+    the tile index of the mask it was captured with (exact while masks only shrink, but skipping only the tiles
+    empty at capture): capture again after the mask changes.
     """
     sets = list(sets)[:GRAPH_SETS]
     if not sets:
