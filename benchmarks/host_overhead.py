@@ -7,10 +7,11 @@ the two parts of it that lthfast owns, each against what it replaced or what den
   tuner   one launch through Triton's ``Autotuner.run`` (what the kernels used to go through) against one
           ``lthfast.kernels.autotune.Tuned.launch``, both around the same no-op kernel with the masked linear
           forward's 24 arguments, the key already tuned. Neither includes Triton's own ``JITFunction.run``.
-  layers  one training step (forward + backward) of ``functional.masked_linear`` / ``masked_conv2d`` on the
-          Triton route (validation, autograd, the tile-index lookups, the tuner, output allocation) with the Triton
-          launches replaced by a no-op, against the same step of ``F.linear`` / ``F.conv2d`` on tiny tensors
-          (torch's own per-step floor: its autograd plus near-empty kernels).
+  layers  one training step (forward + backward) of ``functional.masked_linear`` / ``masked_conv2d`` on tiny
+          tensors, where the step is nearly all host time: on the dense route (what "auto" runs on CUDA for
+          unstructured masks) against the same step of ``F.linear`` / ``F.conv2d`` on W and on W * M (mask-multiply,
+          what torch.nn.utils.prune does); and on the Triton route (validation, autograd, the tile-index lookups,
+          the tuner, output allocation) with the Triton launches replaced by a no-op.
 
     python benchmarks/host_overhead.py [--what tuner,layers] [--repeat 5] [--calls 2000]
 
@@ -171,11 +172,17 @@ def layers(calls: int, repeat: int) -> dict[str, float]:
     def conv_step():
         functional.masked_conv2d(xc, wc, mc, padding=1).backward(gc)
 
-    dense = {
+    mf, mcf = m.to(w.dtype), mc.to(wc.dtype)  # made once, as torch.nn.utils.prune keeps its mask
+    torch_side = {
         "dense F.linear step (tiny)": lambda: F.linear(x, w, b).backward(g),
+        "mask-multiply F.linear step (tiny)": lambda: F.linear(x, w * mf, b).backward(g),
+        "lthfast masked_linear step, dense route": linear_step,
         "dense F.conv2d step (tiny)": lambda: F.conv2d(xc, wc, padding=1).backward(gc),
+        "mask-multiply F.conv2d step (tiny)": lambda: F.conv2d(xc, wc * mcf, padding=1).backward(gc),
+        "lthfast masked_conv2d step, dense route": conv_step,
     }
-    out = per_call_us(dense, calls, repeat)
+    with lthfast.backend("torch"):  # the route "auto" takes on CUDA for unstructured masks (most tiles alive)
+        out = per_call_us(torch_side, calls, repeat)
     with kernels_stubbed():
         out.update(
             per_call_us(

@@ -353,6 +353,6 @@ def test_host_overhead_script_measures_and_restores_the_kernels():
     tuner = script.tuner(calls=20, repeat=1)
     layers = script.layers(calls=5, repeat=1)
     assert set(tuner) == {"triton Autotuner.run", "lthfast Tuned.launch"} and all(v > 0 for v in tuner.values())
-    assert len(layers) == 4 and all(v > 0 for v in layers.values())
+    assert len(layers) == 8 and all(v > 0 for v in layers.values())
     after = (masked_matmul._forward.kernel, masked_conv._dw.kernel, masked_matmul._interpreted, autotune.enabled)
     assert after == before and _backend.triton_runs_on.__module__ == "lthfast._backend"

@@ -19,6 +19,8 @@ def run(x, w, m, b):
 
 @pytest.mark.parametrize("route", ["dense", "full", "block"])
 def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
+    """Three routes, bitwise equal: torch's own ops (the dense route of a small layer), the autograd.Function
+    (the block route, or any layer above NATIVE_CPU_MAX_WEIGHT) and the custom op (compile, modes, autocast)."""
     torch.manual_seed(0)
     n, k = 96, 160
     if route == "block":
@@ -32,14 +34,18 @@ def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
     calls = []
     eager_fn = linear._Eager.apply
     monkeypatch.setattr(linear._Eager, "apply", lambda *a: calls.append(1) or eager_fn(*a))
-    first = run(x, w, m, b)
-    assert calls, "a plain eager call must take the eager route"
+    native = run(x, w, m, b)
+    assert bool(calls) == (route == "block"), "a small dense-route layer runs torch's ops, the block route the Function"
+    monkeypatch.setattr(linear, "NATIVE_CPU_MAX_WEIGHT", 0)
+    calls.clear()
+    function = run(x, w, m, b)
+    assert calls, "a plain eager call above NATIVE_CPU_MAX_WEIGHT takes the Function"
     monkeypatch.setattr(linear, "eager_ok", lambda *a: False)
     calls.clear()
-    second = run(x, w, m, b)
+    custom = run(x, w, m, b)
     assert not calls
-    for a, c in zip(first, second):
-        assert torch.equal(a, c)
+    for a, c, d in zip(native, function, custom):
+        assert torch.equal(a, c) and torch.equal(a, d)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -54,21 +60,38 @@ def test_conv_eager_and_custom_op_routes_agree_bitwise(layout, monkeypatch):
 
     def run_conv():
         xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
-        y = functional.masked_conv2d(xs, ws, m, bs, stride=2, padding=1)
+        y = functional.masked_conv2d(xs, ws, m, bs, stride=2, padding=(1, 2))
         y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
         return y.detach(), xs.grad, ws.grad, bs.grad
 
     calls = []
     eager_fn = conv._Eager.apply
     monkeypatch.setattr(conv._Eager, "apply", lambda *a: calls.append(1) or eager_fn(*a))
-    first = run_conv()
+    native = run_conv()
+    assert not calls, "a small layer's dense route runs torch's own ops"
+    monkeypatch.setattr(conv, "NATIVE_CPU_MAX_WEIGHT", 0)
+    function = run_conv()
     assert calls
     monkeypatch.setattr(conv, "eager_ok", lambda *a: False)
     calls.clear()
-    second = run_conv()
+    custom = run_conv()
     assert not calls
-    for a, c in zip(first, second):
-        assert torch.equal(a, c) and a.stride() == c.stride()
+    for a, c, d in zip(native[:3], function[:3], custom[:3]):  # y, dX, dW
+        assert torch.equal(a, c) and torch.equal(a, d) and a.stride() == c.stride() == d.stride()
+    # db: torch's conv backward reduces dY in its own order, lthfast's Function and custom op with one torch.sum
+    torch.testing.assert_close(native[3], function[3], rtol=1e-6, atol=0)
+    assert torch.equal(function[3], custom[3])
+
+
+def test_small_dense_layer_with_a_full_mask_runs_plain_f_linear(monkeypatch):
+    """IMP's level 0 on the torch-ops route: the weight itself goes to F.linear, no masking op."""
+    seen = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(w) or real(x, w, b))
+    w, x = torch.randn(6, 8, requires_grad=True), torch.randn(3, 8)
+    functional.masked_linear(x, w, torch.ones(6, 8, dtype=torch.bool)).sum().backward()
+    assert len(seen) == 1 and seen[0] is w
+    torch.testing.assert_close(w.grad, x.sum(0).expand(6, 8))  # d(sum(x W^T))/dW: every row is x summed over rows
 
 
 def test_custom_op_route_under_modes_and_autocast():

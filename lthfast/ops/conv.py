@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lthfast import _backend, reference
 from lthfast.ops import autocast
 from lthfast.ops.eager import eager_ok
+from lthfast.ops.linear import NATIVE_CPU_MAX_WEIGHT
 
 # "auto" runs dense cuDNN on W*M when the tile density (fraction of alive weight tiles) is above this value,
 # the Triton kernels at or below it. Measured on an H200 (bf16, ResNet-18 ImageNet layers 2-4, batch 128,
@@ -347,6 +348,21 @@ def masked_conv2d(
             f"{tuple(weight.shape[2:])} (dilation {dilation})"
         )
     x = x.contiguous(memory_format=_memory_format(x, weight))
-    op = _Eager.apply if eager_ok(x, weight, mask, bias) else torch.ops.lthfast.masked_conv2d
-    y = op(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where)
+    if not eager_ok(x, weight, mask, bias):
+        y = torch.ops.lthfast.masked_conv2d(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups,
+                                            where)  # fmt: skip
+    elif _native_dense(x, weight, mask, groups, where):
+        xp, sym = _symmetric(x, padding)
+        y = F.conv2d(xp, torch.where(mask, weight, 0.0), bias, stride, sym, dilation, groups)
+    else:
+        y = _Eager.apply(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where)
     return y.squeeze(0) if unbatched else y
+
+
+def _native_dense(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, groups: int, where: str) -> bool:
+    """Whether a plain eager call takes the dense route as torch's own ops, ``F.conv2d`` on ``torch.where(M, W, 0)``
+    with torch's C++ autograd instead of lthfast's Python Function (``lthfast.ops.linear.NATIVE_CPU_MAX_WEIGHT``):
+    the same products, dW exactly zero where M is False. On CUDA always; on CPU up to that many weights."""
+    if x.device.type == "cpu" and weight.numel() > NATIVE_CPU_MAX_WEIGHT:
+        return False
+    return _kernel_index(x, mask, groups, where) is None

@@ -6,7 +6,10 @@ transforms, dispatch modes (fake tensors, FlopCounterMode, opcheck) and tensor s
 mode none of that applies, and the dispatch costs ~0.6 ms per op call in Python (custom op wrapper, autograd
 wrapper, default filling): more than the whole GEMM of a small layer (an IMP MLP's 256x256 layer at batch 100:
 training step 1.7 ms against dense F.linear's 0.9 ms, 1 thread of the 2-core EPYC VM). There the same forward and
-backward functions run through a ``torch.autograd.Function`` instead: the same numerics, no dispatch.
+backward functions run through a ``torch.autograd.Function`` instead: the same numerics, no dispatch. Where the
+call takes the dense route (every CUDA layer the kernels do not pay on, small CPU layers) even that Function is
+skipped: ``F.linear`` / ``F.conv2d`` on ``torch.where(M, W, 0)`` with torch's C++ autograd (lthfast.ops.linear
+``NATIVE_CPU_MAX_WEIGHT``).
 """
 
 from __future__ import annotations

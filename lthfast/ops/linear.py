@@ -6,7 +6,9 @@ Layers, top down:
   lthfast::masked_linear_fwd / _bwd         custom ops with fake implementations (torch.compile traces them
                                             as opaque nodes, fullgraph), dispatching inside at run time
                                             (plain eager calls run the same two functions through an
-                                            autograd.Function instead: lthfast.ops.eager):
+                                            autograd.Function instead: lthfast.ops.eager; and on the dense
+                                            route of a CUDA layer or a small CPU one, torch's own ops:
+                                            F.linear on torch.where(M, W, 0), NATIVE_CPU_MAX_WEIGHT):
       Triton kernels (lthfast.kernels.masked_matmul)   when lthfast._backend.use_triton(...) says so
       torch path (lthfast.ops.linear_torch)             otherwise: block-sparse on CPU, or dense on W ⊙ M
 The same ops run on every device, so a compiled graph does not depend on where the tensors live.
@@ -26,6 +28,16 @@ from lthfast.ops.eager import eager_ok
 # h200-notes.md): at 2% alive 32x32 tiles the kernel step beat mask-multiply (1.107 vs 1.139 ms), at 10% it lost
 # to dense in two runs out of two (1.177 and 1.430 ms against ~1.1 ms), the step being bound by host time.
 CUDA_DENSE_ABOVE = 0.05
+
+# Plain eager calls on the dense route run as torch's own autograd ops, F.linear on torch.where(M, W, 0), rather
+# than through lthfast's autograd.Function: on a layer small enough for the step to be host time, the Function's
+# Python (validation, routing, forward and backward in Python) made it 2.2x the mask-multiply step; with torch's
+# ops 1.6x (`python benchmarks/host_overhead.py --what layers --repeat 7`, 64x64 layer, 4 rows, 1 thread of the
+# 2-core dev box: 278 -> 200 us against 125 us; conv 16->32 3x3: 670 -> 495 us against 400 us). On CUDA
+# always. On CPU only up to this many weights: torch.where's CPU kernel is ~10x slower than lthfast's integer
+# multiply, and measured (2 threads, train step, one interleaved run) against the Function route it won at 256x256
+# (850 vs 1091 us, 64 rows) and lost at 300x784 (3171 vs 2576 us, 60 rows).
+NATIVE_CPU_MAX_WEIGHT = 256 * 256
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)
@@ -164,6 +176,17 @@ autocast.register("masked_linear_bwd", cast=False)
 # ------------------------------------------------------------------------------------------- public function
 
 
+def _native_dense(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether a plain eager call takes the dense route as torch's own ops (``NATIVE_CPU_MAX_WEIGHT``): the same
+    products as the dense route of ``_forward`` / ``_grads`` (dW = where(M, dY^T X, 0), exact zeros, no NaN from a
+    pruned weight), with torch's C++ autograd instead of lthfast's Python Function."""
+    if x.device.type == "cpu":
+        if weight.numel() > NATIVE_CPU_MAX_WEIGHT or _use_kernels(x):  # the interpreter runs the kernels
+            return False
+        return linear_torch.plan(mask, x.shape[0], x.dtype) is None
+    return not _use_kernels(x) or _kernel_index(mask) is None
+
+
 def _check(x, weight, mask, bias, where: str) -> None:
     for name, t in (("x", x), ("weight", weight), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
@@ -209,7 +232,11 @@ def masked_linear(
     _check(x, weight, mask, bias, where)
     x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
     if eager_ok(x2d, weight, mask, bias):
-        y = _Eager.apply(x2d, weight, mask, bias)
+        if _native_dense(x2d, weight, mask):
+            w = weight if linear_torch.all_alive(mask) else torch.where(mask, weight, 0.0)
+            y = torch.nn.functional.linear(x2d, w, bias)
+        else:
+            y = _Eager.apply(x2d, weight, mask, bias)
     else:
         y = torch.ops.lthfast.masked_linear_fwd(x2d, weight, mask, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
