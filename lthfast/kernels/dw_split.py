@@ -46,6 +46,19 @@ def split_count(m: int, programs: int, device: torch.device) -> int:
 
 
 @triton.jit
+def tile_tap(pid, tile_rows, tile_cols, KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_C: tl.constexpr):  # fmt: skip
+    """(r, s, offs_n, offs_c) of dW program ``pid`` over (alive tile, tap): the tap's kernel row and column, and the
+    tile's output- and input-channel offsets (a linear layer: KH = KW = 1)."""
+    tile = pid // (KH * KW)
+    r = (pid % (KH * KW)) // KW
+    s = pid % KW
+    offs_n = tl.load(tile_rows + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.load(tile_cols + tile) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, s, offs_n, offs_c
+
+
+@triton.jit
 def _reduce_kernel(
     ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, SPLIT, N, C,
     smn, smc, smh, smw, swn, swc, swh, sww,
@@ -53,11 +66,7 @@ def _reduce_kernel(
 ):  # fmt: skip
     """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype. One program per (alive tile, tap)."""
     pid = tl.program_id(0)
-    tile = pid // (KH * KW)
-    r = (pid % (KH * KW)) // KW
-    s = pid % KW
-    offs_n = tl.load(tile_rows + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.load(tile_cols + tile) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r, s, offs_n, offs_c = tile_tap(pid, tile_rows, tile_cols, KH, KW, BLOCK_N, BLOCK_C)
     block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for split in range(SPLIT):

@@ -29,6 +29,7 @@ import triton.language as tl
 from lthfast import _backend
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
+from lthfast.kernels.dw_split import tile_tap
 from lthfast.kernels.tile_index import TileIndex, keep_if_capturing, tile_index
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -240,11 +241,7 @@ def _conv_dw_kernel(
     """dW[tile, tap] = (dY^T Xcol) * M over one M-split; DIRECT stores into dw, else into the workspace."""
     pid = tl.program_id(0)  # alive tile * KH*KW + tap
     split = tl.program_id(1)
-    tile = pid // (KH * KW)
-    r = (pid % (KH * KW)) // KW
-    s = pid % KW
-    offs_n = tl.load(tile_rows + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.load(tile_cols + tile) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r, s, offs_n, offs_c = tile_tap(pid, tile_rows, tile_cols, KH, KW, BLOCK_N, BLOCK_C)
     n_ok = offs_n < N
     c_ok = offs_c < C
     m_lo = split * M_PER_SPLIT
