@@ -59,6 +59,22 @@ def tile_tap(pid, tile_rows, tile_cols, KH: tl.constexpr, KW: tl.constexpr, BLOC
 
 
 @triton.jit
+def partial_sum(ws_ptr, split, pid, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pointers to dW program ``pid``'s [BLOCK_N, BLOCK_C] fp32 partial sum of M-split ``split`` in the workspace."""
+    block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    return ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block
+
+
+@triton.jit
+def store_masked(acc, m_ptrs, dw_ptrs, ok):
+    """``acc`` into dW at ``dw_ptrs`` in dW's dtype, exact zeros where the mask bytes at ``m_ptrs`` are 0 (so a
+    NaN summed under a pruned weight never reaches dW); ``ok`` bounds both."""
+    keep = tl.load(m_ptrs, mask=ok, other=0)
+    acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+    tl.store(dw_ptrs, acc.to(dw_ptrs.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _reduce_kernel(
     ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, SPLIT, N, C,
     smn, smc, smh, smw, swn, swc, swh, sww,
@@ -67,15 +83,12 @@ def _reduce_kernel(
     """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype. One program per (alive tile, tap)."""
     pid = tl.program_id(0)
     r, s, offs_n, offs_c = tile_tap(pid, tile_rows, tile_cols, KH, KW, BLOCK_N, BLOCK_C)
-    block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for split in range(SPLIT):
-        acc += tl.load(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block)
+        acc += tl.load(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C))
     nc_ok = (offs_n < N)[:, None] & (offs_c < C)[None, :]
-    keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=nc_ok, other=0)
-    acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-    dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nc_ok)
+    m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
+    store_masked(acc, m_ptrs, dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, nc_ok)
 
 
 def workspace(split: int, programs: int, block_n: int, block_c: int, device: torch.device) -> torch.Tensor:

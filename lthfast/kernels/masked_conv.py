@@ -29,7 +29,7 @@ import triton.language as tl
 from lthfast import _backend
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
-from lthfast.kernels.dw_split import tile_tap
+from lthfast.kernels.dw_split import partial_sum, store_masked, tile_tap
 from lthfast.kernels.tile_index import TileIndex, keep_if_capturing, tile_index
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -267,14 +267,11 @@ def _conv_dw_kernel(
             a = a.to(tl.float32)
         acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
     if DIRECT:
-        nc_ok = n_ok[:, None] & c_ok[None, :]
-        keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=nc_ok, other=0)
-        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+        m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
         dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nc_ok)
+        store_masked(acc, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
     else:
-        block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-        tl.store(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_C) + block, acc)
+        tl.store(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C), acc)
 
 
 _fwd = Tuned(_conv_fwd_kernel, CUDA_CONFIGS)

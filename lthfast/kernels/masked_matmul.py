@@ -24,6 +24,7 @@ import triton.language as tl
 
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
+from lthfast.kernels.dw_split import partial_sum, store_masked
 from lthfast.kernels.tile_index import TileIndex, cached_on_mask, keep_if_capturing, tile_index
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
@@ -173,14 +174,11 @@ def _grad_weight_kernel(
                     mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(tl.trans(_operand(g, UPCAST)), _operand(x, UPCAST), acc, input_precision=PRECISION)
     if DIRECT:
-        nk = in_n[:, None] & in_k[None, :]
-        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
-        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+        m_ptrs = m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk
         dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=nk)
+        store_masked(acc, m_ptrs, dw_ptrs, in_n[:, None] & in_k[None, :])
     else:
-        block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-        tl.store(ws_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (BLOCK_N * BLOCK_K) + block, acc)
+        tl.store(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_K), acc)
 
 
 _forward = Tuned(_forward_kernel, CUDA_CONFIGS, prune=_prune_configs)

@@ -180,11 +180,11 @@ def _native_dense(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> 
     """Whether a plain eager call takes the dense route as torch's own ops (``NATIVE_CPU_MAX_WEIGHT``): the same
     products as the dense route of ``_forward`` / ``_grads`` (dW = where(M, dY^T X, 0), exact zeros, no NaN from a
     pruned weight), with torch's C++ autograd instead of lthfast's Python Function."""
-    if x.device.type == "cpu":
-        if weight.numel() > NATIVE_CPU_MAX_WEIGHT or _use_kernels(x):  # the interpreter runs the kernels
-            return False
-        return linear_torch.plan(mask, x.shape[0], x.dtype) is None
-    return not _use_kernels(x) or _kernel_index(mask) is None
+    if x.device.type == "cpu" and weight.numel() > NATIVE_CPU_MAX_WEIGHT:
+        return False
+    if _use_kernels(x):
+        return _kernel_index(mask) is None
+    return linear_torch.plan(mask, x.shape[0], x.dtype) is None  # None off CPU and for dense CPU layers
 
 
 def _check(x, weight, mask, bias, where: str) -> None:
