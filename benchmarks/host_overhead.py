@@ -125,33 +125,17 @@ def tuner(calls: int, repeat: int) -> dict[str, float]:
 @contextlib.contextmanager
 def kernels_stubbed():
     """The Triton route with every launch a no-op, on CPU tensors: everything but the kernels runs as on CUDA
-    (the CUDA tile-shape choice and tuner keys included)."""
-    from lthfast.kernels import autotune, dw_split
-    from lthfast.kernels import masked_conv as mc
-    from lthfast.kernels import masked_matmul as mm
+    (``lthfast.bench.offline.cuda_decisions``: the CUDA tile shapes, tuner keys and dW splits)."""
+    from lthfast.bench import offline
+    from lthfast.kernels import autotune
 
-    tuned = [mm._forward, mm._grad_input, mm._grad_weight, mc._fwd, mc._dx, mc._dw]
-    saved = [t.kernel for t in tuned]
-    patches = [
-        (mm, "_interpreted", lambda t: False),
+    patches = [(t, "kernel", NoLaunch()) for t in offline.tuned_kernels()]
+    patches += [
         (_backend, "triton_runs_on", lambda device: True),
-        (_backend, "interpreter_enabled", lambda: False),
-        (dw_split, "_reduce_kernel", NoLaunch()),
         (autotune, "enabled", lambda: False),  # one config per key: the no-op kernels are never timed
     ]
-    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    try:
-        for t in tuned:
-            t.kernel = NoLaunch()
-        for obj, name, value in patches:
-            setattr(obj, name, value)
-        with lthfast.backend("triton"):
-            yield
-    finally:
-        for t, kernel in zip(tuned, saved):
-            t.kernel = kernel
-        for obj, name, value in originals:
-            setattr(obj, name, value)
+    with offline.cuda_decisions(), offline.patched(patches), lthfast.backend("triton"):
+        yield
 
 
 def layers(calls: int, repeat: int) -> dict[str, float]:

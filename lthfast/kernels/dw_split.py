@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from lthfast import _backend
-from lthfast.kernels.autotune import cdiv
+from lthfast.kernels.autotune import Tuned, cdiv
 from lthfast.kernels.tile_index import TileIndex
 
 # Each split reduces at least this many rows: below that a program's loop is short enough already.
@@ -91,6 +91,11 @@ def _reduce_kernel(
     store_masked(acc, m_ptrs, dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, nc_ok)
 
 
+# One config: the reduce is a short streaming pass. Launched through Tuned like the other kernels (a key with one
+# candidate is never timed), so that lthfast.bench.offline compiles it with them.
+_reduce = Tuned(_reduce_kernel, [{"num_warps": 4}])
+
+
 def workspace(split: int, programs: int, block_n: int, block_c: int, device: torch.device) -> torch.Tensor:
     """The fp32 partial sums of ``split`` M-splits of ``programs`` [block_n, block_c] tile programs."""
     return torch.empty((split, programs, block_n, block_c), device=device, dtype=torch.float32)
@@ -102,7 +107,8 @@ def reduce(ws: torch.Tensor, mask: torch.Tensor, grad_w: torch.Tensor, index: Ti
     [N, K, 1, 1]); ``programs`` = alive tiles x KH x KW of ``index`` at tile [BN, BC]."""
     split, programs, block_n, block_c = ws.shape
     n, c, kh, kw = grad_w.shape
-    _reduce_kernel[(programs,)](
+    _reduce.launch(
+        (), lambda meta: (programs,),
         ws, mask, grad_w, index.tile_rows, index.tile_cols, split, n, c,
         *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip

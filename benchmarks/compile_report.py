@@ -1,0 +1,101 @@
+"""What Triton builds from the masked kernels for an H100 (sm_90), on a machine without a GPU.
+
+Runs the launchers of one training step (forward, dX, dW, and the dW split reduce where it splits) for the issues'
+headline layers through ``lthfast.bench.offline.cuda_target``: every candidate config of every kernel is compiled
+for sm_90 with Triton's own specialization, and its tensor-core instruction, pipelining, shared memory, registers,
+spills and occupancy are printed (``--json`` writes them). No kernel runs; no GPU is needed.
+
+    python benchmarks/compile_report.py [--what linear,conv] [--dtype bfloat16] [--first] [--json out.json]
+
+Layers: Linear(4096, 4096) at 8192 tokens (issue 3) and a 3x3 conv 256 -> 256 on 128 x 16 x 16 (ResNet-18 CIFAR's
+third stage, issue 4), each at 0% and at 90% / 98% sparsity in 32-wide blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from lthfast.bench import offline
+from lthfast.bench.masks import block_mask, conv_block_mask
+
+SPARSITIES = (0.0, 0.9, 0.98)
+BLOCK = 32
+
+
+def linear_step(dtype: torch.dtype, sparsity: float, tokens: int = 8192, features: int = 4096) -> None:
+    """The three launches (four with a split dW) of one masked Linear training step."""
+    from lthfast.kernels import masked_matmul as mm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.empty(tokens, features, dtype=dtype)
+    w = torch.empty(features, features, dtype=dtype)
+    b = torch.empty(features, dtype=dtype)
+    mask = block_mask(features, features, sparsity, BLOCK, gen)
+    index = mm.mask_tile_index(mask)
+    y = mm.masked_linear_forward(x, w, mask, b, index)
+    mm.masked_linear_grad_input(y, w, mask, index)
+    mm.masked_linear_grad_weight(y, x, mask, index)
+
+
+def conv_step(dtype: torch.dtype, sparsity: float, batch: int = 128, channels: int = 256, size: int = 16) -> None:
+    """The launches of one masked 3x3 conv training step (stride 1, padding 1), channels_last activations."""
+    from lthfast.kernels import masked_conv as mc
+
+    gen = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x = torch.empty(batch, channels, size, size, dtype=dtype).contiguous(memory_format=cl)
+    w = torch.empty(channels, channels, 3, 3, dtype=dtype)
+    b = torch.empty(channels, dtype=dtype)
+    mask = conv_block_mask(tuple(w.shape), sparsity, BLOCK, gen)
+    out = torch.empty_like(x)
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1))
+    mc.conv2d_forward(x, w, mask, b, out, *conv)
+    mc.conv2d_grad_input(out, w, mask, torch.empty_like(x), *conv)
+    mc.conv2d_grad_weight(out, x, mask, torch.zeros_like(w), *conv)
+
+
+STEPS = {"linear": linear_step, "conv": conv_step}
+COLUMNS = ("kernel", "BLOCK_M", "num_warps", "num_stages", "shared", "registers", "local", "wgmma", "mma", "cp_async",
+           "programs_per_sm")  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    head = ("layer", "sparsity", *COLUMNS)
+    lines = [head] + [tuple(str(r.get(c, "")) for c in head) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--what", default="linear,conv", help="comma list of: " + ", ".join(STEPS))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--first", action="store_true", help="compile only each launch's first config")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    if not offline.available():
+        print("compile_report: this triton has no NVIDIA backend tools (ptxas, cuobjdump)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    start = time.perf_counter()
+    for what in args.what.split(","):
+        for sparsity in SPARSITIES:
+            with offline.cuda_target(all_configs=not args.first) as compiled:
+                STEPS[what](dtype, sparsity)
+            rows += [{"layer": what, "sparsity": sparsity, "dtype": args.dtype, **c.row()} for c in compiled]
+    print(table(rows))
+    print(f"# {len(rows)} variants compiled for sm_90 in {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"target": "sm_90", "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

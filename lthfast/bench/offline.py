@@ -1,0 +1,213 @@
+"""The masked kernels compiled for a CUDA GPU on a machine without one: what Triton makes of them.
+
+Triton's compiler and ``ptxas`` ship with the triton wheel, so the kernels can be compiled for sm_90 anywhere.
+Inside ``cuda_target()`` the launchers of ``lthfast.kernels`` take their CUDA decisions (weight-tile shape,
+configs, dW splits) on CPU tensors, and every launch compiles each candidate config instead of running: the
+kernels meet Triton's GPU compiler (which the interpreter in CI never runs), and each compiled variant reports
+what decides its speed before any GPU is lent:
+
+- ``wgmma``: Hopper's asynchronous tensor-core instruction (``mma`` is the Ampere-style synchronous one; neither
+  means the dot runs on CUDA cores, as fp32 with IEEE products does);
+- ``cp_async``: asynchronous global-to-shared copies, i.e. the loop's loads are software-pipelined;
+- ``shared``: bytes of shared memory per program (one pipeline stage holds the A and B tiles of one step);
+- ``registers`` and ``local`` (bytes per thread in local memory: spills), from ``cuobjdump``;
+- ``programs_per_sm``: how many programs fit on one SM by registers and shared memory (occupancy).
+
+The specialization is Triton's own (``JITFunction.warmup`` on the real arguments: 16-byte aligned pointers,
+strides equal to 1), so the code is what a launch with the same tensors on a GPU would build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+# sm_90 limits: 64K registers, 228 KB shared memory (1 KB of it reserved per program), 32 programs, 64 warps.
+SM90 = {"registers": 65536, "shared": 233472, "reserved_shared": 1024, "programs": 32, "warps": 64}
+H100_SMS = 132
+_DEVICE_KEY = "lthfast-offline"  # the kernels' per-device cache entry for the offline target
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One compiled variant of a kernel launch (see the module docstring for the fields)."""
+
+    kernel: str
+    key: tuple
+    config: dict
+    shared: int
+    registers: int
+    local: int
+    wgmma: int
+    mma: int
+    cp_async: int
+    tma: int
+    programs_per_sm: int
+
+    def row(self) -> dict:
+        return {"kernel": self.kernel, **self.config, **{f.name: getattr(self, f.name) for f in _STATS}}
+
+
+_STATS = [f for f in dataclasses.fields(Compiled) if f.name not in ("kernel", "key", "config")]
+
+
+class _Driver:
+    """The part of Triton's driver that compiling (not launching) needs, for a GPU that is not here."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return _DEVICE_KEY
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"lthfast.bench.offline: {path} is missing (a triton wheel without CUDA tools?)")
+    return path
+
+
+def available() -> bool:
+    """True when Triton's NVIDIA backend and its tools are installed (no GPU needed)."""
+    try:
+        import triton.backends.nvidia  # noqa: F401
+
+        _tool("ptxas")
+        _tool("cuobjdump")
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """{'REG', 'SHARED', 'LOCAL', 'STACK'} of the one function in ``cubin``, read by ``cuobjdump``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    usage = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out))
+    return {k: int(v) for k, v in usage.items()}
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int, limits: dict = SM90) -> int:
+    """Programs resident on one SM: registers are allocated per warp in 256-register units (8 per thread)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = limits["registers"] // max(1, per_warp * num_warps)
+    by_shared = limits["shared"] // (shared + limits["reserved_shared"])
+    return min(by_regs, by_shared, limits["programs"], limits["warps"] // num_warps)
+
+
+def describe(kernel: str, key: tuple, config: dict, compiled) -> Compiled:
+    """The figures of one ``triton.compiler.CompiledKernel``."""
+    ptx = compiled.asm["ptx"]
+    usage = resource_usage(compiled.asm["cubin"])
+    shared = int(compiled.metadata.shared)
+    warps = int(config.get("num_warps", 4))
+    return Compiled(
+        kernel=kernel,
+        key=key,
+        config=dict(config),
+        shared=shared,
+        registers=usage.get("REG", 0),
+        local=usage.get("LOCAL", 0),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        mma=len(re.findall(r"\bmma\.sync", ptx)),
+        cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
+        tma=len(re.findall(r"\bcp\.async\.bulk", ptx)),
+        programs_per_sm=programs_per_sm(usage.get("REG", 0), shared, warps),
+    )
+
+
+@contextlib.contextmanager
+def patched(patches: list[tuple[object, str, object]]) -> Iterator[None]:
+    """Within: each ``(owner, name, value)`` set as ``owner.name = value``; the old values are restored after."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def cuda_decisions(sms: int = H100_SMS) -> Iterator[None]:
+    """Within: ``lthfast.kernels``' launchers take on CPU tensors the decisions they take on a CUDA device with
+    ``sms`` SMs (weight-tile shapes, tuner keys and configs, dW splits) instead of the interpreter's. Launches are
+    left alone: callers replace them (``cuda_target`` compiles them, ``benchmarks/host_overhead.py`` stubs them)."""
+    from lthfast import _backend
+    from lthfast.kernels import dw_split, masked_conv, masked_matmul
+
+    cuda = torch.device("cuda", 0)
+    split_count, conv_tiles = dw_split.split_count, masked_conv.conv_tiles
+    with patched([
+        (_backend, "interpreter_enabled", lambda: False),
+        (masked_matmul, "_interpreted", lambda t: False),
+        (masked_conv, "conv_tiles", lambda device: conv_tiles(cuda)),
+        (dw_split, "split_count", lambda m, programs, device: split_count(m, programs, cuda)),
+        (dw_split, "_sm_count", lambda index: sms),
+    ]):  # fmt: skip
+        yield
+
+
+def tuned_kernels() -> list:
+    """Every ``Tuned`` kernel of ``lthfast.kernels`` (the linear and conv GEMMs and the dW split reduce)."""
+    from lthfast.kernels import dw_split, masked_conv, masked_matmul
+    from lthfast.kernels.autotune import Tuned
+
+    return [
+        v for module in (masked_matmul, masked_conv, dw_split) for v in vars(module).values() if isinstance(v, Tuned)
+    ]
+
+
+@contextlib.contextmanager
+def cuda_target(arch: int = 90, sms: int = H100_SMS, all_configs: bool = True) -> Iterator[list[Compiled]]:
+    """Within: calls of ``lthfast.kernels``' launchers on CPU tensors take the CUDA path for a GPU of ``arch``
+    with ``sms`` SMs (``cuda_decisions``), and each launch compiles its candidate configs (only the first unless
+    ``all_configs``) instead of running; outputs are left unwritten. Yields the list the ``Compiled`` records are
+    appended to. Not thread-safe: it swaps Triton's active driver for the block.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("lthfast.bench.offline: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    from triton.runtime.driver import driver
+
+    from lthfast.kernels.autotune import Tuned
+
+    records: list[Compiled] = []
+
+    def launch(self, key, grid, *args, fixed=None, **kwargs):
+        configs = self.candidates(key) if all_configs else self.candidates(key)[:1]
+        for config in configs:
+            compiled = self.kernel.warmup(*args, grid=grid(config), **kwargs, **config)
+            records.append(describe(self.kernel.__name__, key, config, compiled))
+
+    active = driver._active  # None on a machine without a GPU: Triton creates its driver on first use
+    driver.set_active(_Driver(arch))
+    try:
+        with cuda_decisions(sms), patched([(Tuned, "launch", launch)]):
+            yield records
+    finally:
+        driver._active = active
+        for tuned in tuned_kernels():
+            tuned.kernel.device_caches.pop(_DEVICE_KEY, None)

@@ -1,0 +1,101 @@
+"""The kernels compiled by Triton's GPU compiler for sm_90 on this machine, no GPU needed (lthfast.bench.offline).
+
+CI runs the kernels only in Triton's interpreter, which accepts code the GPU compiler rejects and says nothing of
+what the compiler makes of it. Here one training step of the issues' headline layers is compiled for an H100 with
+the launchers' own CUDA decisions, and what decides speed is checked: tensor-core instructions, pipelined loads,
+no register spills, shared memory within the SM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lthfast.bench import offline
+
+ROOT = Path(__file__).resolve().parents[1]
+GEMMS = {
+    "linear": ("_forward_kernel", "_grad_input_kernel", "_grad_weight_kernel"),
+    "conv": ("_conv_fwd_kernel", "_conv_dx_kernel", "_conv_dw_kernel"),
+}
+SM90_SHARED = 227 * 1024  # the most shared memory one program may use on sm_90
+
+needs_tools = pytest.mark.skipif(not offline.available(), reason="triton without its NVIDIA backend tools")
+
+_SCRIPT = """
+import sys
+sys.path.insert(0, "benchmarks")
+import compile_report
+from lthfast.kernels import autotune, dw_split, masked_matmul
+before = (autotune.Tuned.launch, masked_matmul._interpreted, dw_split.split_count)
+assert compile_report.main(["--first", "--dtype", sys.argv[1], "--json", sys.argv[2]]) == 0
+assert (autotune.Tuned.launch, masked_matmul._interpreted, dw_split.split_count) == before, "patches left behind"
+"""
+
+
+def _compile_step(dtype: str, tmp_path: Path) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = tmp_path / f"{dtype}.json"
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, dtype, str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())["rows"]
+
+
+@needs_tools
+@pytest.mark.slow
+def test_bf16_step_compiles_to_pipelined_tensor_core_code_without_spills(tmp_path):
+    rows = _compile_step("bfloat16", tmp_path)
+    for layer, kernels in GEMMS.items():
+        for sparsity in (0.0, 0.9, 0.98):
+            names = {r["kernel"] for r in rows if r["layer"] == layer and r["sparsity"] == sparsity}
+            assert set(kernels) <= names, (layer, sparsity, names)
+    for r in rows:
+        where = f"{r['layer']} {r['sparsity']} {r['kernel']}"
+        assert r["local"] == 0, f"{where}: {r['local']} bytes of local memory per thread (register spills)"
+        assert r["shared"] <= SM90_SHARED and r["programs_per_sm"] >= 1, where
+        if r["kernel"] == "_reduce_kernel":
+            continue
+        assert r["wgmma"] + r["mma"] > 0, f"{where}: the dot does not run on the tensor cores"
+        assert r["cp_async"] > 0, f"{where}: no asynchronous copies, the loop's loads are not pipelined"
+    # Every kernel whose accumulator has 64 rows per warpgroup gets Hopper's wgmma: all but the linear dW at
+    # 32-wide weight tiles (a [32, 32] accumulator, below wgmma's 64 rows: Ampere-style mma.sync).
+    for r in rows:
+        if r["kernel"] != "_reduce_kernel" and not (r["kernel"] == "_grad_weight_kernel" and r["sparsity"] > 0):
+            assert r["wgmma"] > 0, f"{r['layer']} {r['sparsity']} {r['kernel']}: no wgmma"
+
+
+@needs_tools
+@pytest.mark.slow
+def test_fp32_step_compiles_with_torchs_default_precision(tmp_path):
+    rows = _compile_step("float32", tmp_path)
+    assert {r["kernel"] for r in rows} >= set(GEMMS["linear"]) | set(GEMMS["conv"])
+    for r in rows:
+        assert r["local"] == 0, r
+        # torch's defaults: matmuls in IEEE fp32 (allow_tf32 False: FMAs, no tensor cores); cuDNN convolutions
+        # may use TF32 (cudnn.allow_tf32 True), and so do the conv kernels (TF32 wgmma)
+        if r["kernel"] in GEMMS["linear"]:
+            assert r["wgmma"] + r["mma"] == 0, r
+        elif r["kernel"] in GEMMS["conv"]:
+            assert r["wgmma"] > 0, r
+
+
+def test_programs_per_sm_takes_the_tightest_limit():
+    # 4 warps at 128 registers: 16K registers per program -> 4 by registers; 40 KB shared -> 5 by shared memory
+    assert offline.programs_per_sm(128, 40 * 1024, 4) == 4
+    assert offline.programs_per_sm(64, 100 * 1024, 4) == 2  # shared memory binds
+    assert offline.programs_per_sm(32, 0, 8) == 8  # 64 warps per SM bind
+    assert offline.programs_per_sm(33, 0, 4) == 12  # 33 registers are allocated as 40
+
+
+def test_cuda_target_refuses_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with offline.cuda_target():
+            pass
