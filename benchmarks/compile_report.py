@@ -27,8 +27,11 @@ SPARSITIES = (0.0, 0.9, 0.98)
 BLOCK = 32
 
 
-def linear_step(dtype: torch.dtype, sparsity: float, tokens: int = 8192, features: int = 4096) -> None:
-    """The three launches (four with a split dW) of one masked Linear training step."""
+def linear_step(
+    dtype: torch.dtype, sparsity: float, tokens: int = 8192, features: int = 4096, group: int | None = None
+) -> None:
+    """The three launches (four with a split dW) of one masked Linear training step; ``group``: the dW's tiles
+    per program (default: every tuned config)."""
     from lthfast.kernels import masked_matmul as mm
 
     gen = torch.Generator().manual_seed(0)
@@ -39,7 +42,7 @@ def linear_step(dtype: torch.dtype, sparsity: float, tokens: int = 8192, feature
     index = mm.mask_tile_index(mask)
     y = mm.masked_linear_forward(x, w, mask, b, index)
     mm.masked_linear_grad_input(y, w, mask, index)
-    mm.masked_linear_grad_weight(y, x, mask, index)
+    mm.masked_linear_grad_weight(y, x, mask, index, group=group)
 
 
 def conv_step(dtype: torch.dtype, sparsity: float, batch: int = 128, channels: int = 256, size: int = 16) -> None:
@@ -60,8 +63,8 @@ def conv_step(dtype: torch.dtype, sparsity: float, batch: int = 128, channels: i
 
 
 STEPS = {"linear": linear_step, "conv": conv_step}
-COLUMNS = ("kernel", "BLOCK_M", "num_warps", "num_stages", "shared", "registers", "local", "wgmma", "mma", "cp_async",
-           "programs_per_sm")  # fmt: skip
+COLUMNS = ("kernel", "BLOCK_M", "GROUP", "num_warps", "num_stages", "shared", "registers", "local", "wgmma", "mma",
+           "cp_async", "programs_per_sm")  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -92,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print(f"# {len(rows)} variants compiled for sm_90 in {time.perf_counter() - start:.0f} s")
     if args.json:
+        import triton
+
+        from lthfast.bench.results import git_info
+
+        doc = {"target": "sm_90", "triton": triton.__version__, "git": git_info(),
+               "command": "python benchmarks/compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "rows": rows}  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump({"target": "sm_90", "rows": rows}, f, indent=1)
+            json.dump(doc, f, indent=1)
     return 0
 
 

@@ -288,9 +288,10 @@ def test_cuda_kernel_index_is_one_cached_choice_and_never_stale(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weight_gradient_is_the_same_for_every_m_split(triton_backend, dtype):
-    """dW over M-splits (fp32 partial sums, then lthfast.kernels.dw_split.reduce) against the float64 reference:
-    splits that divide M unevenly, more splits than BLOCK_M steps, a NaN under a pruned weight's gradient."""
+def test_weight_gradient_is_the_same_for_every_m_split_and_column_group(triton_backend, dtype):
+    """dW over M-splits (fp32 partial sums, then lthfast.kernels.dw_split.reduce) and over 1, 2 or 4 tiles of one
+    column per program, against the float64 reference: splits that divide M unevenly, more splits than BLOCK_M
+    steps, columns whose alive tiles do not fill a group, a NaN under a pruned weight's gradient."""
     from lthfast.kernels import masked_matmul as mm
 
     mask = block_mask(100, 72, 0.5, 32) & _random_mask(100, 72, 0.7)  # dead tiles at 16x16 (CPU) and 32x32 (CUDA)
@@ -302,11 +303,17 @@ def test_weight_gradient_is_the_same_for_every_m_split(triton_backend, dtype):
     x[0, 5] = float("nan")  # read by the alive tile's dot products; must not reach dW anywhere
     expected = torch.where(mask, g.double().t() @ x.double(), 0)
     atol, rtol = TOL[dtype]
+    counts = index.tile_alive.sum(0)
+    assert (counts % 4 != 0).any() and (counts > 1).any()  # padded groups, and groups of several tiles
+    scale = expected.abs().max().item()
     for split in (1, 2, 3, 7):
-        dw = mm.masked_linear_grad_weight(g, x, mask, index, split=split)
-        assert dw.dtype == dtype and not dw[~mask].any(), f"split={split}: dW leaks where the mask is False"
-        scale = expected.abs().max().item()
-        torch.testing.assert_close(dw.double(), expected, atol=atol * scale, rtol=rtol, msg=f"split={split}")
+        for group in (1, 2, 4):
+            dw = mm.masked_linear_grad_weight(g, x, mask, index, split=split, group=group)
+            where = f"split={split}, group={group}"
+            assert dw.dtype == dtype and not dw[~mask].any(), f"{where}: dW leaks where the mask is False"
+            torch.testing.assert_close(dw.double(), expected, atol=atol * scale, rtol=rtol, msg=where)
+    with pytest.raises(ValueError, match="group must divide 4"):
+        mm.masked_linear_grad_weight(g, x, mask, index, group=3)
 
 
 def test_compiles_with_fullgraph():

@@ -28,13 +28,22 @@ SM90_SHARED = 227 * 1024  # the most shared memory one program may use on sm_90
 needs_tools = pytest.mark.skipif(not offline.available(), reason="triton without its NVIDIA backend tools")
 
 _SCRIPT = """
-import sys
+import json, sys, torch
 sys.path.insert(0, "benchmarks")
 import compile_report
+from lthfast.bench import offline
 from lthfast.kernels import autotune, dw_split, masked_matmul
 before = (autotune.Tuned.launch, masked_matmul._interpreted, dw_split.split_count)
 assert compile_report.main(["--first", "--dtype", sys.argv[1], "--json", sys.argv[2]]) == 0
 assert (autotune.Tuned.launch, masked_matmul._interpreted, dw_split.split_count) == before, "patches left behind"
+with offline.cuda_target() as grouped:  # the linear dW with 2 tiles of one column per program, 90% in 32x32 blocks
+    compile_report.linear_step(getattr(torch, sys.argv[1]), 0.9, group=2)
+rows = [dict(r.row(), layer="linear grouped", sparsity=0.9) for r in grouped if r.kernel == "_grad_weight_kernel"]
+with open(sys.argv[2]) as f:
+    doc = json.load(f)
+doc["rows"] += rows
+with open(sys.argv[2], "w") as f:
+    json.dump(doc, f)
 """
 
 
@@ -52,6 +61,8 @@ def _compile_step(dtype: str, tmp_path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_bf16_step_compiles_to_pipelined_tensor_core_code_without_spills(tmp_path):
     rows = _compile_step("bfloat16", tmp_path)
+    grouped = [r for r in rows if r["layer"] == "linear grouped"]
+    assert len(grouped) == 1 and grouped[0]["GROUP"] == 2 and grouped[0]["BLOCK_M"] == 128
     for layer, kernels in GEMMS.items():
         for sparsity in (0.0, 0.9, 0.98):
             names = {r["kernel"] for r in rows if r["layer"] == layer and r["sparsity"] == sparsity}
@@ -64,10 +75,12 @@ def test_bf16_step_compiles_to_pipelined_tensor_core_code_without_spills(tmp_pat
             continue
         assert r["wgmma"] + r["mma"] > 0, f"{where}: the dot does not run on the tensor cores"
         assert r["cp_async"] > 0, f"{where}: no asynchronous copies, the loop's loads are not pipelined"
-    # Every kernel whose accumulator has 64 rows per warpgroup gets Hopper's wgmma: all but the linear dW at
-    # 32-wide weight tiles (a [32, 32] accumulator, below wgmma's 64 rows: Ampere-style mma.sync).
+    # Every kernel whose accumulator has 64 rows per warpgroup gets Hopper's wgmma: all but the linear dW of one
+    # 32-wide weight tile per program (a [32, 32] accumulator, below wgmma's 64 rows: Ampere-style mma.sync); two
+    # tiles of one column per program (GROUP 2) make it [64, 32].
     for r in rows:
-        if r["kernel"] != "_reduce_kernel" and not (r["kernel"] == "_grad_weight_kernel" and r["sparsity"] > 0):
+        one_narrow_tile = r["kernel"] == "_grad_weight_kernel" and r["sparsity"] > 0 and r["GROUP"] == 1
+        if r["kernel"] != "_reduce_kernel" and not one_narrow_tile:
             assert r["wgmma"] > 0, f"{r['layer']} {r['sparsity']} {r['kernel']}: no wgmma"
 
 

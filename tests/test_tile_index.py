@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lthfast.kernels.tile_index import build_tile_index, tile_alive, tile_index
+from lthfast.kernels.tile_index import build_tile_index, column_groups, tile_alive, tile_index
 
 
 def _dense_tiles(mask, bn, bk):
@@ -29,6 +29,22 @@ def test_index_matches_brute_force_on_odd_shapes():
     for c in range(idx.tiles_k):
         rows = idx.col_rows[idx.col_ptr[c] : idx.col_ptr[c + 1]].tolist()
         assert rows == sorted(rr for rr, cc in expected if cc == c)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_column_groups_hold_each_alive_tile_once_with_one_column_per_group(group):
+    mask = torch.rand(70, 90) < 0.04
+    mask[:, 80:] = False  # empty columns: no entries at all
+    idx = build_tile_index(mask, 8, 8)
+    rows, cols = column_groups(idx, group)
+    assert rows.dtype == cols.dtype == torch.int32 and rows.shape == cols.shape and rows.numel() % group == 0
+    alive = [(r, c) for r, c in zip(rows.tolist(), cols.tolist()) if r >= 0]
+    assert sorted(alive) == sorted(_dense_tiles(mask, 8, 8))  # every alive tile once, padding aside
+    for start in range(0, rows.numel(), group):  # any divisor of ``group`` reads one column per program
+        assert len(set(cols[start : start + group].tolist())) == 1
+    counts = idx.tile_alive.sum(0)
+    assert rows.numel() == int(((counts + group - 1) // group * group).sum())  # padded to whole groups only
+    assert column_groups(idx, group)[0] is rows  # cached on the index
 
 
 def test_cache_is_invalidated_by_in_place_mask_edits():

@@ -197,7 +197,10 @@ def cuda_target(arch: int = 90, sms: int = H100_SMS, all_configs: bool = True) -
     records: list[Compiled] = []
 
     def launch(self, key, grid, *args, fixed=None, **kwargs):
-        configs = self.candidates(key) if all_configs else self.candidates(key)[:1]
+        if fixed is not None:
+            configs = [fixed]
+        else:
+            configs = self.candidates(key) if all_configs else self.candidates(key)[:1]
         for config in configs:
             compiled = self.kernel.warmup(*args, grid=grid(config), **kwargs, **config)
             records.append(describe(self.kernel.__name__, key, config, compiled))

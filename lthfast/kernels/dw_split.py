@@ -1,11 +1,11 @@
 """Weight gradients reduced over M in several splits: the part shared by the linear and conv dW kernels.
 
-dW is an SDDMM with one program per alive weight tile (per tap for conv), each reducing over all M rows (tokens or
-output pixels). With few alive tiles that is too few programs for the GPU, each a long sequential loop: at 98% in
-32x32 blocks a Linear(4096, 4096) has 328 alive tiles for 132 SMs, each looping over 8192 tokens. Splitting M
-gives ``split`` programs per tile, each writing its fp32 partial sum into a workspace [split, programs, BN, BK];
-``reduce`` then sums the splits, applies the mask and writes dW in its dtype (one more launch, cheap next to the
-loop it shortens).
+dW is an SDDMM with one program per alive weight tile (per tap for conv; per 1, 2 or 4 tiles of one column for the
+linear dW), each reducing over all M rows (tokens or output pixels). With few alive tiles that is too few programs
+for the GPU, each a long sequential loop: at 98% in 32x32 blocks a Linear(4096, 4096) has 328 alive tiles for 132
+SMs, each looping over 8192 tokens. Splitting M gives ``split`` programs per tile, each writing its fp32 partial sum
+into a workspace [split, programs, BN, BK]; ``reduce`` then sums the splits, applies the mask and writes dW in its
+dtype (one more launch, cheap next to the loop it shortens).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import triton.language as tl
 
 from lthfast import _backend
 from lthfast.kernels.autotune import Tuned, cdiv
-from lthfast.kernels.tile_index import TileIndex
 
 # Each split reduces at least this many rows: below that a program's loop is short enough already.
 MIN_ROWS_PER_SPLIT = 2048
@@ -86,7 +85,7 @@ def _reduce_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     for split in range(SPLIT):
         acc += tl.load(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C))
-    nc_ok = (offs_n < N)[:, None] & (offs_c < C)[None, :]
+    nc_ok = ((offs_n >= 0) & (offs_n < N))[:, None] & (offs_c < C)[None, :]  # row -1: padding (linear dW groups)
     m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
     store_masked(acc, m_ptrs, dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, nc_ok)
 
@@ -101,15 +100,18 @@ def workspace(split: int, programs: int, block_n: int, block_c: int, device: tor
     return torch.empty((split, programs, block_n, block_c), device=device, dtype=torch.float32)
 
 
-def reduce(ws: torch.Tensor, mask: torch.Tensor, grad_w: torch.Tensor, index: TileIndex) -> torch.Tensor:
-    """Sum the workspace ``ws`` [split, programs, BN, BC] over its splits into the alive tiles of ``grad_w``, with
-    exact zeros where ``mask`` is False. ``mask`` and ``grad_w`` are [N, C, KH, KW] (a linear layer's [N, K] as
-    [N, K, 1, 1]); ``programs`` = alive tiles x KH x KW of ``index`` at tile [BN, BC]."""
+def reduce(
+    ws: torch.Tensor, mask: torch.Tensor, grad_w: torch.Tensor, tile_rows: torch.Tensor, tile_cols: torch.Tensor
+) -> torch.Tensor:
+    """Sum the workspace ``ws`` [split, programs, BN, BC] over its splits into the tiles of ``grad_w`` listed by
+    ``tile_rows`` / ``tile_cols`` (int32; row -1: padding, skipped), with exact zeros where ``mask`` is False.
+    ``mask`` and ``grad_w`` are [N, C, KH, KW] (a linear layer's [N, K] as [N, K, 1, 1]); ``programs`` = listed
+    tiles x KH x KW, at tile [BN, BC]."""
     split, programs, block_n, block_c = ws.shape
     n, c, kh, kw = grad_w.shape
     _reduce.launch(
         (), lambda meta: (programs,),
-        ws, mask, grad_w, index.tile_rows, index.tile_cols, split, n, c,
+        ws, mask, grad_w, tile_rows, tile_cols, split, n, c,
         *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     return grad_w

@@ -390,5 +390,5 @@ def conv2d_grad_weight(
         BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     if not direct:
-        dw_split.reduce(ws, mask, grad_w, index)
+        dw_split.reduce(ws, mask, grad_w, index.tile_rows, index.tile_cols)
     return grad_w

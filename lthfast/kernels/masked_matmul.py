@@ -3,7 +3,8 @@
 Weight W [N, K] is stored dense, mask M [N, K] is bool; X [M, K] and dY [M, N] are 2-D (callers flatten).
   forward  Y  = X (W ⊙ M)^T + b     per (m, n) output tile, loop over the alive k-tiles of n-tile row (CSR)
   dX       dX = dY (W ⊙ M)          per (m, k) output tile, loop over the alive n-tiles of k-tile column (CSC)
-  dW       dW = (dY^T X) ⊙ M        per alive weight tile (COO list, an SDDMM) and M-split; dead tiles stay zero
+  dW       dW = (dY^T X) ⊙ M        per GROUP alive tiles of one k-tile column (an SDDMM over the column-ordered
+                                    tile list) and M-split; dead tiles stay zero
 Inside a live tile the mask is applied elementwise with ``tl.where``, so a value stored under a pruned entry
 (even NaN) never reaches the result. Accumulation is fp32; inputs fp32/fp16/bf16; fp32 uses IEEE products
 unless ``torch.backends.cuda.matmul.allow_tf32`` is set, matching torch's default numerics.
@@ -25,7 +26,7 @@ import triton.language as tl
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked
-from lthfast.kernels.tile_index import TileIndex, cached_on_mask, keep_if_capturing, tile_index
+from lthfast.kernels.tile_index import TileIndex, cached_on_mask, column_groups, keep_if_capturing, tile_index
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
 # feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).
@@ -43,10 +44,38 @@ CUDA_CONFIGS = [
 ]
 
 
+# dW programs take GROUP alive tiles of one k-tile column (one X slab for all of them; GROUP * BLOCK_N >= 64 rows
+# also lets 32-wide tiles use Hopper's wgmma, compiled offline: benchmarks/compile_report.py). The tile list is padded
+# per column to a multiple of DW_GROUP_ALIGN, so that every GROUP dividing it reads one column per program. GROUP 1
+# (first: what LTHFAST_AUTOTUNE=0 runs) is what the H200 measured; the others are untimed on a GPU so far.
+DW_GROUP_ALIGN = 4
+DW_CONFIGS = [{**c, "GROUP": g} for g in (1, 2, 4) for c in CUDA_CONFIGS]
+INTERPRETER_GROUP = 2  # CI's default: a grouped dW; tests pass group=1 and 4 too
+
+
 def _prune_configs(configs: list[dict], key: tuple) -> list[dict]:
     """Drop BLOCK_M larger than the (bucketed) token count, the key's first entry; keep at least one config."""
     m_bucket = key[0]
     return [c for c in configs if c["BLOCK_M"] <= max(64, m_bucket)] or configs[:1]
+
+
+# A grouped dW config is kept while its pipeline buffers (stages x BLOCK_M x (GROUP * BLOCK_N + BLOCK_K) elements) fit
+# in this many bytes and its accumulator has at most 128 rows: compiled offline for sm_90 (bf16), the others need
+# 147-490 KB of shared memory (1 program per SM, or none) or 254 registers per thread.
+DW_GROUP_MAX_BUFFERS = 128 * 1024
+DW_GROUP_MAX_ROWS = 128
+
+
+def _prune_dw_configs(configs: list[dict], key: tuple) -> list[dict]:
+    """``_prune_configs``, and grouped configs only where their buffers and accumulator stay small (the key holds
+    (tokens, N, K, BLOCK_N, BLOCK_K, density, dtype, ...))."""
+    block_n, block_k, dtype = key[3], key[4], key[6]
+
+    def small(c: dict) -> bool:
+        buffers = c["num_stages"] * c["BLOCK_M"] * (c["GROUP"] * block_n + block_k) * dtype.itemsize
+        return c["GROUP"] == 1 or (buffers <= DW_GROUP_MAX_BUFFERS and c["GROUP"] * block_n <= DW_GROUP_MAX_ROWS)
+
+    return _prune_configs([c for c in configs if small(c)], key)
 
 
 @triton.jit
@@ -140,31 +169,35 @@ def _grad_input_kernel(
 
 @triton.jit
 def _grad_weight_kernel(
-    # pointers; ws: fp32 workspace [SPLIT, alive tiles, BLOCK_N, BLOCK_K] (unused when DIRECT)
+    # pointers; ws: fp32 workspace [SPLIT, L, BLOCK_N, BLOCK_K] (unused when DIRECT)
     g_ptr, x_ptr, m_ptr, dw_ptr, ws_ptr,
-    tile_rows, tile_cols,  # COO list of alive weight tiles
+    group_rows, group_cols,  # alive tiles by k-tile column, runs padded with row -1 (tile_index.column_groups)
     # sizes
     M, N, K, M_PER_SPLIT,
     # strides
     stride_gm, stride_gn, stride_xm, stride_xk, stride_mn, stride_mk, stride_wn, stride_wk,
     # meta-parameters
     DIRECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
-    """dW tile = (dY^T [N, M] @ X [M, K]) ⊙ M for one alive weight tile over one M-split (program_id 1), reduced in
-    BLOCK_M steps. DIRECT (one split): masked and stored into dW; else the fp32 partial sum goes to the workspace
-    and lthfast.kernels.dw_split.reduce finishes."""
+    """dW tiles = (dY^T [N, M] @ X [M, K]) ⊙ M for GROUP alive weight tiles of one k-tile column over one M-split
+    (program_id 1), reduced in BLOCK_M steps: one X slab [BLOCK_M, BLOCK_K] serves the GROUP tiles, whose dY
+    columns are gathered into one [BLOCK_M, GROUP * BLOCK_N] operand. DIRECT (one split): masked and stored into
+    dW; else the fp32 partial sums go to the workspace and lthfast.kernels.dw_split.reduce finishes."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    nt = tl.load(tile_rows + pid).to(tl.int64)
-    kt = tl.load(tile_cols + pid).to(tl.int64)
-    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = pid * GROUP
+    kt = tl.load(group_cols + first).to(tl.int64)
+    lane = tl.arange(0, GROUP * BLOCK_N)
+    nt = tl.load(group_rows + first + lane // BLOCK_N).to(tl.int64)  # -1: padding after the column's last tile
+    offs_n = nt * BLOCK_N + lane % BLOCK_N
     offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_n = offs_n < N
+    in_n = (nt >= 0) & (offs_n < N)
     in_k = offs_k < K
     m_lo = split * M_PER_SPLIT
     m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    m_hi = tl.where(tl.load(group_rows + first) < 0, m_lo, m_hi)  # all padding: no loop, nothing to store
+    acc = tl.zeros((GROUP * BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         in_m = offs_m < m_hi
@@ -178,12 +211,12 @@ def _grad_weight_kernel(
         dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         store_masked(acc, m_ptrs, dw_ptrs, in_n[:, None] & in_k[None, :])
     else:
-        tl.store(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_K), acc)
+        tl.store(partial_sum(ws_ptr, split, pid, GROUP * BLOCK_N, BLOCK_K), acc)
 
 
 _forward = Tuned(_forward_kernel, CUDA_CONFIGS, prune=_prune_configs)
 _grad_input = Tuned(_grad_input_kernel, CUDA_CONFIGS, prune=_prune_configs)
-_grad_weight = Tuned(_grad_weight_kernel, CUDA_CONFIGS, prune=_prune_configs)
+_grad_weight = Tuned(_grad_weight_kernel, DW_CONFIGS, prune=_prune_dw_configs)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -241,11 +274,14 @@ def _check(index: TileIndex, weight_shape: tuple[int, ...], *tensors: torch.Tens
             raise ValueError(f"masked_matmul: tensors on {t.device} and {device}")
 
 
-def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, m: int, grid, *args, **constexprs):
-    """Launch ``tuned`` with the config tuned for this key on CUDA, the interpreter's config elsewhere."""
+def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, m: int, grid, *args, fixed=None, **constexprs):
+    """Launch ``tuned`` with the config tuned for this key on CUDA, the interpreter's config elsewhere; ``fixed``
+    (a config) launches with it, untimed, on either."""
     if _interpreted(x_like):
-        return tuned.launch(None, grid, *args, fixed=INTERPRETER_CONFIG, **constexprs)
+        return tuned.launch(None, grid, *args, fixed=fixed or INTERPRETER_CONFIG, **constexprs)
     keep_if_capturing(x_like, index)
+    if fixed is not None:
+        return tuned.launch(None, grid, *args, fixed=fixed, **constexprs)
     # everything the best config depends on: token-count class, sizes, tiles, density class, dtype, constexprs
     key = (size_class(m), *index.shape, index.block_n, index.block_k, density_class(index.tile_density), x_like.dtype,
            *constexprs.values())  # fmt: skip
@@ -301,37 +337,51 @@ def masked_linear_grad_input(
 
 
 def masked_linear_grad_weight(
-    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, index: TileIndex, split: int | None = None
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    index: TileIndex,
+    split: int | None = None,
+    group: int | None = None,
 ) -> torch.Tensor:
     """dW [N, K] = (grad [M, N]^T x [M, K]) ⊙ mask, exactly zero where the mask is False; x's dtype.
 
     Dead tiles are never visited: the output starts as zeros (one memset) and only alive tiles are written.
-    ``split``: M-splits per alive tile (``lthfast.kernels.dw_split``); default: enough programs for the GPU.
+    ``split``: M-splits per program (``lthfast.kernels.dw_split``); default: enough programs for the GPU.
+    ``group``: alive tiles of one column per program (1, 2 or 4); default: tuned on CUDA, ``INTERPRETER_GROUP``
+    in the interpreter.
     """
     _check(index, mask.shape, grad, x, mask)
+    if group is not None and DW_GROUP_ALIGN % group:
+        raise ValueError(f"masked_matmul: group must divide {DW_GROUP_ALIGN}, got {group}")
     m, n = grad.shape
     k = x.shape[1]
     dw = torch.zeros((n, k), dtype=x.dtype, device=x.device)
-    programs = index.alive_tiles
-    if m == 0 or programs == 0:
+    if m == 0 or index.alive_tiles == 0:
         return dw
-    split = dw_split.split_count(m, programs, x.device) if split is None else split
+    rows, cols = column_groups(index, DW_GROUP_ALIGN)
+    split = dw_split.split_count(m, index.alive_tiles, x.device) if split is None else split
     m_per_split = cdiv(m, split)
     split = cdiv(m, m_per_split)
     direct = split == 1
-    ws = dw if direct else dw_split.workspace(split, programs, index.block_n, index.block_k, x.device)
-    grid = lambda meta: (programs, split)
+    ws = dw if direct else dw_split.workspace(split, rows.numel(), index.block_n, index.block_k, x.device)
+    grid = lambda meta: (rows.numel() // meta["GROUP"], split)
+    if _interpreted(x):
+        group = INTERPRETER_GROUP if group is None else group
+        fixed = {**INTERPRETER_CONFIG, "GROUP": group}
+    else:
+        fixed = None if group is None else {**DW_CONFIGS[0], "GROUP": group}
     _launch(
         _grad_weight, x, index, m, grid,
-        grad, x, mask.view(torch.uint8), dw, ws,
-        index.tile_rows, index.tile_cols,
+        grad, x, mask.view(torch.uint8), dw, ws, rows, cols,
         m, n, k, m_per_split,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
+        fixed=fixed,
         DIRECT=direct, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     if not direct:  # the [N, K] layer as a 1x1 conv weight [N, K, 1, 1]
-        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], index)
+        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], rows, cols)
     return dw
 
 

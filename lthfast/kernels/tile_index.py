@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ class TileIndex:
       row_ptr [Tn + 1], row_cols [nnz]: CSR over tile rows, the alive k-tiles of each n-tile (forward).
       col_ptr [Tk + 1], col_rows [nnz]: CSC, the alive n-tiles of each k-tile (dX = dY (W*M)).
       tile_rows [nnz], tile_cols [nnz]: the alive tiles in row-major order (dW, an SDDMM).
+    ``derived`` caches what is computed from the index later (``column_groups``), dropped with it.
     """
 
     shape: tuple[int, int]
@@ -42,6 +43,7 @@ class TileIndex:
     alive_tiles: int
     max_row_tiles: int
     max_col_tiles: int
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def tiles_n(self) -> int:
@@ -225,6 +227,33 @@ def build_tile_index(mask: torch.Tensor, block_n: int, block_k: int) -> TileInde
     alive = tile_alive(mask, block_n, block_k)
     arrays = _index_arrays_numpy if alive.device.type == "cpu" else _index_arrays_torch
     return _from_arrays((n, k), block_n, block_k, alive, arrays(alive))
+
+
+def column_groups(index: TileIndex, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), int32 [L] on the index's device: the alive tiles in column order (the CSC's), each k-tile
+    column's run padded with row -1 to a multiple of ``group``; ``cols[i]`` is entry i's k-tile, padding included.
+    A dW program over ``group`` consecutive entries (any divisor of ``group``) reads tiles of one column only, so
+    one X slab serves them all. Cached on the index; built on the host at first use (one copy from the device).
+    """
+    key = ("column groups", group)
+    if key in index.derived:
+        return index.derived[key]
+    if index.col_ptr.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"lthfast: the dW column groups of a tile index {index.shape} are built at their first use, which cannot "
+            "happen inside a CUDA graph capture: run one eager step with this mask before capturing"
+        )
+    col_ptr, col_rows = index.col_ptr.cpu().numpy().astype(np.int64), index.col_rows.cpu().numpy()
+    counts = np.diff(col_ptr)
+    padded = -(-counts // group) * group
+    starts = np.cumsum(padded) - padded
+    entry_col = np.repeat(np.arange(counts.size), counts)
+    rows = np.full(int(padded.sum()), -1, dtype=np.int32)
+    rows[starts[entry_col] + np.arange(entry_col.size) - col_ptr[entry_col]] = col_rows
+    cols = np.repeat(np.arange(counts.size, dtype=np.int32), padded)
+    device = index.col_ptr.device
+    index.derived[key] = (torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device))
+    return index.derived[key]
 
 
 # id(mask owner) -> (weakref to owner, owner._version, {key: value}); keys start with the view's
