@@ -135,9 +135,9 @@ def test_full_mask(any_backend):
 def test_full_mask_skips_the_mask_products_on_the_dense_route(monkeypatch):
     monkeypatch.setattr(linear_op, "NATIVE_CPU_MAX_WEIGHT", 0)  # the Function's dense route (large layers)
     calls = []
-    scratch, mask_ = linear_torch._scratch_masked_weight, linear_torch._mask_
+    scratch, mask_ = linear_torch._scratch_masked_weight, linear_torch.mask_
     monkeypatch.setattr(linear_torch, "_scratch_masked_weight", lambda w, m: calls.append("w") or scratch(w, m))
-    monkeypatch.setattr(linear_torch, "_mask_", lambda g, m: calls.append("g") or mask_(g, m))
+    monkeypatch.setattr(linear_torch, "mask_", lambda g, m: calls.append("g") or mask_(g, m))
     mask = torch.ones(30, 40, dtype=torch.bool)
     _check((13,), mask)  # exact against the reference, no mask product
     assert calls == []

@@ -29,3 +29,28 @@ def test_strided_weight_and_autograd_route():
     m = torch.rand(8, 9) < 0.5
     reference.masked_weight(leaf, m).sum().backward()  # the autograd route: gradient is the mask
     assert torch.equal(leaf.grad, m.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_ops_masking_gives_the_reference_bits_from_cached_mask_bits(dtype, monkeypatch):
+    from lthfast.ops import masking
+
+    w = torch.randn(37, 53, dtype=torch.float64).to(dtype)
+    w[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
+    mask = torch.rand(37, 53) < 0.5
+    mask[0, :2] = False
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[w.element_size()]
+    expected = reference.masked_weight(w, mask).view(ints)
+    assert torch.equal(masking.masked(w, mask).view(ints), expected)
+    out = torch.full_like(w, 7.0)
+    assert masking.masked(w, mask, out=out) is out and torch.equal(out.view(ints), expected)
+    t = w.clone()
+    assert masking.mask_(t, mask) is t and torch.equal(t.view(ints), expected)  # in place when contiguous
+    bits = masking.mask_bits(mask, ints)
+    assert bits.dtype == ints and masking.mask_bits(mask, ints) is bits  # cached on the mask ...
+    mask[5, 5] = not bool(mask[5, 5])  # ... and dropped when it changes in place
+    again = masking.mask_bits(mask, ints)
+    assert again is not bits and torch.equal(again, mask.to(ints))
+    assert torch.equal(masking.masked(w, mask).view(ints), reference.masked_weight(w, mask).view(ints))
+    strided = w.t()  # not contiguous: a new tensor, same bits
+    assert torch.equal(masking.mask_(strided, mask.t()).view(ints), reference.masked_weight(w, mask).t().view(ints))

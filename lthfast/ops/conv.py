@@ -17,10 +17,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lthfast import _backend, reference
+from lthfast import _backend
 from lthfast.ops import autocast
 from lthfast.ops.eager import eager_ok
 from lthfast.ops.linear import NATIVE_CPU_MAX_WEIGHT
+from lthfast.ops.masking import mask_, masked
 
 # "auto" runs dense cuDNN on W*M when the tile density (fraction of alive weight tiles) is above this value,
 # the Triton kernels at or below it. Measured on an H200 (bf16, ResNet-18 ImageNet layers 2-4, batch 128,
@@ -154,14 +155,14 @@ def _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, ne
     """(dX, dW*M) of the dense conv on W*M via ``convolution_backward`` (cuDNN on CUDA)."""
     xp, sym = _symmetric(x, padding)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad, xp, reference.masked_weight(weight, mask), None, stride, sym, dilation, False, [0, 0], groups,
+        grad, xp, masked(weight, mask), None, stride, sym, dilation, False, [0, 0], groups,
         [need_x, need_w, False],
     )  # fmt: skip
     if need_x and xp is not x:
         top, _, left, _ = padding
         grad_x = grad_x[:, :, top : top + x.shape[2], left : left + x.shape[3]]
     if need_w:
-        grad_w = reference.masked_weight(grad_w, mask)
+        grad_w = mask_(grad_w, mask)
     return grad_x, grad_w
 
 
@@ -184,7 +185,7 @@ def _forward(x, weight, mask, bias, stride, padding, dilation, groups, where):
     index = _kernel_index(x, mask, groups, where)
     if index is None:
         xp, sym = _symmetric(x, padding)
-        y = reference.masked_conv2d(xp, weight, mask, bias, stride, sym, dilation, groups)
+        y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)
         return y if y.stride() == out.stride() else out.copy_(y)
     from lthfast.kernels import masked_conv as kernels
 

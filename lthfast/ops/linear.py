@@ -34,10 +34,12 @@ CUDA_DENSE_ABOVE = 0.05
 # Python (validation, routing, forward and backward in Python) made it 2.2x the mask-multiply step; with torch's
 # ops 1.6x (`python benchmarks/host_overhead.py --what layers --repeat 7`, 64x64 layer, 4 rows, 1 thread of the
 # 2-core dev box: 278 -> 200 us against 125 us; conv 16->32 3x3: 670 -> 495 us against 400 us). On CUDA
-# always. On CPU only up to this many weights: torch.where's CPU kernel is ~10x slower than lthfast's integer
-# multiply, and measured (2 threads, train step, one interleaved run) against the Function route it won at 256x256
-# (850 vs 1091 us, 64 rows) and lost at 300x784 (3171 vs 2576 us, 60 rows).
-NATIVE_CPU_MAX_WEIGHT = 256 * 256
+# always. On CPU only up to this many weights: torch.where's CPU kernel (branching on a random mask: ~1-4 ns per
+# weight) is ~4-20x slower than the Function's integer multiply by the mask's cached bits (lthfast.ops.masking).
+# Train step, 1 thread, 50% unstructured mask, 11 interleaved rounds (native / Function route, us): 10x100 at 128
+# rows 245 / 325, 100x300 at 128 rows 610 / 646, 128x256 at 64 rows 510 / 522, 200x200 at 64 rows 599 / 594,
+# 256x256 at 64 rows 1095 / 678, 300x784 at 128 rows 5650 / 3694.
+NATIVE_CPU_MAX_WEIGHT = 128 * 256
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)

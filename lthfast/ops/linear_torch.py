@@ -26,6 +26,7 @@ import torch
 
 from lthfast import _backend
 from lthfast.kernels.tile_index import TileIndex, cached_on_mask, tile_index
+from lthfast.ops.masking import mask_, masked
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
 # Tile sizes tried on CPU, and the tile density below which each beats dense MKL, measured with
@@ -194,7 +195,7 @@ def _cut(t: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
 def _tiles(weight: torch.Tensor, elems: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The alive tiles of W ⊙ M in the plan's layout, [nnz, b, b] in ``dtype``."""
     tiles = weight.reshape(-1).index_select(0, elems).view(keep.shape).to(dtype)  # a fresh tensor
-    return _mask_(tiles, keep)
+    return mask_(tiles, keep)
 
 
 _scratch = threading.local()
@@ -204,8 +205,7 @@ def _scratch_masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Te
     """W ⊙ M (``reference.masked_weight``'s bits) in a per-thread buffer reused across calls: only for products
     that do not keep it. A fresh 16 MB temporary per call page-faults on the shared VM: the 2048x2048 dense-route
     training step spent ~20 ms of 150 ms in its three mask products, 2 threads."""
-    ints = SAME_WIDTH_INT.get(weight.dtype)
-    if ints is None or mask.dtype != torch.bool or weight.device.type != "cpu":
+    if weight.device.type != "cpu" or SAME_WIDTH_INT.get(weight.dtype) is None or mask.dtype != torch.bool:
         return masked_weight(weight, mask)
     key = (weight.dtype, tuple(weight.shape))
     buffers = _scratch.__dict__.setdefault("buffers", {})
@@ -213,17 +213,7 @@ def _scratch_masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Te
     if out is None:
         buffers.clear()  # one buffer per thread: the layer being computed
         out = buffers[key] = torch.empty(weight.shape, dtype=weight.dtype)
-    torch.mul(weight.view(ints), mask, out=out.view(ints))
-    return out
-
-
-def _mask_(grad_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """grad_w ⊙ M in place (a fresh product's own memory), exact zeros where the mask is False."""
-    ints = SAME_WIDTH_INT.get(grad_w.dtype)
-    if ints is None or mask.dtype != torch.bool or not grad_w.is_contiguous():
-        return masked_weight(grad_w, mask)
-    grad_w.view(ints).mul_(mask)
-    return grad_w
+    return masked(weight, mask, out=out)
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -294,7 +284,7 @@ def backward(
     if p is None:
         full = all_alive(mask)
         grad_x = grad @ (weight if full else _scratch_masked_weight(weight, mask)) if need_x else None
-        grad_w = (grad.t() @ x if full else _mask_(grad.t() @ x, mask)) if need_w else None
+        grad_w = (grad.t() @ x if full else mask_(grad.t() @ x, mask)) if need_w else None
         return grad_x, grad_w
     grad_x = _grad_input_blocks(grad, weight, p, x.dtype) if need_x else None
     grad_w = _grad_weight_blocks(grad, x, p) if need_w else None

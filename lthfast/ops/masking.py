@@ -1,0 +1,49 @@
+"""W ⊙ M on the torch paths: ``reference.masked_weight``'s bits (exact zeros, a NaN under a pruned entry never leaks)
+from one integer multiply of the weight's bit pattern by the mask as 0/1 integers, cached on CPU masks.
+
+``weight.view(ints) * mask`` with a bool mask converts the mask to ``ints`` on every call: for LeNet-300's 300x784
+layer a 53 us copy before a 42 us multiply (1 thread of the 2-core dev box), and a training step on the dense route
+makes three such products per layer (forward, dX, dW). CPU masks keep their integer copy cached (``mask_bits``),
+dropped when the mask changes; it costs the integer's width per weight (4 bytes for fp32), as
+torch.nn.utils.prune's float mask does. CUDA masks are not cached (GPU memory; the conversion fuses there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lthfast.kernels.tile_index import cached_on_mask
+from lthfast.reference import SAME_WIDTH_INT, masked_weight
+
+
+def mask_bits(mask: torch.Tensor, ints: torch.dtype) -> torch.Tensor:
+    """The bool ``mask`` as 0/1 integers of dtype ``ints``: cached on the mask on CPU, the mask itself elsewhere."""
+    if mask.device.type != "cpu":
+        return mask
+    return cached_on_mask(mask, ("bits", ints), lambda: mask.to(ints))
+
+
+def _ints(t: torch.Tensor, mask: torch.Tensor) -> torch.dtype | None:
+    return SAME_WIDTH_INT.get(t.dtype) if mask.dtype == torch.bool else None
+
+
+def masked(weight: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W ⊙ M as a new tensor (or into ``out``, weight's shape and dtype), outside autograd."""
+    ints = _ints(weight, mask)
+    if ints is None or (weight.requires_grad and torch.is_grad_enabled()):
+        product = masked_weight(weight, mask)
+        return product if out is None else out.copy_(product)
+    bits = mask_bits(mask, ints)
+    if out is None:
+        return weight.view(ints).mul(bits).view(weight.dtype)
+    torch.mul(weight.view(ints), bits, out=out.view(ints))
+    return out
+
+
+def mask_(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t`` ⊙ M in place when ``t`` is contiguous (a fresh product's own memory), else a new tensor."""
+    ints = _ints(t, mask)
+    if ints is None or not t.is_contiguous():
+        return masked_weight(t, mask)
+    t.view(ints).mul_(mask_bits(mask, ints))
+    return t
