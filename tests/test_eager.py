@@ -48,6 +48,28 @@ def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
         assert torch.equal(a, c) and torch.equal(a, d)
 
 
+def test_dense_route_without_autograd_gives_the_same_bits(monkeypatch):
+    """No autograd (no_grad, or a weight without grad) on the native dense route: W ⊙ M from the integer multiply,
+    not torch.where, and the same output bits, a NaN under a pruned weight included."""
+    from lthfast.ops import conv
+
+    torch.manual_seed(2)
+    m = torch.rand(24, 40) < 0.5
+    w = torch.randn(24, 40).masked_fill(~m, float("nan")).requires_grad_()
+    x, b = torch.randn(5, 40), torch.randn(24)
+    expected = functional.masked_linear(x, w, m, b).detach()  # autograd: torch.where
+    cm = torch.rand(8, 6, 3, 3) < 0.5
+    cw = torch.randn(8, 6, 3, 3).masked_fill(~cm, float("nan")).requires_grad_()
+    cx = torch.randn(2, 6, 7, 7)
+    expected_conv = functional.masked_conv2d(cx, cw, cm, padding=1).detach()
+    monkeypatch.setattr(torch, "where", lambda *a: pytest.fail("torch.where without autograd"))
+    with torch.no_grad():
+        assert torch.equal(functional.masked_linear(x, w, m, b), expected) and torch.isfinite(expected).all()
+        assert torch.equal(functional.masked_conv2d(cx, cw, cm, padding=1), expected_conv)
+    assert torch.equal(functional.masked_linear(x, w.detach(), m, b), expected)
+    assert conv.NATIVE_CPU_MAX_WEIGHT >= w.numel()  # the route under test
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_conv_eager_and_custom_op_routes_agree_bitwise(layout, monkeypatch):
     from lthfast.ops import conv

@@ -354,7 +354,7 @@ def masked_conv2d(
                                             where)  # fmt: skip
     elif _native_dense(x, weight, mask, groups, where):
         xp, sym = _symmetric(x, padding)
-        y = F.conv2d(xp, torch.where(mask, weight, 0.0), bias, stride, sym, dilation, groups)
+        y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)  # torch.where under autograd
     else:
         y = _Eager.apply(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where)
     return y.squeeze(0) if unbatched else y

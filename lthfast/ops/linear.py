@@ -21,6 +21,7 @@ import torch
 from lthfast import _backend
 from lthfast.ops import autocast, linear_torch
 from lthfast.ops.eager import eager_ok
+from lthfast.ops.masking import masked
 
 # "auto" backend on CUDA: above this tile density cuBLAS on W ⊙ M beats the sparse kernels, so it is used
 # instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). Measured on an
@@ -235,7 +236,7 @@ def masked_linear(
     x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
     if eager_ok(x2d, weight, mask, bias):
         if _native_dense(x2d, weight, mask):
-            w = weight if linear_torch.all_alive(mask) else torch.where(mask, weight, 0.0)
+            w = weight if linear_torch.all_alive(mask) else masked(weight, mask)  # torch.where under autograd
             y = torch.nn.functional.linear(x2d, w, bias)
         else:
             y = _Eager.apply(x2d, weight, mask, bias)
