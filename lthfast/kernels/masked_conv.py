@@ -100,10 +100,11 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 # Launch configs on CUDA (BLOCK_M, warps, stages), timed once per key by lthfast.kernels.autotune.Tuned; the
-# interpreter runs INTERPRETER_TILE's BLOCK_M and times nothing.
+# interpreter runs INTERPRETER_TILE's BLOCK_M and times nothing. Deeper stages for the forward and dX loops, whose
+# tiles come (stages - 1) // 2 iterations ahead: see lthfast.kernels.masked_matmul.CUDA_CONFIGS.
 CUDA_CONFIGS = [
     {"BLOCK_M": bm, "num_warps": w, "num_stages": s}
-    for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 2))
+    for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 2), (128, 4, 5), (64, 4, 7))
 ]
 INTERPRETER_CONFIG = {"BLOCK_M": INTERPRETER_TILE[0]}
 

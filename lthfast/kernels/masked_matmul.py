@@ -39,8 +39,13 @@ INTERPRETER_TILE = 16
 INTERPRETER_CONFIG = {"BLOCK_M": INTERPRETER_TILE}
 
 # Launch configs on CUDA (BLOCK_M, warps, stages), timed once per key by lthfast.kernels.autotune.Tuned.
+# The forward and dX loops load a tile index, then the tiles it names: Triton's pipeliner spreads that two-load chain
+# over the stages, so the tiles are fetched only (stages - 1) // 2 iterations ahead (compiled offline for sm_90:
+# two shared buffers at 3 or 4 stages, three at 5 or 6, four at 7 or 8). 5 and 7 stages are offered for latency-
+# bound loops (few programs per SM); not yet timed on a GPU, so the tuner decides.
 CUDA_CONFIGS = [
-    {"BLOCK_M": bm, "num_warps": w, "num_stages": s} for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3))
+    {"BLOCK_M": bm, "num_warps": w, "num_stages": s}
+    for bm, w, s in ((128, 4, 3), (64, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 5), (64, 4, 7))
 ]
 
 
