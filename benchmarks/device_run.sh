@@ -11,7 +11,8 @@
 # the host out:   STAGES=tests,profile,graphs,host LIMIT_tests=240 bash benchmarks/device_run.sh
 #
 # Stages (STAGES, comma-separated, in this order; limits in seconds can be overridden, e.g. LIMIT_tests=200):
-#   tests      gpu-marked tests (autotuned) and, beside them, the layer tests on CUDA with LTHFAST_AUTOTUNE=0
+#   tests      gpu-marked tests and, beside them, the layer tests on CUDA, both with LTHFAST_AUTOTUNE=0 (one config:
+#              correctness; the profile and benchmark stages tune, now up to 11 configs per dW key, each compiled)
 #   profile    gpu_profile.py --profile: raw kernels vs cuBLAS/cuDNN, the step's host syncs, a profiler table
 #   linear     bench_masked_linear.py --sections targets          -> masked_linear-<gpu>.json
 #   conv       bench_masked_conv.py on ResNet-18 (ImageNet) 3x3 layers with >= 128 channels -> masked_conv-<gpu>.json
@@ -45,7 +46,7 @@ run_stage() {  # run_stage NAME DEFAULT_LIMIT COMMAND...: run COMMAND when NAME 
 
 tests() {
   local common=(-q -p no:cacheprovider -o addopts= -rfE --timeout=120)
-  LTHFAST_AUTOTUNE=1 $PY -m pytest "${common[@]}" -n 6 -m gpu tests >"$OUT/tests-gpu.log" 2>&1 &
+  LTHFAST_AUTOTUNE=0 $PY -m pytest "${common[@]}" -n 6 -m gpu tests >"$OUT/tests-gpu.log" 2>&1 &
   local gpu=$!
   LTHFAST_AUTOTUNE=0 $PY -m pytest "${common[@]}" -n 8 -m "not gpu and not slow" tests/test_masked_linear.py \
     tests/test_masked_conv.py tests/test_amp.py tests/test_compile.py >"$OUT/tests-cuda.log" 2>&1
