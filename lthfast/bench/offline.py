@@ -86,15 +86,18 @@ def _tool(name: str) -> str:
 
 
 def available() -> bool:
-    """True when Triton's NVIDIA backend and its tools are installed (no GPU needed)."""
+    """True when Triton's NVIDIA backend and its tools are installed (no GPU needed), and Triton has the internals
+    this module relies on (checked with triton 3.6 and 3.9): a driver slot to swap and ``JITFunction.warmup``."""
     try:
         import triton.backends.nvidia  # noqa: F401
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
 
         _tool("ptxas")
         _tool("cuobjdump")
     except (ImportError, FileNotFoundError):
         return False
-    return True
+    return hasattr(driver, "_active") and hasattr(JITFunction, "warmup")
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -213,4 +216,4 @@ def cuda_target(arch: int = 90, sms: int = H100_SMS, all_configs: bool = True) -
     finally:
         driver._active = active
         for tuned in tuned_kernels():
-            tuned.kernel.device_caches.pop(_DEVICE_KEY, None)
+            getattr(tuned.kernel, "device_caches", {}).pop(_DEVICE_KEY, None)
