@@ -64,7 +64,7 @@ def conv_step(dtype: torch.dtype, sparsity: float, batch: int = 128, channels: i
 
 STEPS = {"linear": linear_step, "conv": conv_step}
 COLUMNS = ("kernel", "BLOCK_M", "GROUP", "num_warps", "num_stages", "shared", "registers", "local", "wgmma", "mma",
-           "cp_async", "programs_per_sm")  # fmt: skip
+           "cp_async", "programs_per_sm", "loop_instructions", "loop_mma")  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:

@@ -24,6 +24,7 @@ GEMMS = {
     "conv": ("_conv_fwd_kernel", "_conv_dx_kernel", "_conv_dw_kernel"),
 }
 SM90_SHARED = 227 * 1024  # the most shared memory one program may use on sm_90
+MAX_ISSUE_PER_HGMMA = 100
 
 needs_tools = pytest.mark.skipif(not offline.available(), reason="triton without its NVIDIA backend tools")
 
@@ -82,6 +83,12 @@ def test_bf16_step_compiles_to_pipelined_tensor_core_code_without_spills(tmp_pat
         one_narrow_tile = r["kernel"] == "_grad_weight_kernel" and r["sparsity"] > 0 and r["GROUP"] == 1
         if r["kernel"] != "_reduce_kernel" and not one_narrow_tile:
             assert r["wgmma"] > 0, f"{r['layer']} {r['sparsity']} {r['kernel']}: no wgmma"
+            # Issue per main-loop step: at most MAX_ISSUE_PER_HGMMA instructions per warp per HGMMA. An HGMMA
+            # (m64n32k16 to m64n64k16) keeps an SM's tensor cores 16-32 cycles; each warp issues one instruction per
+            # cycle. Measured (triton 3.9 / 3.6): 37-78 per HGMMA; the conv dW was 129 / 125 before its pixel
+            # decomposition left the loop (three vector divisions per row and step).
+            per = r["loop_instructions"] / max(1, r["loop_mma"])
+            assert r["loop_mma"] > 0 and per <= MAX_ISSUE_PER_HGMMA, f"{r['layer']} {r['kernel']}: {per:.0f} per HGMMA"
 
 
 @needs_tools

@@ -11,7 +11,10 @@ what decides its speed before any GPU is lent:
 - ``cp_async``: asynchronous global-to-shared copies, i.e. the loop's loads are software-pipelined;
 - ``shared``: bytes of shared memory per program (one pipeline stage holds the A and B tiles of one step);
 - ``registers`` and ``local`` (bytes per thread in local memory: spills), from ``cuobjdump``;
-- ``programs_per_sm``: how many programs fit on one SM by registers and shared memory (occupancy).
+- ``programs_per_sm``: how many programs fit on one SM by registers and shared memory (occupancy);
+- ``loop_instructions`` / ``loop_mma``: SASS instructions per warp in one step of the main loop, and how many of
+  them are HGMMA / HMMA: a step issuing many times more than its matrix instructions is bound by issue, not by the
+  tensor cores (an m64n64k16 HGMMA keeps one SM's tensor cores busy ~16 cycles).
 
 The specialization is Triton's own (``JITFunction.warmup`` on the real arguments: 16-byte aligned pointers,
 strides equal to 1), so the code is what a launch with the same tensors on a GPU would build.
@@ -50,6 +53,8 @@ class Compiled:
     cp_async: int
     tma: int
     programs_per_sm: int
+    loop_instructions: int
+    loop_mma: int
 
     def row(self) -> dict:
         return {"kernel": self.kernel, **self.config, **{f.name: getattr(self, f.name) for f in _STATS}}
@@ -100,16 +105,34 @@ def available() -> bool:
     return hasattr(driver, "_active") and hasattr(JITFunction, "warmup")
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """{'REG', 'SHARED', 'LOCAL', 'STACK'} of the one function in ``cubin``, read by ``cuobjdump``."""
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
-    usage = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", out))
+        return subprocess.run([_tool("cuobjdump"), *flags, path], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """{'REG', 'SHARED', 'LOCAL', 'STACK'} of the one function in ``cubin``, read by ``cuobjdump``."""
+    usage = dict(re.findall(r"\b(REG|SHARED|LOCAL|STACK):(\d+)", _cuobjdump(cubin, "--dump-resource-usage")))
     return {k: int(v) for k, v in usage.items()}
+
+
+def main_loop(cubin: bytes) -> tuple[int, int]:
+    """(instructions, tensor-core instructions) in the body of the kernel's main loop, the backward branch whose
+    body holds the most HGMMA / HMMA: what each loop step issues per warp next to its matrix instructions. (0, 0)
+    without such a loop."""
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump(cubin, "-sass"))]
+    best = (0, 0)
+    for addr, op in code:
+        target = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", op)
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        body = [o for a, o in code if int(target.group(1), 16) <= a <= addr]
+        mma = sum(bool(re.search(r"\bH(GMMA|MMA)\b", o)) for o in body)
+        best = max(best, (len(body), mma), key=lambda item: (item[1], item[0]))
+    return best
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int, limits: dict = SM90) -> int:
@@ -124,6 +147,7 @@ def describe(kernel: str, key: tuple, config: dict, compiled) -> Compiled:
     """The figures of one ``triton.compiler.CompiledKernel``."""
     ptx = compiled.asm["ptx"]
     usage = resource_usage(compiled.asm["cubin"])
+    loop_instructions, loop_mma = main_loop(compiled.asm["cubin"])
     shared = int(compiled.metadata.shared)
     warps = int(config.get("num_warps", 4))
     return Compiled(
@@ -138,6 +162,8 @@ def describe(kernel: str, key: tuple, config: dict, compiled) -> Compiled:
         cp_async=len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
         tma=len(re.findall(r"\bcp\.async\.bulk", ptx)),
         programs_per_sm=programs_per_sm(usage.get("REG", 0), shared, warps),
+        loop_instructions=loop_instructions,
+        loop_mma=loop_mma,
     )
 
 
