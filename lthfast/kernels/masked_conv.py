@@ -4,7 +4,9 @@ The weight [N=Cout, C=Cin, KH, KW] is the GEMM matrix [N, C*KH*KW] in its own (c
 is BLOCK_N output channels x BLOCK_C input channels x all KH*KW taps, i.e. the [BLOCK_N, BLOCK_C*KH*KW] tiles of
 ``tile_index(mask.view(N, -1), BLOCK_N, BLOCK_C*KH*KW)``: the kernels loop over the alive tiles of that cached
 index only, and inside a tile over the taps, gathering a [BLOCK_M, BLOCK_C] slab of the input per tap (no im2col
-is materialized). The mask is applied elementwise (``tl.where``) inside alive tiles.
+is materialized). Forward and dX read W ⊙ M, made by the launcher (one elementwise pass over the small weight,
+into channels_last), so a pruned weight contributes exact zeros even inside an alive tile; dW applies the mask at
+its store.
 
   forward  Y[m, n]  = sum_k Xcol[m, k] (W*M)[n, k]   grid: M-tiles x N-tiles, loop over the CSR row of the N-tile
   dX       dX[b, c, h, w] = sum_{n, tap} dY[b, n, p, q] (W*M)[n, c, tap] where h = p*stride - pad + r*dil:
@@ -31,6 +33,7 @@ from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked, tile_tap
 from lthfast.kernels.tile_index import TileIndex, keep_if_capturing, tile_index
+from lthfast.reference import SAME_WIDTH_INT
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Interpreter tiles: the smallest tl.dot accepts, so CI runs few and cheap loop iterations.
@@ -45,9 +48,9 @@ def conv_tiles(device: torch.device) -> tuple[int, int]:
     return INTERPRETER_TILE[1], INTERPRETER_TILE[2]
 
 
-# (id(mask), memory format) -> (weakref to mask, mask._version, copy). A mask is needed in two layouts: contiguous
-# for the tile index (a [N, C*KH*KW] view) and channels_last for the kernels' loads. Copies are kept until the
-# mask is edited in place or freed, so that neither a copy nor the index (a host sync) is rebuilt every step.
+# (id(mask), memory format) -> (weakref to mask, mask._version, copy). The tile index needs a contiguous mask (a
+# [N, C*KH*KW] view); a channels_last mask's copy is kept until the mask is edited in place or freed, so that
+# neither the copy nor the index (a host sync) is rebuilt every step.
 _copies: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
@@ -73,16 +76,21 @@ def conv_tile_index(mask: torch.Tensor) -> TileIndex:
     return tile_index(mask_as(mask, torch.contiguous_format).view(n, -1), block_n, block_c * kh * kw)
 
 
-def _channels_last(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # The kernels read [BLOCK_C]-long runs of one (n, tap): contiguous in channels_last, 9 elements apart for a
-    # 3x3 NCHW weight. Compiled offline for sm_90 (bf16, channels_last x), the forward has 42 scalar global loads
-    # with an NCHW weight and 10 with a channels_last one (the rest become 16-byte cp.async). The copy costs one
-    # pass over the weight, small next to the activations.
-    # Under CUDA graph capture the mask copy is made inside the graph, from the live mask: a cached copy would be
-    # replayed stale (and freed) after the mask changes in place.
-    capturing = mask.is_cuda and torch.cuda.is_current_stream_capturing()
-    layout = mask.contiguous(memory_format=torch.channels_last) if capturing else mask_as(mask, torch.channels_last)
-    return weight.contiguous(memory_format=torch.channels_last), layout
+def _masked_channels_last(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """W ⊙ M as a new channels_last tensor, exact zeros where the mask is False (the integer multiply of
+    ``lthfast.reference.masked_weight``), for the forward and dX kernels.
+
+    channels_last: the kernels read [BLOCK_C]-long runs of one (n, tap), contiguous in that layout and 9 elements
+    apart in a 3x3 NCHW weight (compiled offline for sm_90, bf16: 42 scalar global loads per forward step with an
+    NCHW weight, 10 with a channels_last one). Pre-masked: the kernels load no mask and select nothing per element
+    (1 -> 0 mask loads and ~100 fewer SASS instructions per forward step). One elementwise pass over the weight per
+    call, which the layout copy cost before; made from the live weight and mask, so a CUDA graph replays it exact
+    after an in-place prune.
+    """
+    out = torch.empty_like(weight, memory_format=torch.channels_last)
+    ints = SAME_WIDTH_INT[weight.dtype]
+    torch.mul(weight.view(ints), mask, out=out.view(ints))
+    return out
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -120,12 +128,12 @@ def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, key: tuple, gr
 
 @triton.jit
 def _conv_fwd_kernel(
-    # pointers: input, weight, mask, bias, output; CSR of the tile index (alive C-blocks of each N-tile)
-    x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, row_ptr, row_cols,
+    # pointers: input, W ⊙ M, bias, output; CSR of the tile index (alive C-blocks of each N-tile)
+    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, row_cols,
     # sizes: batch, in channels, input H, W, out channels, output H (P), W (Q)
     B, C, H, W, N, P, Q,
-    # strides (elements) of x [B, C, H, W], weight and mask [N, C, KH, KW], y [B, N, P, Q]
-    sxb, sxc, sxh, sxw, swn, swc, swh, sww, smn, smc, smh, smw, syb, syn, syp, syq,
+    # strides (elements) of x [B, C, H, W], W ⊙ M [N, C, KH, KW], y [B, N, P, Q]
+    sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syp, syq,
     # convolution: stride, top/left padding, dilation
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -162,8 +170,6 @@ def _conv_fwd_kernel(
                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         wc_ok = c_ok[:, None] & n_ok[None, :]
         w = tl.load(w_ptr + offs_c[:, None] * swc + offs_n[None, :] * swn + r * swh + s * sww, mask=wc_ok, other=0.0)
-        keep = tl.load(m_ptr + offs_c[:, None] * smc + offs_n[None, :] * smn + r * smh + s * smw, mask=wc_ok, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
         if DOT_FP32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -178,10 +184,10 @@ def _conv_fwd_kernel(
 @triton.jit
 def _conv_dx_kernel(
     # pointers: output gradient, weight, mask, input gradient; CSC of the tile index (alive N-tiles of a C-block)
-    dy_ptr, w_ptr, m_ptr, dx_ptr, col_ptr, col_rows,
+    dy_ptr, w_ptr, dx_ptr, col_ptr, col_rows,
     B, C, H, W, N, P, Q,
-    # strides of dy [B, N, P, Q], weight, mask, dx [B, C, H, W]
-    sdb, sdn, sdp, sdq, swn, swc, swh, sww, smn, smc, smh, smw, sxb, sxc, sxh, sxw,
+    # strides of dy [B, N, P, Q], W ⊙ M, dx [B, C, H, W]
+    sdb, sdn, sdp, sdq, swn, swc, swh, sww, sxb, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -217,8 +223,6 @@ def _conv_dx_kernel(
                     mask=pix_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
         wn_ok = n_ok[:, None] & c_ok[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, mask=wn_ok, other=0.0)
-        keep = tl.load(m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw, mask=wn_ok, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
         if DOT_FP32:
             g = g.to(tl.float32)
             w = w.to(tl.float32)
@@ -325,14 +329,14 @@ def conv2d_forward(
     n, _, kh, kw = weight.shape
     p, q = out.shape[2:]
     index = conv_tile_index(mask) if index is None else index
-    weight, mask = _channels_last(weight, mask)
+    weight = _masked_channels_last(weight, mask)
     block_n, block_c = conv_tiles(x.device)
     grid = lambda meta: (cdiv(batch * p * q, meta["BLOCK_M"]) * cdiv(n, block_n),)
     _launch(
         _fwd, x, index, (size_class(batch), n, c, p, q, *stride, density_class(index.tile_density)), grid,
-        x, weight, mask, bias if bias is not None else weight, out, index.row_ptr, index.row_cols,
+        x, weight, bias if bias is not None else weight, out, index.row_ptr, index.row_cols,
         batch, c, h, w, n, p, q,
-        *x.stride(), *weight.stride(), *mask.stride(), *out.stride(),
+        *x.stride(), *weight.stride(), *out.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
         BLOCK_N=block_n, BLOCK_C=block_c,
@@ -355,14 +359,14 @@ def conv2d_grad_input(
     n, _, kh, kw = weight.shape
     p, q = grad_out.shape[2:]
     index = conv_tile_index(mask) if index is None else index
-    weight, mask = _channels_last(weight, mask)
+    weight = _masked_channels_last(weight, mask)
     block_n, block_c = conv_tiles(grad_x.device)
     grid = lambda meta: (cdiv(batch * h * w, meta["BLOCK_M"]) * cdiv(c, block_c),)
     _launch(
         _dx, grad_x, index, (size_class(batch), n, c, h, w, *stride, density_class(index.tile_density)), grid,
-        grad_out, weight, mask, grad_x, index.col_ptr, index.col_rows,
+        grad_out, weight, grad_x, index.col_ptr, index.col_rows,
         batch, c, h, w, n, p, q,
-        *grad_out.stride(), *weight.stride(), *mask.stride(), *grad_x.stride(),
+        *grad_out.stride(), *weight.stride(), *grad_x.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, INPUT_PRECISION=_input_precision(grad_x.dtype), DOT_FP32=_dot_fp32(grad_x.dtype),
         BLOCK_N=block_n, BLOCK_C=block_c,
