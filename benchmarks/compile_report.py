@@ -7,8 +7,9 @@ spills and occupancy are printed (``--json`` writes them). No kernel runs; no GP
 
     python benchmarks/compile_report.py [--what linear,conv] [--dtype bfloat16] [--first] [--json out.json]
 
-Layers: Linear(4096, 4096) at 8192 tokens (issue 3) and a 3x3 conv 256 -> 256 on 128 x 16 x 16 (ResNet-18 CIFAR's
-third stage, issue 4), each at 0% and at 90% / 98% sparsity in 32-wide blocks.
+Layers: Linear(4096, 4096) at 8192 tokens (issue 3), a 3x3 conv 256 -> 256 on 128 x 16 x 16 (ResNet-18 CIFAR's
+third stage, issue 4) and, with ``--what conv-s2``, that stage's stride-2 entry (128 -> 256 on 128 x 32 x 32), each
+at 0% and at 90% / 98% sparsity in 32-wide blocks.
 """
 
 from __future__ import annotations
@@ -45,24 +46,31 @@ def linear_step(
     mm.masked_linear_grad_weight(y, x, mask, index, group=group)
 
 
-def conv_step(dtype: torch.dtype, sparsity: float, batch: int = 128, channels: int = 256, size: int = 16) -> None:
-    """The launches of one masked 3x3 conv training step (stride 1, padding 1), channels_last activations."""
+def conv_step(
+    dtype: torch.dtype, sparsity: float, batch: int = 128, cin: int = 256, cout: int = 256, size: int = 16, stride=1
+) -> None:
+    """The launches of one masked 3x3 conv training step (padding 1), channels_last activations."""
     from lthfast.kernels import masked_conv as mc
 
     gen = torch.Generator().manual_seed(0)
     cl = torch.channels_last
-    x = torch.empty(batch, channels, size, size, dtype=dtype).contiguous(memory_format=cl)
-    w = torch.empty(channels, channels, 3, 3, dtype=dtype)
-    b = torch.empty(channels, dtype=dtype)
+    x = torch.empty(batch, cin, size, size, dtype=dtype).contiguous(memory_format=cl)
+    w = torch.empty(cout, cin, 3, 3, dtype=dtype)
+    b = torch.empty(cout, dtype=dtype)
     mask = conv_block_mask(tuple(w.shape), sparsity, BLOCK, gen)
-    out = torch.empty_like(x)
-    conv = ((1, 1), (1, 1, 1, 1), (1, 1))
+    out = torch.empty(batch, cout, size // stride, size // stride, dtype=dtype).contiguous(memory_format=cl)
+    conv = ((stride, stride), (1, 1, 1, 1), (1, 1))
     mc.conv2d_forward(x, w, mask, b, out, *conv)
     mc.conv2d_grad_input(out, w, mask, torch.empty_like(x), *conv)
     mc.conv2d_grad_weight(out, x, mask, torch.zeros_like(w), *conv)
 
 
-STEPS = {"linear": linear_step, "conv": conv_step}
+def conv_stride2_step(dtype: torch.dtype, sparsity: float) -> None:
+    """A downsampling 3x3 conv, 128 -> 256 channels, stride 2, on 128 x 32 x 32 (ResNet-18 CIFAR's layer3 entry)."""
+    conv_step(dtype, sparsity, cin=128, cout=256, size=32, stride=2)
+
+
+STEPS = {"linear": linear_step, "conv": conv_step, "conv-s2": conv_stride2_step}
 COLUMNS = ("kernel", "BLOCK_M", "GROUP", "num_warps", "num_stages", "shared", "registers", "local", "wgmma", "mma",
            "cp_async", "programs_per_sm", "loop_instructions", "loop_mma")  # fmt: skip
 
