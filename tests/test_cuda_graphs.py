@@ -1,6 +1,6 @@
 """Masked steps captured as CUDA graphs (lthfast.bench.timing.graphed): a replay recomputes from the live inputs,
 and a replay after the mask was pruned in place stays exact (the captured tile index is kept alive, and is a
-superset of the alive tiles; the conv kernels' channels_last mask copy is made inside the graph)."""
+superset of the alive tiles; the conv kernels' W ⊙ M is made inside the graph, from the live mask)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _problem(op):
         mask = block_mask(96, 80, 0.5, 16).cuda()
         x = torch.randn(33, 80, device="cuda", requires_grad=True)
         return x, w, mask, torch.randn(33, 96, device="cuda"), {}
-    w = torch.randn(40, 24, 3, 3, device="cuda", requires_grad=True)  # NCHW: the kernels read a channels_last copy
+    w = torch.randn(40, 24, 3, 3, device="cuda", requires_grad=True)  # NCHW: the kernels read a channels_last W ⊙ M
     mask = torch.rand(40, 24, 3, 3, device="cuda") > 0.3
     x = torch.randn(2, 24, 9, 7, device="cuda", requires_grad=True)
     conv = {"stride": 1, "padding": 1}
@@ -81,7 +81,7 @@ def test_replay_after_an_in_place_prune_is_exact(op):
         mask[:16] = False
         mask.logical_and_(torch.rand(mask.shape, device="cuda") > 0.3)
     torch.cuda.synchronize()
-    # An eager step with the pruned mask drops the captured index from the cache (and the conv mask copy) and builds
+    # An eager step with the pruned mask drops the captured index from the cache and builds
     # new ones; the allocations after it would reuse memory that was freed.
     if op == "linear":
         functional.masked_linear(x.detach(), w.detach(), mask)
