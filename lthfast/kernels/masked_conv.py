@@ -151,9 +151,10 @@ def _conv_fwd_kernel(
     q = offs_m % Q
     p = (offs_m // Q) % P
     b = offs_m // (P * Q)
-    x_row = b.to(tl.int64) * sxb
     ih0 = p * stride_h - pad_h
     iw0 = q * stride_w - pad_w
+    # a row's input offset for tap (r, s) is its tap-(0, 0) offset plus a scalar: one vector add per step
+    x_base = b.to(tl.int64) * sxb + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     lo = tl.load(row_ptr + pid_n)
     hi = tl.load(row_ptr + pid_n + 1)
@@ -165,7 +166,7 @@ def _conv_fwd_kernel(
         ih = ih0 + r * dil_h
         iw = iw0 + s * dil_w
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_off = x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        x_off = x_base + ((r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw)
         a = tl.load(x_ptr + x_off[:, None] + offs_c[None, :].to(tl.int64) * sxc,
                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         wc_ok = c_ok[:, None] & n_ok[None, :]
@@ -207,6 +208,8 @@ def _conv_dx_kernel(
     ih = (offs_m // W) % H
     b = offs_m // (H * W)
     dy_row = b.to(tl.int64) * sdb
+    if stride_h == 1 and stride_w == 1:  # dY's offset for tap (r, s) is the row's tap-(0, 0) offset minus a scalar
+        dy_base = dy_row + (ih + pad_h).to(tl.int64) * sdp + (iw + pad_w).to(tl.int64) * sdq
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     lo = tl.load(col_ptr + pid_c)
     hi = tl.load(col_ptr + pid_c + 1)
@@ -220,7 +223,10 @@ def _conv_dx_kernel(
         p = hp // stride_h
         q = wq // stride_w
         pix_ok = m_ok & (hp >= 0) & (wq >= 0) & (p * stride_h == hp) & (q * stride_w == wq) & (p < P) & (q < Q)
-        dy_off = dy_row + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
+        if stride_h == 1 and stride_w == 1:
+            dy_off = dy_base - ((r * dil_h).to(tl.int64) * sdp + (s * dil_w).to(tl.int64) * sdq)
+        else:
+            dy_off = dy_row + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq
         g = tl.load(dy_ptr + dy_off[:, None] + offs_n[None, :].to(tl.int64) * sdn,
                     mask=pix_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
         wn_ok = n_ok[:, None] & c_ok[None, :]
