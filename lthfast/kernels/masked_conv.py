@@ -87,9 +87,10 @@ def _masked_channels_last(weight: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     call, which the layout copy cost before; made from the live weight and mask, so a CUDA graph replays it exact
     after an in-place prune.
     """
-    out = torch.empty_like(weight, memory_format=torch.channels_last)
+    out = torch.empty_like(weight, memory_format=torch.channels_last, requires_grad=False)
     ints = SAME_WIDTH_INT[weight.dtype]
-    torch.mul(weight.view(ints), mask, out=out.view(ints))
+    with torch.no_grad():  # the kernels are not differentiable; a caller's weight may still require grad
+        torch.mul(weight.detach().view(ints), mask, out=out.view(ints))
     return out
 
 
