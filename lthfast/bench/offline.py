@@ -14,7 +14,7 @@ what decides its speed before any GPU is lent:
 - ``programs_per_sm``: how many programs fit on one SM by registers and shared memory (occupancy);
 - ``loop_instructions`` / ``loop_mma``: SASS instructions per warp in one step of the main loop, and how many of
   them are HGMMA / HMMA: a step issuing many times more than its matrix instructions is bound by issue, not by the
-  tensor cores (an m64n64k16 HGMMA keeps one SM's tensor cores busy ~16 cycles).
+  tensor cores (an m64n32k16 HGMMA is ~16 cycles of one SM's tensor cores at bf16, m64n64k16 ~32).
 
 The specialization is Triton's own (``JITFunction.warmup`` on the real arguments: 16-byte aligned pointers,
 strides equal to 1), so the code is what a launch with the same tensors on a GPU would build.
