@@ -19,15 +19,19 @@ def run(x, w, m, b):
 
 @pytest.mark.parametrize("route", ["dense", "full", "block"])
 def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
-    """Three routes, bitwise equal: torch's own ops (the dense route of a small layer), the autograd.Function
-    (the block route, or any layer above NATIVE_CPU_MAX_WEIGHT) and the custom op (compile, modes, autocast)."""
+    """Three routes, bitwise equal: torch's own ops (the dense route), the autograd.Function (the block route;
+    forced here on the others) and the custom op (compile, modes, autocast). 96x200 weights: W ⊙ M under autograd
+    is masking's integer multiply (AUTOGRAD_INT_MIN_WEIGHT)."""
+    from lthfast.ops import masking
+
     torch.manual_seed(0)
-    n, k = 96, 160
+    n, k = 96, 200
+    assert n * k >= masking.AUTOGRAD_INT_MIN_WEIGHT
     if route == "block":
         monkeypatch.setattr(linear_torch, "CPU_MIN_MACS", 0)
         monkeypatch.setattr(linear_torch, "CPU_CROSSOVER", {32: 2.0})
-        tiles = torch.rand(3, 5) < 0.4
-        m = tiles.repeat_interleave(32, 0).repeat_interleave(32, 1)
+        tiles = torch.rand(3, 7) < 0.4
+        m = tiles.repeat_interleave(32, 0).repeat_interleave(32, 1)[:, :k]
     else:
         m = torch.ones(n, k, dtype=torch.bool) if route == "full" else torch.rand(n, k) < 0.6
     x, w, b = torch.randn(2, 7, k), torch.randn(n, k), torch.randn(n)
@@ -35,11 +39,11 @@ def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
     eager_fn = linear._Eager.apply
     monkeypatch.setattr(linear._Eager, "apply", lambda *a: calls.append(1) or eager_fn(*a))
     native = run(x, w, m, b)
-    assert bool(calls) == (route == "block"), "a small dense-route layer runs torch's ops, the block route the Function"
-    monkeypatch.setattr(linear, "NATIVE_CPU_MAX_WEIGHT", 0)
+    assert bool(calls) == (route == "block"), "a dense-route layer runs torch's ops, the block route the Function"
+    monkeypatch.setattr(linear, "_native_dense", lambda *a: False)
     calls.clear()
     function = run(x, w, m, b)
-    assert calls, "a plain eager call above NATIVE_CPU_MAX_WEIGHT takes the Function"
+    assert calls, "the Function's dense route"
     monkeypatch.setattr(linear, "eager_ok", lambda *a: False)
     calls.clear()
     custom = run(x, w, m, b)
@@ -51,7 +55,6 @@ def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
 def test_dense_route_without_autograd_gives_the_same_bits(monkeypatch):
     """No autograd (no_grad, or a weight without grad) on the native dense route: W ⊙ M from the integer multiply,
     not torch.where, and the same output bits, a NaN under a pruned weight included."""
-    from lthfast.ops import conv
 
     torch.manual_seed(2)
     m = torch.rand(24, 40) < 0.5
@@ -67,7 +70,6 @@ def test_dense_route_without_autograd_gives_the_same_bits(monkeypatch):
         assert torch.equal(functional.masked_linear(x, w, m, b), expected) and torch.isfinite(expected).all()
         assert torch.equal(functional.masked_conv2d(cx, cw, cm, padding=1), expected_conv)
     assert torch.equal(functional.masked_linear(x, w.detach(), m, b), expected)
-    assert conv.NATIVE_CPU_MAX_WEIGHT >= w.numel()  # the route under test
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -91,7 +93,7 @@ def test_conv_eager_and_custom_op_routes_agree_bitwise(layout, monkeypatch):
     monkeypatch.setattr(conv._Eager, "apply", lambda *a: calls.append(1) or eager_fn(*a))
     native = run_conv()
     assert not calls, "a small layer's dense route runs torch's own ops"
-    monkeypatch.setattr(conv, "NATIVE_CPU_MAX_WEIGHT", 0)
+    monkeypatch.setattr(conv, "_native_dense", lambda *a: False)
     function = run_conv()
     assert calls
     monkeypatch.setattr(conv, "eager_ok", lambda *a: False)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from lthfast import _backend
 from lthfast.ops import autocast
 from lthfast.ops.eager import eager_ok
-from lthfast.ops.linear import NATIVE_CPU_MAX_WEIGHT
 from lthfast.ops.masking import mask_, masked
 
 # "auto" runs dense cuDNN on W*M when the tile density (fraction of alive weight tiles) is above this value,
@@ -354,16 +353,15 @@ def masked_conv2d(
                                             where)  # fmt: skip
     elif _native_dense(x, weight, mask, groups, where):
         xp, sym = _symmetric(x, padding)
-        y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)  # torch.where under autograd
+        y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)  # differentiable in W
     else:
         y = _Eager.apply(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where)
     return y.squeeze(0) if unbatched else y
 
 
 def _native_dense(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, groups: int, where: str) -> bool:
-    """Whether a plain eager call takes the dense route as torch's own ops, ``F.conv2d`` on ``torch.where(M, W, 0)``
-    with torch's C++ autograd instead of lthfast's Python Function (``lthfast.ops.linear.NATIVE_CPU_MAX_WEIGHT``):
-    the same products, dW exactly zero where M is False. On CUDA always; on CPU up to that many weights."""
-    if x.device.type == "cpu" and weight.numel() > NATIVE_CPU_MAX_WEIGHT:
-        return False
+    """Whether a plain eager call takes the dense route as torch's own ops, ``F.conv2d`` on W ⊙ M
+    (``lthfast.ops.masking.masked``, differentiable in the weight) with torch's C++ autograd instead of lthfast's
+    Python Function (``lthfast.ops.linear``'s comment on the dense route): the same products, dW exactly zero where
+    M is False. Every call the Triton kernels do not take."""
     return _kernel_index(x, mask, groups, where) is None

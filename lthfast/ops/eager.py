@@ -7,9 +7,9 @@ mode none of that applies, and the dispatch costs ~0.6 ms per op call in Python 
 wrapper, default filling): more than the whole GEMM of a small layer (an IMP MLP's 256x256 layer at batch 100:
 training step 1.7 ms against dense F.linear's 0.9 ms, 1 thread of the 2-core EPYC VM). There the same forward and
 backward functions run through a ``torch.autograd.Function`` instead: the same numerics, no dispatch. Where the
-call takes the dense route (every CUDA layer the kernels do not pay on, small CPU layers) even that Function is
-skipped: ``F.linear`` / ``F.conv2d`` on ``torch.where(M, W, 0)`` with torch's C++ autograd (lthfast.ops.linear
-``NATIVE_CPU_MAX_WEIGHT``).
+call takes the dense route (every layer but the kernels' and the CPU block route's) even that Function is
+skipped: ``F.linear`` / ``F.conv2d`` on W ⊙ M (``lthfast.ops.masking.masked``) with torch's C++ autograd (see the
+comment on the dense route in lthfast.ops.linear).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Layers, top down:
                                             (plain eager calls run the same two functions through an
                                             autograd.Function instead: lthfast.ops.eager; and on the dense
                                             route of a CUDA layer or a small CPU one, torch's own ops:
-                                            F.linear on torch.where(M, W, 0), NATIVE_CPU_MAX_WEIGHT):
+                                            F.linear on W ⊙ M from lthfast.ops.masking.masked):
       Triton kernels (lthfast.kernels.masked_matmul)   when lthfast._backend.use_triton(...) says so
       torch path (lthfast.ops.linear_torch)             otherwise: block-sparse on CPU, or dense on W ⊙ M
 The same ops run on every device, so a compiled graph does not depend on where the tensors live.
@@ -30,17 +30,16 @@ from lthfast.ops.masking import masked
 # to dense in two runs out of two (1.177 and 1.430 ms against ~1.1 ms), the step being bound by host time.
 CUDA_DENSE_ABOVE = 0.05
 
-# Plain eager calls on the dense route run as torch's own autograd ops, F.linear on torch.where(M, W, 0), rather
-# than through lthfast's autograd.Function: on a layer small enough for the step to be host time, the Function's
-# Python (validation, routing, forward and backward in Python) made it 2.2x the mask-multiply step; with torch's
-# ops 1.6x (`python benchmarks/host_overhead.py --what layers --repeat 7`, 64x64 layer, 4 rows, 1 thread of the
-# 2-core dev box: 278 -> 200 us against 125 us; conv 16->32 3x3: 670 -> 495 us against 400 us). On CUDA
-# always. On CPU only up to this many weights: torch.where's CPU kernel (branching on a random mask: ~1-4 ns per
-# weight) is ~4-20x slower than the Function's integer multiply by the mask's cached bits (lthfast.ops.masking).
-# Train step, 1 thread, 50% unstructured mask, 11 interleaved rounds (native / Function route, us): 10x100 at 128
-# rows 245 / 325, 100x300 at 128 rows 610 / 646, 128x256 at 64 rows 510 / 522, 200x200 at 64 rows 599 / 594,
-# 256x256 at 64 rows 1095 / 678, 300x784 at 128 rows 5650 / 3694.
-NATIVE_CPU_MAX_WEIGHT = 128 * 256
+# Plain eager calls on the dense route run as torch's own autograd ops, F.linear on W ⊙ M made by
+# lthfast.ops.masking.masked (torch.where, or from 16384 weights on on CPU an integer multiply by the mask's cached
+# bits in a small autograd.Function), rather than through lthfast's autograd.Function for the whole op: on a layer
+# small enough for the step to be host time, the Function's Python (validation, routing, forward and backward in
+# Python) made it 2.2x the mask-multiply step; with torch's ops 1.6x (`python benchmarks/host_overhead.py --what
+# layers --repeat 7`, 64x64 layer, 4 rows, 1 thread of the 2-core dev box: 278 -> 200 us against 125 us; conv 16->32
+# 3x3: 670 -> 495 us against 400 us). On large CPU layers the two are the same products, the native route with one
+# mask multiply fewer (autograd keeps W ⊙ M for dX): train step, 50% random mask, 11 interleaved rounds (ms, native
+# / Function): Linear 2048x2048 at 512 rows, 2 threads, 79.0 / 79.9; conv 64->64 3x3 on 128x64x8x8, 1 thread,
+# 22.6 / 24.2; conv 128->128 on 64x128x16x16, 2 threads, 81.3 / 87.4.
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)
@@ -180,11 +179,9 @@ autocast.register("masked_linear_bwd", cast=False)
 
 
 def _native_dense(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether a plain eager call takes the dense route as torch's own ops (``NATIVE_CPU_MAX_WEIGHT``): the same
-    products as the dense route of ``_forward`` / ``_grads`` (dW = where(M, dY^T X, 0), exact zeros, no NaN from a
-    pruned weight), with torch's C++ autograd instead of lthfast's Python Function."""
-    if x.device.type == "cpu" and weight.numel() > NATIVE_CPU_MAX_WEIGHT:
-        return False
+    """Whether a plain eager call takes the dense route as torch's own ops: the same products as the dense route of
+    ``_forward`` / ``_grads`` (dW = dY^T X ⊙ M, exact zeros, no NaN from a pruned weight), with torch's C++
+    autograd instead of lthfast's Python Function. Every call but the kernels' and the CPU block route's."""
     if _use_kernels(x):
         return _kernel_index(mask) is None
     return linear_torch.plan(mask, x.shape[0], x.dtype) is None  # None off CPU and for dense CPU layers
@@ -236,7 +233,7 @@ def masked_linear(
     x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
     if eager_ok(x2d, weight, mask, bias):
         if _native_dense(x2d, weight, mask):
-            w = weight if linear_torch.all_alive(mask) else masked(weight, mask)  # torch.where under autograd
+            w = weight if linear_torch.all_alive(mask) else masked(weight, mask)  # differentiable in the weight
             y = torch.nn.functional.linear(x2d, w, bias)
         else:
             y = _Eager.apply(x2d, weight, mask, bias)
