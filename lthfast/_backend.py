@@ -102,10 +102,10 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     Raises when the backend is forced to "triton" but cannot run on the tensors' device, so that a
     test or benchmark never silently measures the fallback.
     """
-    device = next(t.device for t in tensors if t is not None)
-    name = get_backend()
+    name = getattr(_state, "backend", None) or _default_backend  # get_backend(), inlined: once per op call
     if name == "torch":
         return False
+    device = next(t.device for t in tensors if t is not None)
     runs = triton_runs_on(device)
     if name == "triton" and not runs:
         why = "triton is not importable" if not triton_available() else f"device {device} needs TRITON_INTERPRET=1"

@@ -106,3 +106,40 @@ def test_capturing_before_any_eager_step_says_to_warm_up():
         chain.append(str(error))
         error = error.__context__ or error.__cause__
     assert any("run one eager step" in message for message in chain), chain
+
+
+def test_the_dense_route_zero_made_inside_a_capture_is_not_kept(monkeypatch):
+    """masking._zero keeps one 0-dim zero per dtype and device for torch.where; one first made inside a capture
+    holds data only when the graph replays, so it must not be kept for the eager calls after it."""
+    import lthfast
+    from lthfast.ops import masking
+
+    monkeypatch.setattr(masking, "_zeros", {})
+    torch.manual_seed(0)
+    w = torch.randn(64, 48, device="cuda", requires_grad=True)
+    mask = torch.rand(64, 48, device="cuda") > 0.5  # every tile alive: "auto" takes the dense route
+    x = torch.randn(8, 48, device="cuda")
+    out = {}
+
+    def step():
+        out["y"] = functional.masked_linear(x, w, mask)
+        (out["dw"],) = torch.autograd.grad(out["y"], (w,), torch.ones_like(out["y"]))
+
+    with lthfast.backend("auto"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up: indices built, the zero made and kept
+        torch.cuda.current_stream().wait_stream(side)
+        assert list(masking._zeros) == [(torch.float32, w.device)]
+        masking._zeros.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        assert not masking._zeros, "a zero made inside the capture was kept"
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, {"y": reference.masked_linear(x.double(), w.detach().double(), mask),
+                     "dw": torch.ones(8, 64, dtype=torch.float64, device="cuda").t() @ x.double() * mask})  # fmt: skip
+        step()  # eager again: made and kept
+        assert list(masking._zeros) == [(torch.float32, w.device)]

@@ -90,6 +90,9 @@ def test_ops_masking_under_autograd_gives_where_bits_forward_and_backward(dtype,
         monkeypatch.setattr(torch, "where", lambda *a: pytest.fail("the integer route must not call torch.where"))
     got = masking.masked(leaf, mask)
     assert got.requires_grad and (type(got.grad_fn).__name__ == "_MaskedWeightBackward") == big
+    if not big:  # where's zero is made once per dtype and device, and stays zero
+        zero = masking._zeros[(dtype, leaf.device)]
+        assert masking._zero(dtype, leaf.device) is zero and zero.item() == 0 and zero.dim() == 0
     got.backward(grad)
     assert torch.equal(got.detach().view(ints), expected.detach().view(ints))
     assert torch.equal(leaf.grad.view(ints), expected_grad.view(ints))

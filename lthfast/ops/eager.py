@@ -22,14 +22,18 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def eager_ok(*tensors: torch.Tensor | None) -> bool:
     """True when nothing but plain eager autograd would see the op: not compiling, no functorch transform,
-    no dispatch or torch-function mode, no autocast on the tensors' device, only plain tensors."""
+    no dispatch or torch-function mode, no autocast on the tensors' device, only plain tensors.
+    The callers have checked that the tensors share one device (autocast is asked for the first one's)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False
+    first = None
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in _PLAIN or torch.is_autocast_enabled(t.device.type):
+        if type(t) not in _PLAIN:
             return False
-    return True
+        if first is None:
+            first = t
+    return first is None or not torch.is_autocast_enabled(first.device.type)

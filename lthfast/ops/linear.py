@@ -197,8 +197,11 @@ def _check(x, weight, mask, bias, where: str) -> None:
         raise TypeError(f"{where}: weight dtype {weight.dtype} is not one of {DTYPES}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{where}: x shape {tuple(x.shape)} does not end in K={weight.shape[1]} (weight)")
-    mixed_ok = autocast.mixes(x.device.type, x, weight, bias)  # the autocast rule casts them to one dtype
-    if x.dtype != weight.dtype and not mixed_ok:
+
+    def mixed_ok() -> bool:  # the autocast rule casts them to one dtype; asked only when the dtypes differ
+        return autocast.mixes(x.device.type, x, weight, bias)
+
+    if x.dtype != weight.dtype and not mixed_ok():
         raise TypeError(f"{where}: x is {x.dtype} but the weight is {weight.dtype}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{where}: mask must be bool, got {mask.dtype}")
@@ -209,7 +212,7 @@ def _check(x, weight, mask, bias, where: str) -> None:
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
             raise ValueError(f"{where}: bias must be a tensor of shape [{weight.shape[0]}]")
-        if (bias.dtype != weight.dtype and not mixed_ok) or bias.device != weight.device:
+        if (bias.dtype != weight.dtype and not mixed_ok()) or bias.device != weight.device:
             raise TypeError(f"{where}: bias is {bias.dtype} on {bias.device}, weight {weight.dtype}")
 
 

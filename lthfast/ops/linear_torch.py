@@ -157,6 +157,11 @@ def plan(mask: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> B
     if mask.device.type != "cpu" or rows * n * k < CPU_MIN_MACS:
         return None
     crossovers = CPU_CROSSOVER if _block_ext(_compute_dtype(dtype)) is not None else CPU_CROSSOVER_TORCH
+    # the choice cached on the mask beside the indices it reads (one lookup per call instead of one per tile size)
+    return cached_on_mask(mask, ("plan-of", *crossovers.items()), lambda: _best_plan(mask, crossovers))
+
+
+def _best_plan(mask: torch.Tensor, crossovers: dict[int, float]) -> BlockPlan | None:
     best, best_ratio = None, 1.0
     for block, crossover in crossovers.items():
         index = tile_index(mask, block, block)

@@ -51,6 +51,22 @@ class _MaskedWeight(torch.autograd.Function):
         return masked(grad, mask), None
 
 
+_zeros: dict = {}
+
+
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim zero of ``dtype`` on ``device``, never written to, kept from the first call that is not captured
+    into a CUDA graph (whose allocations only hold data when it replays): a fresh one per call cost ~1.7 us on CPU
+    and a fill kernel launch on CUDA. Only real tensors reach here (eager calls and the custom ops' bodies)."""
+    key = (dtype, device)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        if not (zero.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _zeros[key] = zero
+    return zero
+
+
 def masked(weight: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """W ⊙ M as a new tensor (or into ``out``, weight's shape and dtype, outside autograd only); differentiable in
     the weight when autograd records it (``torch.where``, or ``_MaskedWeight`` from AUTOGRAD_INT_MIN_WEIGHT weights
@@ -60,7 +76,10 @@ def masked(weight: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = 
         if out is None and ints is not None and weight.device.type == "cpu":
             if weight.numel() >= AUTOGRAD_INT_MIN_WEIGHT:
                 return _MaskedWeight.apply(weight, mask)
-        product = masked_weight(weight, mask)
+        if ints is not None:  # masked_weight's where, with a zero made once
+            product = torch.where(mask, weight, _zero(weight.dtype, weight.device))
+        else:
+            product = masked_weight(weight, mask)
         return product if out is None else out.copy_(product)
     bits = mask_bits(mask, ints)
     if out is None:
