@@ -64,9 +64,22 @@ def backend(name: str) -> Iterator[str]:
         _state.backend = previous
 
 
+# os.environ's backing dict (CPython; bytes keys on POSIX), which os.environ's writes (and so monkeypatch.setenv)
+# update: ``os.environ.get`` runs four Python-level calls (Mapping.get, __getitem__, encodekey, decode), ~5 us per
+# op call between the products of a small layer's step (1 thread of the 2-core dev box), one dict lookup here.
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENVIRON_DATA, dict):
+    _ENVIRON_DATA = None
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    """True when Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``), read at every call."""
+    if _ENVIRON_DATA is not None:
+        raw = _ENVIRON_DATA.get(b"TRITON_INTERPRET")
+        value = "0" if raw is None else raw.decode(errors="replace")
+    else:
+        value = os.environ.get("TRITON_INTERPRET", "0")
+    return value not in ("", "0", "false", "False")
 
 
 @functools.cache
@@ -89,11 +102,9 @@ def cuda_available() -> bool:
 
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of ``device``."""
-    if not triton_available():
-        return False
     if device.type == "cuda":
-        return True
-    return device.type == "cpu" and interpreter_enabled()
+        return triton_available()
+    return device.type == "cpu" and interpreter_enabled() and triton_available()  # the cheap flag first
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
@@ -105,7 +116,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     name = getattr(_state, "backend", None) or _default_backend  # get_backend(), inlined: once per op call
     if name == "torch":
         return False
-    device = next(t.device for t in tensors if t is not None)
+    device = next(t for t in tensors if t is not None).device
     runs = triton_runs_on(device)
     if name == "triton" and not runs:
         why = "triton is not importable" if not triton_available() else f"device {device} needs TRITON_INTERPRET=1"

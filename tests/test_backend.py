@@ -48,3 +48,22 @@ def test_info_lists_versions_and_extension(capsys):
     out = capsys.readouterr().out
     for key in ("torch", "triton", "numpy", "device", "_C", "backend"):
         assert key in out
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["environ-dict", "os.environ.get"])
+@pytest.mark.parametrize(("value", "on"), [(None, False), ("", False), ("0", False), ("false", False),
+                                           ("False", False), ("1", True), ("true", True)])  # fmt: skip
+def test_interpreter_flag_is_read_at_every_call(monkeypatch, fast, value, on):
+    """interpreter_enabled reads os.environ's backing dict (one lookup) where CPython has it, os.environ.get
+    elsewhere: the same answer, and a change made through os.environ is seen at the next call."""
+    if not fast:
+        monkeypatch.setattr(_backend, "_ENVIRON_DATA", None)
+    elif _backend._ENVIRON_DATA is None:
+        pytest.skip("no os.environ backing dict on this platform")
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _backend.interpreter_enabled() is on
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if on else "1")
+    assert _backend.interpreter_enabled() is (not on)

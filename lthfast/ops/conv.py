@@ -86,14 +86,17 @@ def _check(x, weight, mask, bias, groups, where: str) -> None:
             f"{where}: x has {x.shape[-3]} channels but weight {tuple(weight.shape)} with groups={groups} "
             f"expects {cin_g * groups}"
         )
-    mixed_ok = autocast.mixes(x.device.type, x, weight, bias)  # the autocast rule casts them to one dtype
-    if not weight.is_floating_point() or (x.dtype != weight.dtype and not mixed_ok):
+
+    def mixed_ok() -> bool:  # the autocast rule casts them to one dtype; asked only when the dtypes differ
+        return autocast.mixes(x.device.type, x, weight, bias)
+
+    if not weight.is_floating_point() or (x.dtype != weight.dtype and not mixed_ok()):
         raise TypeError(f"{where}: x ({x.dtype}) and weight ({weight.dtype}) must share one floating dtype")
     tensors = [("x", x), ("mask", mask)]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (cout,):
             raise ValueError(f"{where}: bias must be a tensor of shape ({cout},), got {getattr(bias, 'shape', bias)}")
-        if bias.dtype != weight.dtype and not mixed_ok:
+        if bias.dtype != weight.dtype and not mixed_ok():
             raise TypeError(f"{where}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
         tensors.append(("bias", bias))
     for name, t in tensors:
