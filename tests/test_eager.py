@@ -40,7 +40,7 @@ def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
     monkeypatch.setattr(linear._Eager, "apply", lambda *a: calls.append(1) or eager_fn(*a))
     native = run(x, w, m, b)
     assert bool(calls) == (route == "block"), "a dense-route layer runs torch's ops, the block route the Function"
-    monkeypatch.setattr(linear, "_native_dense", lambda *a: False)
+    monkeypatch.setattr(linear, "_eager_route", lambda *a: (False, linear._UNSET))
     calls.clear()
     function = run(x, w, m, b)
     assert calls, "the Function's dense route"
@@ -50,6 +50,26 @@ def test_eager_and_custom_op_routes_agree_bitwise(route, monkeypatch):
     assert not calls
     for a, c, d in zip(native, function, custom):
         assert torch.equal(a, c) and torch.equal(a, d)
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_an_eager_kernel_step_decides_its_route_once(monkeypatch):
+    """Forward and backward of one plain eager call on the kernels share one tile-index lookup (the Function gets
+    the index the routing found, and keeps it for the backward), and give the custom op's bits."""
+    torch.manual_seed(3)
+    m = (torch.rand(3, 4) < 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    x, w, b = torch.randn(5, 64), torch.randn(48, 64), torch.randn(48)
+    lookups = []
+    lookup = linear._kernel_index
+    monkeypatch.setattr(linear, "_kernel_index", lambda mask: lookups.append(1) or lookup(mask))
+    eager = run(x, w, m, b)
+    assert len(lookups) == 1
+    monkeypatch.setattr(linear, "eager_ok", lambda *a: False)
+    lookups.clear()
+    custom = run(x, w, m, b)
+    assert len(lookups) == 2  # the custom ops decide in each of their bodies
+    for a, c in zip(eager, custom):
+        assert torch.equal(a, c)
 
 
 def test_dense_route_without_autograd_gives_the_same_bits(monkeypatch):

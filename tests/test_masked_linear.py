@@ -133,7 +133,7 @@ def test_full_mask(any_backend):
 
 
 def test_full_mask_skips_the_mask_products_on_the_dense_route(monkeypatch):
-    monkeypatch.setattr(linear_op, "_native_dense", lambda *a: False)  # the Function's dense route
+    monkeypatch.setattr(linear_op, "_eager_route", lambda *a: (False, linear_op._UNSET))  # the Function's dense route
     calls = []
     scratch, mask_ = linear_torch._scratch_masked_weight, linear_torch.mask_
     monkeypatch.setattr(linear_torch, "_scratch_masked_weight", lambda w, m: calls.append("w") or scratch(w, m))

@@ -45,11 +45,17 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)
 
 
+_kernel_module = None
+
+
 def _kernels():
     """The Triton kernel module, imported on first use so that CPU-only installs never import triton."""
-    from lthfast.kernels import masked_matmul
+    global _kernel_module
+    if _kernel_module is None:
+        from lthfast.kernels import masked_matmul
 
-    return masked_matmul
+        _kernel_module = masked_matmul
+    return _kernel_module
 
 
 def _use_kernels(t: torch.Tensor) -> bool:
@@ -70,15 +76,25 @@ def _kernel_index(mask: torch.Tensor):
     return index
 
 
+_UNSET = object()  # "the route is not decided yet" (None: the torch path)
+
+
+def _route(x: torch.Tensor, mask: torch.Tensor, index=_UNSET):
+    """The kernels' tile index for this call, or None for the torch path; ``index`` when the caller decided it."""
+    if index is _UNSET:
+        return _kernel_index(mask) if _use_kernels(x) else None
+    return index
+
+
 # ------------------------------------------------------------------------------------------- custom ops
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias; contiguous, x's dtype. Inputs already validated."""
-    if _use_kernels(x):
-        index = _kernel_index(mask)
-        if index is not None:
-            return _kernels().masked_linear_forward(x, weight, mask, bias, index)
+def _forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, index=_UNSET):
+    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias; contiguous, x's dtype. Inputs already validated; ``index`` as
+    ``_route`` returns it, when the caller has it."""
+    index = _route(x, mask, index)
+    if index is not None:
+        return _kernels().masked_linear_forward(x, weight, mask, bias, index)
     # contiguous, as the fake promises: the block path's result was a strided view when N is not a multiple of its
     # tile, which inductor's stride assertions reject in compiled graphs (a no-op when already contiguous)
     return linear_torch.forward(x, weight, mask, bias).contiguous()
@@ -97,20 +113,17 @@ def _(x, weight, mask, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _grads(grad, x, weight, mask, need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _grads(grad, x, weight, mask, need_x: bool, need_w: bool, index=_UNSET) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX [M, K], dW [N, K]) for grad [M, N]; dW exactly zero where the mask is False.
 
     An output that is not needed (``need_x`` / ``need_w`` False) is returned as an empty [0] tensor.
+    ``index`` as ``_route`` returns it, when the caller has it.
     """
-    grad_x = grad_w = None
-    if _use_kernels(x):
-        index = _kernel_index(mask)
-        if index is not None:
-            kernels = _kernels()
-            grad_x = kernels.masked_linear_grad_input(grad, weight, mask, index) if need_x else None
-            grad_w = kernels.masked_linear_grad_weight(grad, x, mask, index) if need_w else None
-        else:
-            grad_x, grad_w = linear_torch.backward(grad, x, weight, mask, need_x, need_w)
+    index = _route(x, mask, index)
+    if index is not None:
+        kernels = _kernels()
+        grad_x = kernels.masked_linear_grad_input(grad, weight, mask, index) if need_x else None
+        grad_w = kernels.masked_linear_grad_weight(grad, x, mask, index) if need_w else None
     else:
         grad_x, grad_w = linear_torch.backward(grad, x, weight, mask, need_x, need_w)
     empty = x.new_empty(0)
@@ -143,12 +156,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad, eager=False):
-    x, weight, mask = ctx.saved_tensors
-    need_x, need_w, _, need_b = ctx.needs_input_grad
+    x, weight, mask = ctx.saved_tensors  # the mask unchanged since the forward (autograd's version check)
+    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
     grad_x = grad_w = grad_b = None
     if need_x or need_w:
-        grads = _grads if eager else torch.ops.lthfast.masked_linear_bwd
-        grad_x, grad_w = grads(grad, x, weight, mask, need_x, need_w)
+        if eager:  # the forward's route, still the mask's
+            grad_x, grad_w = _grads(grad, x, weight, mask, need_x, need_w, ctx.index)
+        else:
+            grad_x, grad_w = torch.ops.lthfast.masked_linear_bwd(grad, x, weight, mask, need_x, need_w)
     if need_b and ctx.has_bias:
         grad_b = grad.sum(0)
     return (grad_x if need_x else None), (grad_w if need_w else None), None, grad_b
@@ -161,13 +176,14 @@ class _Eager(torch.autograd.Function):
     """The op in plain eager mode (``eager_ok``): the same forward and gradients, no custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, bias):
+    def forward(ctx, x, weight, mask, bias, index=_UNSET):
         _setup_context(ctx, (x, weight, mask, bias), None)
-        return _forward(x, weight, mask, bias)
+        ctx.index = _route(x, mask, index)  # one route decision per call, forward and backward
+        return _forward(x, weight, mask, bias, ctx.index)
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, eager=True)
+        return (*_backward(ctx, grad, eager=True), None)
 
 
 # Under torch.autocast the forward computes in the autocast dtype, the backward in the forward's dtypes.
@@ -178,13 +194,16 @@ autocast.register("masked_linear_bwd", cast=False)
 # ------------------------------------------------------------------------------------------- public function
 
 
-def _native_dense(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether a plain eager call takes the dense route as torch's own ops: the same products as the dense route of
-    ``_forward`` / ``_grads`` (dW = dY^T X ⊙ M, exact zeros, no NaN from a pruned weight), with torch's C++
-    autograd instead of lthfast's Python Function. Every call but the kernels' and the CPU block route's."""
+def _eager_route(x: torch.Tensor, mask: torch.Tensor):
+    """(native, index) for a plain eager call. ``native``: the dense route as torch's own ops, the same products as
+    the dense route of ``_forward`` / ``_grads`` (dW = dY^T X ⊙ M, exact zeros, no NaN from a pruned weight) with
+    torch's C++ autograd instead of lthfast's Python Function: every call but the kernels' and the CPU block
+    route's. ``index``: the kernels' tile index, None for the torch path (as ``_route``), handed to the Function so
+    that a step decides its route once."""
     if _use_kernels(x):
-        return _kernel_index(mask) is None
-    return linear_torch.plan(mask, x.shape[0], x.dtype) is None  # None off CPU and for dense CPU layers
+        index = _kernel_index(mask)
+        return index is None, index
+    return linear_torch.plan(mask, x.shape[0], x.dtype) is None, None  # None off CPU and for dense CPU layers
 
 
 def _check(x, weight, mask, bias, where: str) -> None:
@@ -235,11 +254,12 @@ def masked_linear(
     _check(x, weight, mask, bias, where)
     x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
     if eager_ok(x2d, weight, mask, bias):
-        if _native_dense(x2d, weight, mask):
+        native, index = _eager_route(x2d, mask)
+        if native:
             w = weight if linear_torch.all_alive(mask) else masked(weight, mask)  # differentiable in the weight
             y = torch.nn.functional.linear(x2d, w, bias)
         else:
-            y = _Eager.apply(x2d, weight, mask, bias)
+            y = _Eager.apply(x2d, weight, mask, bias, index)
     else:
         y = torch.ops.lthfast.masked_linear_fwd(x2d, weight, mask, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
