@@ -72,6 +72,34 @@ def test_an_eager_kernel_step_decides_its_route_once(monkeypatch):
         assert torch.equal(a, c)
 
 
+@pytest.mark.usefixtures("triton_backend")
+def test_an_eager_conv_kernel_step_decides_its_route_once(monkeypatch):
+    """The conv's eager step looks its tile index up once (was four times: routing, forward, dX, dW)."""
+    from lthfast.ops import conv
+
+    torch.manual_seed(4)
+    m = torch.rand(24, 8, 3, 3) < 0.5
+    x, w = torch.randn(2, 8, 7, 7), torch.randn(24, 8, 3, 3)
+    lookups = []
+    lookup = conv._kernel_index
+    monkeypatch.setattr(conv, "_kernel_index", lambda *a: lookups.append(1) or lookup(*a))
+
+    def step():
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = functional.masked_conv2d(xs, ws, m, padding=1)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        return y.detach(), xs.grad, ws.grad
+
+    eager = step()
+    assert len(lookups) == 1
+    monkeypatch.setattr(conv, "eager_ok", lambda *a: False)
+    lookups.clear()
+    custom = step()
+    assert len(lookups) == 3  # each custom op decides in its body
+    for a, c in zip(eager, custom):
+        assert torch.equal(a, c)
+
+
 def test_dense_route_without_autograd_gives_the_same_bits(monkeypatch):
     """No autograd (no_grad, or a weight without grad) on the native dense route: W ⊙ M from the integer multiply,
     not torch.where, and the same output bits, a NaN under a pruned weight included."""
@@ -113,7 +141,7 @@ def test_conv_eager_and_custom_op_routes_agree_bitwise(layout, monkeypatch):
     monkeypatch.setattr(conv._Eager, "apply", lambda *a: calls.append(1) or eager_fn(*a))
     native = run_conv()
     assert not calls, "a small layer's dense route runs torch's own ops"
-    monkeypatch.setattr(conv, "_native_dense", lambda *a: False)
+    monkeypatch.setattr(conv, "_eager_route", lambda *a: (False, conv._UNSET))
     function = run_conv()
     assert calls
     monkeypatch.setattr(conv, "eager_ok", lambda *a: False)

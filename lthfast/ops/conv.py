@@ -11,6 +11,7 @@ dilated kernel (torch puts the extra row/column at the bottom/right).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -119,6 +120,19 @@ def _memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format
 
 
 # ---------------------------------------------------------------------------------------------- routing
+_kernel_module = None
+
+
+def _kernels():
+    """The Triton kernel module, imported on first use so that CPU-only installs never import triton."""
+    global _kernel_module
+    if _kernel_module is None:
+        from lthfast.kernels import masked_conv
+
+        _kernel_module = masked_conv
+    return _kernel_module
+
+
 def _kernel_index(x: torch.Tensor, mask: torch.Tensor, groups: int, where: str | None = None):
     """The tile index when the Triton kernels should run this call, None for the dense path.
 
@@ -135,8 +149,7 @@ def _kernel_index(x: torch.Tensor, mask: torch.Tensor, groups: int, where: str |
         return None
     if x.numel() == 0 or mask.numel() == 0 or not _backend.use_triton(x):
         return None
-    from lthfast.kernels import masked_conv as kernels
-
+    kernels = _kernels()
     if x.dtype not in kernels.KERNEL_DTYPES:
         return None
     index = kernels.conv_tile_index(mask)
@@ -182,15 +195,22 @@ def _conv_fake(x, weight, mask, bias, stride, padding, dilation, groups, where):
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
-def _forward(x, weight, mask, bias, stride, padding, dilation, groups, where):
+_UNSET = object()  # "the route is not decided yet" (None: the dense path)
+
+
+def _route(x, mask, groups, where=None, index=_UNSET):
+    """``_kernel_index``'s answer for this call; ``index`` when the caller decided it (an eager step, once)."""
+    return _kernel_index(x, mask, groups, where) if index is _UNSET else index
+
+
+def _forward(x, weight, mask, bias, stride, padding, dilation, groups, where, index=_UNSET):
     out = _conv_fake(x, weight, mask, bias, stride, padding, dilation, groups, where)
-    index = _kernel_index(x, mask, groups, where)
+    index = _route(x, mask, groups, where, index)
     if index is None:
         xp, sym = _symmetric(x, padding)
         y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)
         return y if y.stride() == out.stride() else out.copy_(y)
-    from lthfast.kernels import masked_conv as kernels
-
+    kernels = _kernels()
     return kernels.conv2d_forward(x, weight, mask, bias, out, stride, padding, dilation, index)
 
 
@@ -212,13 +232,12 @@ def _conv_op(
 _conv_op.register_fake(_conv_fake)
 
 
-def _grad_input(grad, x, weight, mask, stride, padding, dilation, groups):
-    index = _kernel_index(x, mask, groups)
+def _grad_input(grad, x, weight, mask, stride, padding, dilation, groups, index=_UNSET):
+    index = _route(x, mask, groups, None, index)
     if index is None:
         grad_x = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, True, False)[0]
         return _strided_like(grad_x, x)
-    from lthfast.kernels import masked_conv as kernels
-
+    kernels = _kernels()
     return kernels.conv2d_grad_input(grad, weight, mask, torch.empty_like(x), stride, padding, dilation, index)
 
 
@@ -241,13 +260,12 @@ def _grad_input_fake(grad, x, weight, mask, stride, padding, dilation, groups):
     return torch.empty_like(x)
 
 
-def _grad_weight(grad, x, weight, mask, stride, padding, dilation, groups):
-    index = _kernel_index(x, mask, groups)
+def _grad_weight(grad, x, weight, mask, stride, padding, dilation, groups, index=_UNSET):
+    index = _route(x, mask, groups, None, index)
     if index is None:
         grad_w = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, False, True)[1]
         return _strided_like(grad_w, weight)
-    from lthfast.kernels import masked_conv as kernels
-
+    kernels = _kernels()
     grad_w = torch.zeros_like(weight)
     return kernels.conv2d_grad_weight(grad, x, mask, grad_w, stride, padding, dilation, index)
 
@@ -281,8 +299,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad, eager=False):
     x, weight, mask = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
-    grad_input = _grad_input if eager else torch.ops.lthfast.masked_conv2d_grad_input
-    grad_weight = _grad_weight if eager else torch.ops.lthfast.masked_conv2d_grad_weight
+    if eager:  # the forward's route, still the mask's (autograd's version check on the saved mask)
+        grad_input = functools.partial(_grad_input, index=ctx.index)
+        grad_weight = functools.partial(_grad_weight, index=ctx.index)
+    else:
+        grad_input = torch.ops.lthfast.masked_conv2d_grad_input
+        grad_weight = torch.ops.lthfast.masked_conv2d_grad_weight
     if ctx.needs_input_grad[0]:
         grad_x = grad_input(grad, x, weight, mask, *ctx.conv)
     if ctx.needs_input_grad[1]:
@@ -304,14 +326,15 @@ class _Eager(torch.autograd.Function):
     """The op in plain eager mode (``lthfast.ops.eager``): the same forward and gradients, no custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, bias, stride, padding, dilation, groups, where):
+    def forward(ctx, x, weight, mask, bias, stride, padding, dilation, groups, where, index=_UNSET):
         inputs = (x, weight, mask, bias, stride, padding, dilation, groups, where)
         _setup_context(ctx, inputs, None)
-        return _forward(*inputs)
+        ctx.index = _route(x, mask, groups, where, index)  # one route decision per call, forward and backward
+        return _forward(*inputs, ctx.index)
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, eager=True)
+        return (*_backward(ctx, grad, eager=True), None)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -354,17 +377,21 @@ def masked_conv2d(
     if not eager_ok(x, weight, mask, bias):
         y = torch.ops.lthfast.masked_conv2d(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups,
                                             where)  # fmt: skip
-    elif _native_dense(x, weight, mask, groups, where):
-        xp, sym = _symmetric(x, padding)
-        y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)  # differentiable in W
     else:
-        y = _Eager.apply(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where)
+        native, index = _eager_route(x, mask, groups, where)
+        if native:
+            xp, sym = _symmetric(x, padding)
+            y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)  # differentiable in W
+        else:
+            y = _Eager.apply(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where, index)
     return y.squeeze(0) if unbatched else y
 
 
-def _native_dense(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, groups: int, where: str) -> bool:
-    """Whether a plain eager call takes the dense route as torch's own ops, ``F.conv2d`` on W ⊙ M
+def _eager_route(x: torch.Tensor, mask: torch.Tensor, groups: int, where: str):
+    """(native, index) for a plain eager call. ``native``: the dense route as torch's own ops, ``F.conv2d`` on W ⊙ M
     (``lthfast.ops.masking.masked``, differentiable in the weight) with torch's C++ autograd instead of lthfast's
     Python Function (``lthfast.ops.linear``'s comment on the dense route): the same products, dW exactly zero where
-    M is False. Every call the Triton kernels do not take."""
-    return _kernel_index(x, mask, groups, where) is None
+    M is False; every call the Triton kernels do not take. ``index``: the kernels' tile index otherwise, handed to
+    the Function so that a step decides its route once."""
+    index = _kernel_index(x, mask, groups, where)
+    return index is None, index
