@@ -7,8 +7,8 @@ Layers, top down:
                                             as opaque nodes, fullgraph), dispatching inside at run time
                                             (plain eager calls run the same two functions through an
                                             autograd.Function instead: lthfast.ops.eager; and on the dense
-                                            route of a CUDA layer or a small CPU one, torch's own ops:
-                                            F.linear on W ⊙ M from lthfast.ops.masking.masked):
+                                            route, torch's own ops: F.linear on W ⊙ M from
+                                            lthfast.ops.masking.masked):
       Triton kernels (lthfast.kernels.masked_matmul)   when lthfast._backend.use_triton(...) says so
       torch path (lthfast.ops.linear_torch)             otherwise: block-sparse on CPU, or dense on W ⊙ M
 The same ops run on every device, so a compiled graph does not depend on where the tensors live.
