@@ -120,17 +120,12 @@ def _memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format
 
 
 # ---------------------------------------------------------------------------------------------- routing
-_kernel_module = None
-
-
+@functools.cache
 def _kernels():
     """The Triton kernel module, imported on first use so that CPU-only installs never import triton."""
-    global _kernel_module
-    if _kernel_module is None:
-        from lthfast.kernels import masked_conv
+    from lthfast.kernels import masked_conv
 
-        _kernel_module = masked_conv
-    return _kernel_module
+    return masked_conv
 
 
 def _kernel_index(x: torch.Tensor, mask: torch.Tensor, groups: int, where: str | None = None):

@@ -16,6 +16,8 @@ The same ops run on every device, so a compiled graph does not depend on where t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lthfast import _backend
@@ -45,17 +47,12 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)
 
 
-_kernel_module = None
-
-
+@functools.cache
 def _kernels():
     """The Triton kernel module, imported on first use so that CPU-only installs never import triton."""
-    global _kernel_module
-    if _kernel_module is None:
-        from lthfast.kernels import masked_matmul
+    from lthfast.kernels import masked_matmul
 
-        _kernel_module = masked_matmul
-    return _kernel_module
+    return masked_matmul
 
 
 def _use_kernels(t: torch.Tensor) -> bool:

@@ -73,13 +73,12 @@ def masked(weight: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = 
     on on CPU: the same bits)."""
     ints = _ints(weight, mask)
     if ints is None or (weight.requires_grad and torch.is_grad_enabled()):
-        if out is None and ints is not None and weight.device.type == "cpu":
-            if weight.numel() >= AUTOGRAD_INT_MIN_WEIGHT:
-                return _MaskedWeight.apply(weight, mask)
-        if ints is not None:  # masked_weight's where, with a zero made once
-            product = torch.where(mask, weight, _zero(weight.dtype, weight.device))
-        else:
+        if ints is None:
             product = masked_weight(weight, mask)
+        elif out is None and weight.device.type == "cpu" and weight.numel() >= AUTOGRAD_INT_MIN_WEIGHT:
+            return _MaskedWeight.apply(weight, mask)
+        else:  # masked_weight's where, with a zero made once
+            product = torch.where(mask, weight, _zero(weight.dtype, weight.device))
         return product if out is None else out.copy_(product)
     bits = mask_bits(mask, ints)
     if out is None:
