@@ -3,7 +3,8 @@
 Conv shapes of ResNet-18 (CIFAR and ImageNet) and VGG-16 (CIFAR); sparsity x mask layout; forward and a full
 training step (forward + dX, dW, db). Every provider's outputs are checked against the float64 reference before
 it is timed. CUDA: ``triton.testing.do_bench`` (median); CPU: ``torch.utils.benchmark`` (median). Inputs rotate
-over pre-drawn random buffers (>= 64 MiB in all) so repeated calls do not re-read a warm cache.
+over pre-drawn random buffers (64 MiB in all, as ``lthfast.bench.timing.buffer_count`` draws them: 4 to 64 sets)
+so repeated calls do not re-read a warm cache.
 
     python benchmarks/bench_masked_conv.py --out benchmarks/results/masked_conv-cpu.json
     python benchmarks/bench_masked_conv.py --nets resnet18-cifar --batch 128 256 --dtype bfloat16   # on a GPU
@@ -22,6 +23,7 @@ import argparse
 import itertools
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import lthfast
 from lthfast import _backend, functional
 from lthfast.bench import results as bench_results
 from lthfast.bench import timing
+from lthfast.bench.masks import check_sweep
 from lthfast.ops import conv as conv_op
 
 # (name, Cin, Cout, kernel, stride, padding, input H=W): each distinct conv of the network once
@@ -54,10 +57,10 @@ NETS = {
         ("conv4_1", 256, 512, 3, 1, 1, 4), ("conv4_2", 512, 512, 3, 1, 1, 4), ("conv5", 512, 512, 3, 1, 1, 2),
     ],
 }  # fmt: skip
+PROVIDERS = ("dense", "mask-multiply", "lthfast", "lthfast-triton")
 LAYOUTS = ("unstructured", "channel-block-16", "channel-block-32", "tile-block")
 SPARSITIES = (0.0, 0.8, 0.9, 0.95, 0.98)
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to the output's scale
-ROTATION_BYTES = 64 * 2**20
 # Dense peak FLOP/s and bandwidth (B/s) for the floor: H100 SXM5 and H200 datasheet figures (no sparsity).
 PEAKS = {"H100": {"tensor": 989e12, "tf32": 494e12, "fp32": 67e12, "bw": 3.35e12},
          "H200": {"tensor": 989e12, "tf32": 494e12, "fp32": 67e12, "bw": 4.8e12}}  # fmt: skip
@@ -192,7 +195,7 @@ def bench_layer(args, net, layer, batch, device, dtype, gen) -> list[dict]:
         w = w.detach().to(memory_format=torch.channels_last).requires_grad_()
     y_shape = F.conv2d(x0[:1], w.detach(), None, **conv).shape[1:]
     set_bytes = (x0.numel() + batch * math.prod(y_shape)) * x0.element_size()
-    count = max(1, min(8, math.ceil(ROTATION_BYTES / set_bytes)))
+    count = timing.buffer_count(set_bytes)
     sets = [(x0,)] + [(torch.randn_like(x0),) for _ in range(count - 1)]
     sets = [(x.requires_grad_(), torch.randn((batch, *y_shape), device=device, dtype=dtype)) for (x,) in sets]
     rows_todo = [(0.0, "none")] + [(s, lay) for s in args.sparsity if s > 0 for lay in args.layouts]
@@ -275,7 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", nargs="+", default=default_layouts, choices=LAYOUTS)
     ap.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     default_providers = ["dense", "mask-multiply", "lthfast"] + (["lthfast-triton"] if cuda else [])
-    ap.add_argument("--providers", nargs="+", default=default_providers)
+    ap.add_argument("--providers", nargs="+", default=default_providers, choices=PROVIDERS)
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument(
         "--memory-format", default="channels_last" if cuda else "nchw", choices=["nchw", "channels_last"],
@@ -290,6 +293,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cuda_graph and not args.device.startswith("cuda"):
         ap.error("--cuda-graph needs a CUDA device")
+    if args.device.startswith("cuda") and not cuda:
+        ap.error("--device cuda: no CUDA device is available")
+    try:
+        check_sweep("options", args.sparsity, [1], args.rounds)
+    except ValueError as exc:
+        ap.error(str(exc))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -297,7 +306,9 @@ def main(argv=None) -> int:
     info = _backend.describe()
     print(f"# {info['device']} torch {info['torch']} triton {info['triton']} {args.dtype} backend-default auto")
     rows = []
-    meta = {**info, "git": bench_results.git_info(), "args": {k: str(v) for k, v in vars(args).items()},
+    command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_masked_conv.py", *argv])
+    meta = {**info, "command": command, "git": bench_results.git_info(),
+            "args": {k: str(v) for k, v in vars(args).items()},
             "timer": "triton.testing.do_bench median" if device.type == "cuda" else "torch.utils.benchmark median",
             "dense_tile_density_constant": conv_op.DENSE_TILE_DENSITY}  # fmt: skip
 

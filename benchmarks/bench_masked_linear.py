@@ -37,6 +37,7 @@ import torch
 
 import lthfast
 from lthfast.bench import layer, providers, results
+from lthfast.bench.masks import check_sweep
 from lthfast.ops import linear_torch
 
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -231,6 +232,13 @@ def _parse(argv=None) -> argparse.Namespace:
     unknown = set(args.sections) - {"sweep", "targets", "crossover"}
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
+    try:  # before any section runs: dense added as in `lthfast bench layer`, unknown names and values refused
+        args.providers = providers.parse_providers(",".join(args.providers))
+        check_sweep("options", args.sparsity, args.block, args.repeats)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     return args
 
 

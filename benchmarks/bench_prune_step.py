@@ -41,6 +41,9 @@ import time
 import torch
 from torch import nn
 
+# torch: torch.nn.utils.prune; lthfast: strategies.magnitude_ in place; lthfast-masks: the functional
+# strategies.magnitude -> Masks.apply_; lthfast-dropin: lthfast.prune.global_unstructured
+LIBRARIES = ("torch", "lthfast", "lthfast-masks", "lthfast-dropin")
 RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (width, blocks, stride)
 
 
@@ -151,7 +154,7 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
             if library == "lthfast":
                 strategies.magnitude_(model, amount)
                 t1 = t2 = time.perf_counter()
-            else:
+            else:  # lthfast-masks
                 masks = strategies.magnitude(model, masks, amount)
                 t1 = time.perf_counter()
                 masks.apply_(model)
@@ -177,7 +180,9 @@ def _run_worker(library: str, args, masks_path: str) -> dict:
     cmd += ["--block", str(args.block), "--masks-path", masks_path]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:  # the worker's own error, not a bare CalledProcessError
+        raise SystemExit(f"bench_prune_step.py: the {library} worker failed (exit {done.returncode}):\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -199,7 +204,7 @@ def main() -> None:
     parser.add_argument("--amount", type=float, default=0.2)
     parser.add_argument("--block", type=int, default=32, help="tile of the tile index rebuilt after each prune")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each library, alternating")
-    parser.add_argument("--libraries", default="torch,lthfast,lthfast-masks,lthfast-dropin")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES))
     parser.add_argument("--out", default="benchmarks/results/prune_step-cpu.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--notes", default="")
@@ -212,7 +217,10 @@ def main() -> None:
 
     from lthfast import _backend
 
-    libraries = args.libraries.split(",")
+    libraries = [lib.strip() for lib in args.libraries.split(",") if lib.strip()]
+    unknown = [lib for lib in libraries if lib not in LIBRARIES]
+    if unknown or not libraries:
+        parser.error(f"--libraries: unknown {unknown}, expected some of {list(LIBRARIES)}")
     runs = {lib: [] for lib in libraries}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

@@ -216,6 +216,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of 5 steps")
     p.add_argument("--cprofile", action="store_true", help="cProfile of 30 steps (host time)")
     args = p.parse_args()
+    args.what = [w.strip() for w in args.what.split(",") if w.strip()]
+    if not args.what or set(args.what) - {"linear", "conv"}:
+        p.error(f"--what: expected some of linear,conv, got {args.what}")
     torch.manual_seed(0)
     bandwidths()
     with lthfast.backend("triton"):

@@ -187,6 +187,9 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
+    args.what = [w.strip() for w in args.what.split(",") if w.strip()]
+    if not args.what or set(args.what) - {"tuner", "layers"}:
+        p.error(f"--what: expected some of tuner,layers, got {args.what}")
     torch.set_num_threads(1)
     print(f"host time per call, us (median of {args.repeat} rounds x {args.calls} calls, 1 thread)")
     for what, fn in (("tuner", tuner), ("layers", layers)):

@@ -356,3 +356,82 @@ def test_host_overhead_script_measures_and_restores_the_kernels():
     assert len(layers) == 8 and all(v > 0 for v in layers.values())
     after = (masked_matmul._forward.kernel, masked_conv._dw.kernel, masked_matmul._interpreted, autotune.enabled)
     assert after == before and _backend.triton_runs_on.__module__ == "lthfast._backend"
+
+
+# ---- bad settings, failures while timed, the recorded command --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["layer", "--sparsity", "0,0.5,1.5", "--block", "1,32"], "sparsities must be in [0, 1], got [1.5]"),
+        (["layer", "--block", "1,0"], "blocks must be >= 1"),
+        (["layer", "--sparsity", ","], "at least one value"),
+        (["layer", "--repeats", "0"], "repeats must be >= 1"),
+        (["layer", "--providers", "dense,lthfsat"], "unknown provider(s) ['lthfsat']"),
+        (["train", "--sparsity", "-0.5"], "sparsities must be in [0, 1]"),
+        (["train", "--providers", "lthfast,foo"], "unknown training variant(s) ['foo']"),
+    ],
+)
+def test_cli_refuses_a_bad_setting_before_any_row_is_measured(argv, message, monkeypatch, capsys):
+    def never(*_a, **_k):
+        raise AssertionError("a row was measured before the bad setting was refused")
+
+    monkeypatch.setattr(layer, "run_layer", never)
+    monkeypatch.setattr(train, "run_train", never)
+    assert main(["bench", *argv, "--device", "cpu", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lthfast bench: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_refuses_cuda_without_a_device(capsys):
+    assert main(["bench", "train", "--device", "cuda", "--no-save"]) == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_train_config_adds_dense():
+    assert train.TrainConfig(providers=["lthfast"]).providers == ["dense", "lthfast"]
+
+
+def test_a_provider_that_fails_while_timed_is_an_error_and_the_others_keep_their_times(monkeypatch):
+    real = providers.PREPARE["lthfast"]
+
+    def faulty(p: providers.Problem) -> providers.Prepared:
+        prepared = real(p)
+        calls = []
+
+        def call(*args):
+            calls.append(1)
+            if len(calls) > 1:  # the output check passes; a later call fails (out of memory, a device fault)
+                raise RuntimeError("simulated device fault")
+            return prepared.call(*args)
+
+        return providers.Prepared(call, prepared.mask, detail=prepared.detail, masked_dw=prepared.masked_dw)
+
+    monkeypatch.setitem(providers.PREPARE, "lthfast", faulty)
+    cfg = tiny_layer(sparsities=[0.75], blocks=[8], repeats=2, providers=["dense", "mask-multiply", "lthfast"])
+    by_name = {r["provider"]: r for r in layer.run_layer(cfg, log=quiet)["rows"][0]["results"]}
+    assert by_name["lthfast"]["status"] == "error"
+    assert "while timed: RuntimeError: simulated device fault" in by_name["lthfast"]["reason"]
+    assert "median_ms" not in by_name["lthfast"]
+    for name in ("dense", "mask-multiply"):
+        assert by_name[name]["status"] == "ok" and by_name[name]["median_ms"] > 0
+
+
+def test_cli_command_reruns_the_same_layer(tmp_path):
+    """The JSON's command, run again, measures the same configuration (groups and buffers included)."""
+    import shlex
+
+    argv = ["bench", "layer", "--kind", "conv", "--shape", "8x3x3x3", "--groups", "2", "--batch", "2"]
+    argv += ["--image", "6x6", "--sparsity", "0.5", "--block", "1", "--buffers", "2", "--providers", "lthfast"]
+    argv += ["--min-run-time", "0.002", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    (first,) = (tmp_path / "a").glob("*.json")
+    doc = json.loads(first.read_text())
+    again = shlex.split(doc["command"])[1:] + ["--out", str(tmp_path / "b")]
+    assert "--groups" in again and "--buffers" in again
+    assert main(again) == 0
+    (second,) = (tmp_path / "b").glob("*.json")
+    assert json.loads(second.read_text())["config"] == doc["config"]
+    assert doc["config"]["groups"] == 2 and doc["config"]["buffers"] == 2

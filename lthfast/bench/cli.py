@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
 _DEFAULT_NOTE = ""
@@ -42,6 +43,8 @@ def _device(args: argparse.Namespace) -> str:
     name = args.device
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
     return name
 
 
@@ -71,7 +74,7 @@ def _command(kind: str, args: argparse.Namespace, cfg) -> str:
         parts += ["--tokens", str(cfg.tokens)] if cfg.op == "linear" else []
         if cfg.op == "conv":
             parts += ["--batch", str(cfg.batch), "--image", "x".join(map(str, cfg.image)), "--stride", str(cfg.stride)]
-            parts += ["--padding", str(cfg.conv_args()["padding"])]
+            parts += ["--padding", str(cfg.conv_args()["padding"]), "--groups", str(cfg.groups)]
         if cfg.peak_tflops and cfg.peak_gbps:
             parts += ["--peak-tflops", f"{cfg.peak_tflops:g}", "--peak-gbps", f"{cfg.peak_gbps:g}"]
     else:
@@ -80,6 +83,7 @@ def _command(kind: str, args: argparse.Namespace, cfg) -> str:
     parts += ["--dtype", cfg.dtype, "--providers", ",".join(cfg.providers), "--device", cfg.device]
     parts += ["--tile", "x".join(map(str, cfg.tile))] if cfg.tile else []
     parts += ["--seed", str(cfg.seed), "--repeats", str(cfg.repeats)]
+    parts += ["--buffers", str(cfg.buffers)] if cfg.buffers is not None else []
     if cfg.device == "cpu":
         import torch
 
@@ -105,7 +109,22 @@ def _finish(kind: str, stem: str, body: dict, cfg, args: argparse.Namespace, com
     return 0
 
 
-def _cmd_layer(args: argparse.Namespace) -> int:
+def _setup_errors(func):
+    """A bad setting (caught before the run) ends with one line on stderr and exit status 2, no traceback."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            setup = func(args)
+        except ValueError as exc:
+            print(f"lthfast bench: error: {exc}", file=sys.stderr)
+            return 2
+        return setup()
+
+    return wrapper
+
+
+@_setup_errors
+def _cmd_layer(args: argparse.Namespace):
     from lthfast.bench.layer import default_layer_config, run_layer
     from lthfast.bench.providers import parse_providers
 
@@ -120,11 +139,11 @@ def _cmd_layer(args: argparse.Namespace) -> int:
     if cfg.tile is None:
         cfg.tile = (64, 64) if cfg.op == "linear" else (64, 32)
     command = _command("layer", args, cfg)  # before the run: a bad setting fails in seconds, not after the sweep
-    body = run_layer(cfg)
-    return _finish("layer", f"layer-{cfg.op}-{cfg.mode}", body, cfg, args, command)
+    return lambda: _finish("layer", f"layer-{cfg.op}-{cfg.mode}", run_layer(cfg), cfg, args, command)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+@_setup_errors
+def _cmd_train(args: argparse.Namespace):
     from lthfast.bench.train import VARIANTS, TrainConfig, default_blocks, run_train
 
     device = _device(args)
@@ -140,8 +159,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.blocks is None:
         cfg.blocks = default_blocks(cfg.model)
     command = _command("train", args, cfg)
-    body = run_train(cfg)
-    return _finish("train", f"train-{cfg.model}", body, cfg, args, command)
+    return lambda: _finish("train", f"train-{cfg.model}", run_train(cfg), cfg, args, command)
 
 
 def register(subparsers) -> None:

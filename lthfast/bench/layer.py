@@ -16,7 +16,7 @@ import torch
 
 from lthfast._backend import use_triton
 from lthfast.bench import check, floor, timing
-from lthfast.bench.masks import block_mask, conv_block_mask
+from lthfast.bench.masks import block_mask, check_sweep, conv_block_mask
 from lthfast.bench.providers import PREPARE, PROVIDERS, Problem, Unsupported
 from lthfast.kernels.tile_index import build_tile_index
 
@@ -63,6 +63,7 @@ class LayerConfig:
     def __post_init__(self) -> None:
         if self.cuda_graph and not str(self.device).startswith("cuda"):
             raise ValueError(f"LayerConfig: cuda_graph needs device 'cuda', got {self.device!r}")
+        check_sweep("LayerConfig", self.sparsities, self.blocks, self.repeats)
 
     def conv_args(self) -> dict:
         kh = self.shape[2]
@@ -158,22 +159,45 @@ def prepare_provider(name: str, problem: Problem, rotation: timing.Rotation, exp
     return _entry(name, "ok", None, detail=prepared.detail, density=density, max_err=max_err), prepared
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], device, cfg) -> dict[str, timing.Timing]:
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], device, cfg
+) -> tuple[dict[str, timing.Timing], dict[str, tuple[str, str]]]:
     """Time every call in ``cfg.repeats`` rounds, each round visiting the providers in a rotated order, and pool
     each provider's rounds: load that comes and goes on a shared machine then hits every provider alike.
-    CPU warm-up calls run in the first round only (GPU: do_bench warms up every round, by time)."""
+    CPU warm-up calls run in the first round only (GPU: do_bench warms up every round, by time).
+
+    Returns ``(timings, failures)``: a provider that raises while being timed (out of memory, a device fault) leaves
+    the later rounds and is reported in ``failures`` as ``classify_failure``'s (status, message); the others go on.
+    """
     rounds: dict[str, list[timing.Timing]] = {name: [] for name in calls}
+    failures: dict[str, tuple[str, str]] = {}
     names = list(calls)
-    for r in range(max(1, cfg.repeats) if names else 0):
+    for r in range(cfg.repeats if names else 0):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            if name in failures:
+                continue
             warmup = cfg.warmup if r == 0 else 0
-            t = timing.measure(
-                calls[name], device,
-                warmup=warmup, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms,
-            )  # fmt: skip
+            try:
+                t = timing.measure(
+                    calls[name], device,
+                    warmup=warmup, min_run_time=cfg.min_run_time, warmup_ms=cfg.warmup_ms, rep_ms=cfg.rep_ms,
+                )  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - one failing provider must not lose the others' rows
+                status, text = classify_failure(exc)
+                failures[name] = (status, f"while timed: {text}")
+                continue
             rounds[name].append(t)
-    return {name: timing.merge(ts) for name, ts in rounds.items()}
+    timings = {name: timing.merge(ts) for name, ts in rounds.items() if name not in failures}
+    return timings, failures
+
+
+def report_failures(results: list[dict], failures: dict[str, tuple[str, str]]) -> None:
+    """Mark the entries of providers that failed while timed (``time_interleaved``'s failures)."""
+    for r in results:
+        if r["provider"] in failures:
+            status, reason = failures[r["provider"]]
+            r.update(status=status, reason=reason)
 
 
 def _add_rates(results: list[dict], cfg: LayerConfig, rates: tuple[float, float] | None) -> None:
@@ -248,7 +272,8 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
         except Exception as exc:  # noqa: BLE001 - a provider that cannot be captured is reported, not fatal
             status, text = classify_failure(exc)
             entry.update(status=status, reason=f"CUDA graph capture: {text}")
-    timings = time_interleaved(calls, device, cfg)
+    timings, failures = time_interleaved(calls, device, cfg)
+    report_failures(results, failures)
     for r in results:
         if r["provider"] in timings:
             r.update(timings[r["provider"]].as_dict())

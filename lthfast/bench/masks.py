@@ -9,6 +9,19 @@ from __future__ import annotations
 import torch
 
 
+def check_sweep(where: str, sparsities: list[float], blocks: list[int], repeats: int) -> None:
+    """Refuse a sweep before any row is measured: every sparsity in [0, 1], every block >= 1, repeats >= 1."""
+    if not sparsities or not blocks:
+        raise ValueError(f"{where}: sparsities and blocks must each list at least one value")
+    bad = [s for s in sparsities if not 0.0 <= s <= 1.0]
+    if bad:
+        raise ValueError(f"{where}: sparsities must be in [0, 1], got {bad}")
+    if any(b < 1 for b in blocks):
+        raise ValueError(f"{where}: blocks must be >= 1 (1 = unstructured), got {[b for b in blocks if b < 1]}")
+    if repeats < 1:
+        raise ValueError(f"{where}: repeats must be >= 1, got {repeats}")
+
+
 def block_mask(
     rows: int, cols: int, sparsity: float, block: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:

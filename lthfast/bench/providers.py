@@ -160,7 +160,7 @@ def parse_providers(text: str) -> list[str]:
     names = list(PROVIDERS) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
     unknown = [n for n in names if n not in PREPARE]
     if unknown:
-        raise ValueError(f"unknown provider(s) {unknown}: expected some of {list(PROVIDERS)}")
+        raise ValueError(f"unknown provider(s) {unknown}: expected some of {list(PREPARE)}")
     if "dense" not in names:
         names.insert(0, "dense")  # every ratio is to dense measured in the same run
     return names

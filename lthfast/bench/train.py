@@ -22,8 +22,8 @@ from torch.nn.utils import prune
 
 from lthfast.bench import models, timing
 from lthfast.bench.check import CheckFailed
-from lthfast.bench.layer import classify_failure, parse_dtype, time_interleaved
-from lthfast.bench.masks import block_mask, conv_block_mask
+from lthfast.bench.layer import classify_failure, parse_dtype, report_failures, time_interleaved
+from lthfast.bench.masks import block_mask, check_sweep, conv_block_mask
 from lthfast.kernels.tile_index import build_tile_index
 from lthfast.nn import MaskedConv2d, MaskedLinear
 
@@ -51,6 +51,14 @@ class TrainConfig:
     rep_ms: float = 500.0  # GPU
     buffers: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sweep("TrainConfig", self.sparsities, self.blocks or [1], self.repeats)
+        unknown = [p for p in self.providers if p not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(VARIANTS)}")
+        if "dense" not in self.providers:
+            self.providers = ["dense", *self.providers]  # every ratio is to dense measured in the same run
 
 
 def default_blocks(model: str) -> list[int]:
@@ -179,7 +187,8 @@ def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, lo
         results.append(entry)
         if ready is not None:
             built[name] = ready
-    timings = time_interleaved({name: step for name, (_, step) in built.items()}, device, cfg)
+    timings, failures = time_interleaved({name: step for name, (_, step) in built.items()}, device, cfg)
+    report_failures(results, failures)
     x0, y0 = rotation.sets[0]
     for r in results:
         if r["provider"] not in timings:
@@ -203,11 +212,6 @@ def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, lo
 def run_train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the sweep. Returns ``{"config", "shapes", "rows"}`` (``results.document`` adds the rest)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    unknown = [p for p in cfg.providers if p not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(VARIANTS)}")
-    if "dense" not in cfg.providers:
-        cfg.providers = ["dense", *cfg.providers]
     if cfg.blocks is None:
         cfg.blocks = default_blocks(cfg.model)
     dtype, device = parse_dtype(cfg.dtype), torch.device(cfg.device)
