@@ -1,8 +1,11 @@
 """MaskedLinear and MaskedConv2d: nn.Linear / nn.Conv2d whose weight is used as W ⊙ M.
 
 The mask is a persistent bool buffer named ``mask`` (state_dict keys ``weight``, ``bias``, ``mask``).
-Kernels cache their tile index on the mask tensor keyed by its version counter, so any in-place change of
-the mask (``set_mask_``, ``mask[...] = False``, ``load_state_dict``) is seen at the next forward.
+Kernels cache their tile index (and other mask-derived data) on the mask tensor keyed by its version counter and
+storage, so any in-place change of the mask (``set_mask_``, ``mask[...] = False``, ``mask.copy_``,
+``load_state_dict``, ``mask.data = new``) is seen at the next forward. Writes that bypass autograd's version
+counter, through ``mask.data[...]`` or a NumPy view of the mask, cannot be seen without reading the whole mask at
+every call: follow them with ``torch.autograd.graph.increment_version(mask)``.
 """
 
 from __future__ import annotations

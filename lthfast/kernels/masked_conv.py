@@ -32,7 +32,7 @@ from lthfast import _backend
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked, tile_tap
-from lthfast.kernels.tile_index import TileIndex, keep_if_capturing, tile_index
+from lthfast.kernels.tile_index import TileIndex, contents_stamp, keep_if_capturing, tile_index
 from lthfast.reference import SAME_WIDTH_INT
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,10 +48,10 @@ def conv_tiles(device: torch.device) -> tuple[int, int]:
     return INTERPRETER_TILE[1], INTERPRETER_TILE[2]
 
 
-# (id(mask), memory format) -> (weakref to mask, mask._version, copy). The tile index needs a contiguous mask (a
+# (id(mask), memory format) -> (weakref to mask, contents_stamp(mask), copy). The tile index needs a contiguous mask (a
 # [N, C*KH*KW] view); a channels_last mask's copy is kept until the mask is edited in place or freed, so that
 # neither the copy nor the index (a host sync) is rebuilt every step.
-_copies: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
+_copies: dict[tuple[int, str], tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 
 
 def mask_as(mask: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -62,9 +62,10 @@ def mask_as(mask: torch.Tensor, memory_format: torch.memory_format) -> torch.Ten
         return mask.contiguous(memory_format=memory_format)
     key = (id(mask), str(memory_format))
     entry = _copies.get(key)
-    if entry is None or entry[0]() is not mask or entry[1] != mask._version:
+    stamp = contents_stamp(mask)
+    if entry is None or entry[0]() is not mask or entry[1] != stamp:
         copy = mask.contiguous(memory_format=memory_format)
-        entry = (weakref.ref(mask, lambda _ref, key=key: _copies.pop(key, None)), mask._version, copy)
+        entry = (weakref.ref(mask, lambda _ref, key=key: _copies.pop(key, None)), stamp, copy)
         _copies[key] = entry
     return entry[2]
 

@@ -256,9 +256,9 @@ def column_groups(index: TileIndex, group: int) -> tuple[torch.Tensor, torch.Ten
     return index.derived[key]
 
 
-# id(mask owner) -> (weakref to owner, owner._version, {key: value}); keys start with the view's
+# id(mask owner) -> (weakref to owner, contents_stamp(owner), {key: value}); keys start with the view's
 # (shape, stride, offset)
-_cache: dict[int, tuple[weakref.ref, int, dict]] = {}
+_cache: dict[int, tuple[weakref.ref, tuple[int, int], dict]] = {}
 
 
 # What CUDA graphs captured, kept for the life of the process (id -> object): a tile index is dropped from the cache
@@ -285,15 +285,23 @@ def _untracked(owner: torch.Tensor) -> bool:
     return owner.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(owner)
 
 
+def contents_stamp(t: torch.Tensor) -> tuple[int, int]:
+    """What the mask caches take as "the contents did not change": the version counter, which any in-place write
+    through autograd bumps, and the storage address, which ``t.data = other`` or ``t.set_(...)`` change without
+    bumping it. Writes through ``t.data[...]`` or a NumPy view move neither: see MaskedLinear's docstring."""
+    return t._version, t.data_ptr()
+
+
 def _renew(owner: torch.Tensor) -> tuple[dict, dict | None]:
     """The cache dict of ``owner`` at its current version (a fresh one when the version moved or the id was
     reused), and the dict of ``owner``'s earlier version that this call dropped, if it did."""
     owner_id = id(owner)
     entry = _cache.get(owner_id)
-    if entry is not None and entry[0]() is owner and entry[1] == owner._version:
+    stamp = contents_stamp(owner)
+    if entry is not None and entry[0]() is owner and entry[1] == stamp:
         return entry[2], None
     dropped = entry[2] if entry is not None and entry[0]() is owner else None
-    _cache[owner_id] = (weakref.ref(owner, _forget), owner._version, {})
+    _cache[owner_id] = (weakref.ref(owner, _forget), stamp, {})
     return _cache[owner_id][2], dropped
 
 
@@ -314,7 +322,8 @@ def cached_on_mask(mask: torch.Tensor, what: tuple, build):
     """``build()``, cached on ``mask`` (or the tensor it views) under ``what`` and the view's geometry.
 
     Every entry of a mask is dropped when its version counter moves (any in-place write, e.g. ``mask.copy_``,
-    ``mask[...] = False``, ``load_state_dict``, lthfast.threshold's raw-pointer writes) and when it is freed.
+    ``mask[...] = False``, ``load_state_dict``, lthfast.threshold's raw-pointer writes), when its storage is
+    swapped (``mask.data = new``: ``contents_stamp``) and when it is freed.
     Inference and functorch-wrapped tensors have no usable version counter: built every time.
     """
     owner = mask._base if mask._base is not None else mask

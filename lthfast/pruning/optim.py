@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lthfast.kernels.tile_index import contents_stamp
 from lthfast.nn import check_mask
 from lthfast.pruning.layers import Layer, all_layers, zero_pruned_
 
@@ -35,8 +36,8 @@ class _Guard:
             return layer.module.mask
         mask = layer.module.weight_mask
         cached = self._bool.get(id(layer.param))
-        if cached is None or cached[0] is not mask or cached[1] != mask._version:
-            cached = (mask, mask._version, mask != 0)
+        if cached is None or cached[0] is not mask or cached[1] != contents_stamp(mask):
+            cached = (mask, contents_stamp(mask), mask != 0)
             self._bool[id(layer.param)] = cached
         return cached[2]
 
