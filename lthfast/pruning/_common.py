@@ -79,9 +79,14 @@ def check_can_prune_all(pairs: list[tuple[Layer, torch.Tensor]], what: str) -> N
             raise ValueError(f"{what}: layer {layer.name!r} is already fully pruned and was asked to prune further")
 
 
-def check_can_prune(layer: Layer, mask: torch.Tensor, what: str, finite: bool = True) -> None:
-    """A layer asked to prune more must have alive weights (and, with ``finite``, all of them finite)."""
-    check_can_prune_all([(layer, mask)], what)
+def check_can_prune(layer: Layer, mask: torch.Tensor, what: str, finite: bool = True, ranked: bool = False) -> None:
+    """A layer asked to prune more must have alive weights (and, with ``finite``, all of them finite).
+
+    ``ranked``: the layer is one of a global ranking, where an emptied layer simply has nothing to rank (IMP's
+    global pruning can empty a layer, and the next round must go on, as torch's global_unstructured does).
+    """
+    if not ranked:
+        check_can_prune_all([(layer, mask)], what)
     if finite:
         check_finite(layer.param, mask, layer.name)
 

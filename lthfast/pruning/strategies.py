@@ -1,8 +1,10 @@
 """Pruning strategies: pure functions (model, masks, ...) -> new Masks (and ``magnitude_``, in place).
 
 Common rules: inputs are never modified; only alive weights are ranked and masks only shrink; every check
-(fraction range, unknown names, mask shape / dtype / device, NaN weights, fully pruned layers asked to prune)
-runs before anything is computed, and errors name the layer. Magnitude ranking goes through
+(fraction range, unknown names, mask shape / dtype / device, NaN weights, fully pruned layers asked to prune by
+a rate of their own: layer-wise or an override) runs before anything is computed, and errors name the layer. In
+a global ranking a fully pruned layer has nothing to rank and is passed over (global IMP can empty a layer, and
+the next round goes on, as with torch.nn.utils.prune.global_unstructured). Magnitude ranking goes through
 ``lthfast.threshold`` (exact counts ``round(fraction * alive)`` like torch.nn.utils.prune; ties broken by
 position, so results are deterministic). Random strategies draw from the given ``torch.Generator`` only, so
 the same seed gives bitwise-identical masks.
@@ -69,7 +71,7 @@ def magnitude(
     fraction = check_fraction(fraction, "magnitude")
     pairs = resolve(model, masks, "magnitude")
     shared, own = _plan(pairs, fraction, overrides, leave_dense, "magnitude")
-    asked = (shared if fraction > 0 else []) + [i for i, rate in own.items() if rate > 0]
+    asked = (shared if fraction > 0 and layerwise else []) + [i for i, rate in own.items() if rate > 0]
     check_can_prune_all([pairs[i] for i in asked], "magnitude")
     new = [m.clone() for _, m in pairs]
     weights = [layer.param.detach() for layer, _ in pairs]
@@ -123,7 +125,8 @@ def magnitude_(
     shared, own = _plan(pairs, fraction, overrides, leave_dense, "magnitude_")
     shared = shared if fraction > 0 else []
     own = {i: rate for i, rate in own.items() if rate > 0}
-    check_can_prune_all([pairs[i] for i in shared], "magnitude_")  # NaN: the threshold checks
+    if layerwise:  # (in the global ranking an emptied layer is passed over); NaN: the threshold checks
+        check_can_prune_all([pairs[i] for i in shared], "magnitude_")
     for i in own:
         check_can_prune(pairs[i][0], pairs[i][1], "magnitude_", finite=not layerwise)
     from lthfast import threshold
@@ -175,21 +178,25 @@ def one_shot(
     alive = [int(m.sum()) for _, m in pairs]
     total = [m.numel() for _, m in pairs]
 
-    def count(indices, target, where):
+    def count(indices, target, where, ranked):
         k = sum(alive[i] for i in indices) - round(target * sum(total[i] for i in indices))
         if k < 0:
             raise ValueError(f"one_shot: {where} is already below density {target} (masks only shrink)")
         for i in indices if k > 0 else []:
-            check_can_prune(pairs[i][0], pairs[i][1], "one_shot", finite=False)
+            check_can_prune(pairs[i][0], pairs[i][1], "one_shot", finite=False, ranked=ranked)
         return k
 
     groups = [[i] for i in shared] if layerwise else ([shared] if shared else [])
     targets = [density] * len(groups)
+    ranked = [not layerwise] * len(groups)
     for i, target in own.items():
         groups.append([i])
         targets.append(target)
+        ranked.append(False)
     names = [layer.name for layer, _ in pairs]
-    ks = [count(g, t, names[g[0]] if len(g) == 1 else "the global ranking") for g, t in zip(groups, targets)]
+    ks = [
+        count(g, t, names[g[0]] if len(g) == 1 else "the global ranking", r) for g, t, r in zip(groups, targets, ranked)
+    ]
     new = [m.clone() for _, m in pairs]
     weights = [layer.param.detach() for layer, _ in pairs]
     with naming_bad_weights(pairs):
@@ -240,7 +247,7 @@ def random(
     pairs = resolve(model, masks, "random")
     shared, _ = _plan(pairs, fraction, None, leave_dense, "random")
     for i in shared if fraction > 0 else []:
-        check_can_prune(pairs[i][0], pairs[i][1], "random")
+        check_can_prune(pairs[i][0], pairs[i][1], "random", ranked=not layerwise)
     new = [m.clone() for _, m in pairs]
     alive = [int(new[i].sum()) for i in shared]
     if layerwise:

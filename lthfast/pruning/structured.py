@@ -84,7 +84,7 @@ def block_magnitude(
     dense = matched(leave_dense, names, "block_magnitude leave_dense")
     active = [i for i, n in enumerate(names) if n not in dense]
     for i in active if fraction > 0 else []:
-        check_can_prune(pairs[i][0], pairs[i][1], "block_magnitude", finite=False)
+        check_can_prune(pairs[i][0], pairs[i][1], "block_magnitude", finite=False, ranked=not layerwise)
     scored = [tile_scores(pairs[i][0].param.detach(), pairs[i][1], block, norm) for i in active]
     scores, tile_masks = [s for s, _ in scored], [a.clone() for _, a in scored]
     with naming_bad_weights(pairs):  # a NaN weight makes its tile's score NaN, which the threshold rejects

@@ -113,19 +113,70 @@ def test_nan_under_a_pruned_weight_is_ignored(setup):
     assert new.alive_count() == masks.alive_count() - round(0.5 * masks.alive_count())
 
 
-@pytest.mark.parametrize("call", list(CALLS))
-def test_fully_pruned_layer_asked_to_prune(setup, call):
+OWN_RATE = {  # the emptied layer asked to prune by a rate of its own: an error
+    "magnitude-layerwise": lambda model, masks, f: S.magnitude(model, masks, f, layerwise=True),
+    "magnitude-override": lambda model, masks, f: S.magnitude(model, masks, f, overrides={"out": "x0.5"}),
+    "one_shot-layerwise": lambda model, masks, f: S.one_shot(model, f, masks=masks, layerwise=True),
+    "random-layerwise": lambda model, masks, f: S.random(model, masks, f, generator=GEN(), layerwise=True),
+    "block-layerwise": lambda model, masks, f: S.block_magnitude(model, masks, f, block=(4, 4), layerwise=True),
+}
+
+
+@pytest.mark.parametrize("call", list(OWN_RATE))
+def test_fully_pruned_layer_asked_to_prune_by_its_own_rate(setup, call):
     model, masks = setup
     masks["out.weight"] = torch.zeros_like(masks["out.weight"])
     masks.apply_(model)
     before = snapshot(model, masks)
-    with pytest.raises(ValueError, match="out.weight.*fully pruned"):
-        CALLS[call](model, masks, 0.05 if call == "one_shot" else 0.3)
+    fraction = 0.05 if call.startswith("one_shot") else 0.3
+    with pytest.raises(ValueError, match="out.weight.*(fully pruned|already below density)"):  # (one_shot: below)
+        OWN_RATE[call](model, masks, fraction)
     assert_untouched(model, masks, before)
     # Leaving it dense (or pruning nothing) is fine.
-    CALLS[call](model, masks, 0.05 if call == "one_shot" else 0.3, leave_dense="out")
-    if call != "one_shot":
-        assert CALLS[call](model, masks, 0.0) == masks
+    name = call.split("-")[0]
+    CALLS[name](model, masks, fraction, leave_dense="out", **({"layerwise": True} if name != "one_shot" else {}))
+    if not call.startswith("one_shot"):
+        assert OWN_RATE[call](model, masks, 0.0) == masks
+
+
+@pytest.mark.parametrize("call", ["magnitude", "one_shot", "random", "block"])
+def test_a_global_ranking_passes_over_a_fully_pruned_layer(setup, call):
+    """Global IMP can empty a layer; the next round goes on (as torch's global_unstructured does)."""
+    model, masks = setup
+    masks["out.weight"] = torch.zeros_like(masks["out.weight"])
+    masks.apply_(model)
+    before = snapshot(model, masks)
+    fraction = 0.05 if call == "one_shot" else 0.3
+    new = CALLS[call](model, masks, fraction)
+    assert_untouched(model, masks, before)
+    assert not new["out.weight"].any()
+    if call == "one_shot":  # the ranking's target counts every layer's size, the emptied one's too
+        assert new.alive_count() == round(fraction * sum(m.numel() for m in masks.values()))
+    elif call == "block":
+        assert new.alive_count() < masks.alive_count()
+    else:
+        assert new.alive_count() == masks.alive_count() - round(fraction * masks.alive_count())
+    if call == "magnitude":  # the same masks as a ranking that leaves the emptied layer out
+        assert new == S.magnitude(model, masks, fraction, leave_dense="out")
+
+
+def test_global_imp_goes_on_after_a_layer_is_emptied():
+    """The audit's case: a small-magnitude output layer emptied by global 20% rounds; later rounds run."""
+    torch.manual_seed(0)
+    model = lthfast.sparsify(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)
+    for _ in range(3):
+        S.magnitude_(model, 0.2)
+    masks = Masks.from_model(model)
+    assert not masks["2.weight"].any()
+    assert masks["0.weight"].sum() == _after(2048 + 128, 3)  # every pruned weight counted, the emptied layer's too
+
+
+def _after(alive: int, rounds: int) -> int:
+    for _ in range(rounds):
+        alive -= round(0.2 * alive)
+    return alive
 
 
 def test_generator_required(setup):

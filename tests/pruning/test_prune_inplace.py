@@ -126,8 +126,13 @@ def test_errors_before_any_change():
     with torch.no_grad():
         model.out.weight[0, 0] = 1.0
         model.conv1.mask.zero_()
-    with pytest.raises(ValueError, match="conv1.weight.*fully pruned"):
-        strategies.magnitude_(model, 0.2)
+    saved, alive = state(model), lthfast.Masks.from_model(model).alive_count()
+    for kwargs in ({"layerwise": True}, {"overrides": {"conv1": 0.1}}):  # its own rate; a global ranking passes it over
+        with pytest.raises(ValueError, match="conv1.weight.*fully pruned"):
+            strategies.magnitude_(model, 0.2, **kwargs)
+        assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    strategies.magnitude_(model, 0.2)
+    assert not model.conv1.mask.any() and lthfast.Masks.from_model(model).alive_count() < alive
     with pytest.raises(ValueError, match="leave_dense"):
         strategies.magnitude_(model, 0.2, leave_dense="nope")
 
