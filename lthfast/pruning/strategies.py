@@ -94,12 +94,15 @@ def magnitude_(
     overrides: Mapping[str, float | str] | None = None,
     leave_dense: str | Iterable[str] = (),
 ) -> nn.Module:
-    """In place: prune ``fraction`` of the alive weights of the masks ``model`` holds, by magnitude.
+    """In place: prune ``fraction`` of the alive weights of ``model``'s prunable layers, by magnitude.
 
-    The same masks and zeroed weights as ``magnitude(model, Masks.from_model(model), ...).apply_(model)`` on a
-    model whose pruned weights are already zero (as ``apply_``, ``Snapshot.rewind_`` and ``mask_optimizer``
-    leave them); weights pruned before this call are not re-read or re-zeroed (``Masks.apply_`` does that).
-    Without any mask in the model every prunable weight is alive. Returns ``model``.
+    A layer's alive weights are those its mask holds (a masked module's ``mask``, a torch-pruned module's
+    ``weight_mask``); a layer without a mask (plain nn.Linear / nn.Conv2d, or a subclass ``sparsify`` left as
+    it was) is pruned by zeroing, so its zero weights count as pruned and the others as alive. The same masks and
+    zeroed weights as ``magnitude(model, held, ...).apply_(model)`` with those masks (``Masks.from_model`` plus
+    ``weight != 0`` for the plain layers) on a model whose pruned weights are already zero (as ``apply_``,
+    ``Snapshot.rewind_`` and ``mask_optimizer`` leave them); weights pruned before this call are not re-read or
+    re-zeroed (``Masks.apply_`` does that). Returns ``model``.
 
     When every prunable layer is an lthfast masked layer with float32/float16/bfloat16 weights, one
     ``lthfast.threshold.prune_`` call (two with overrides in global mode: the shared ranking, then the
@@ -115,10 +118,10 @@ def magnitude_(
         layer.layout == "masked" and p.dtype in RANKABLE_DTYPES for layer, p in zip(layers, params)
     )
     if not fast:
-        masks = Masks.from_model(model)
-        new = magnitude(
-            model, masks or None, fraction, layerwise=layerwise, overrides=overrides, leave_dense=leave_dense
-        )
+        # In the model's layer order (ties are broken by it): a plain layer's mask is its nonzero weights, else a
+        # second call would rank the zeros of the first again and prune nothing new.
+        held = Masks((layer.name, _held_mask(layer)) for layer in layers)
+        new = magnitude(model, held, fraction, layerwise=layerwise, overrides=overrides, leave_dense=leave_dense)
         new.apply_(model)
         return model
     pairs = [(layer, layer.module._buffers["mask"]) for layer in layers]  # (the masked layers' own buffers)
@@ -147,6 +150,11 @@ def magnitude_(
             if own:
                 prune(sorted(own), [own[i] for i in sorted(own)], True)
     return model
+
+
+def _held_mask(layer) -> torch.Tensor:
+    mask = layer.current_mask()
+    return layer.param.detach() != 0 if mask is None else mask.clone()
 
 
 def _density_rate(value, density: float, where: str) -> float:

@@ -157,3 +157,30 @@ def test_alive_flags_match_any_alive():
     wide[49, 1] = True
     masks += [wide[:, ::2], wide[:, 1::2], wide.t(), wide.to(torch.uint8).view(torch.bool)]  # strided: torch
     assert alive_flags(masks) == [any_alive(m) for m in masks] == [bool(m.any()) for m in masks]
+
+
+class _OwnLinear(nn.Linear):
+    """A subclass of nn.Linear (as nn.MultiheadAttention's out_proj is): sparsify leaves it as it is."""
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_layers_without_a_mask_are_pruned_by_zeroing_round_after_round(mixed):
+    """A plain layer's zeros are its pruned weights: each round prunes 20% of what is still alive, in one global
+    ranking with the masked layers (it used to re-rank its own zeros, or to be left out once any mask existed)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), _OwnLinear(20, 10))
+    if mixed:
+        with pytest.warns(UserWarning, match="not converting subclasses"):
+            lthfast.sparsify(model)
+    weights = [model[0].weight, model[2].weight]
+    alive = sum(w.numel() for w in weights)
+    for _ in range(3):
+        held = [model[0].mask if mixed else weights[0] != 0, weights[1] != 0]
+        expected = strategies.magnitude(model, dict(zip(["0.weight", "2.weight"], held)), 0.2)
+        strategies.magnitude_(model, 0.2)
+        alive -= round(0.2 * alive)
+        now = [model[0].mask if mixed else weights[0] != 0, weights[1] != 0]
+        assert sum(int(m.sum()) for m in now) == alive
+        assert torch.equal(now[0], expected["0.weight"]) and torch.equal(now[1], expected["2.weight"])
+        assert torch.count_nonzero(weights[0][~now[0]]) == 0
+    assert int(now[1].sum()) < 200  # the subclass took part in the ranking
