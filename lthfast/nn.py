@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lthfast import functional
 from lthfast.ops import conv as _conv_op
+from lthfast.ops import linear as _linear_op
 from lthfast.reference import masked_weight
 
 
@@ -79,7 +79,11 @@ class MaskedLinear(_Masked, nn.Linear):
         self._init_mask(mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.masked_linear(x, self.weight, self.mask, self.bias)
+        # The op itself (what functional.masked_linear calls), so that errors name this layer.
+        return _linear_op.masked_linear(x, self.weight, self.mask, self.bias, where=self._where())
+
+    def _where(self) -> str:
+        return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> MaskedLinear:

@@ -406,6 +406,14 @@ def test_tile_index_follows_in_place_mask_changes(any_backend):
     torch.testing.assert_close(layer(x), layer.bias.expand(7, 36), rtol=0, atol=0)
 
 
+def test_module_errors_name_the_layer():
+    layer = MaskedLinear(31, 4)
+    with pytest.raises(ValueError, match=r"^MaskedLinear\(in_features=31, out_features=4\): x shape \(2, 32\)"):
+        layer(torch.randn(2, 32))
+    with pytest.raises(TypeError, match=r"^MaskedLinear\(in_features=31, out_features=4\): x is torch.float64"):
+        layer(torch.randn(2, 31, dtype=torch.float64))
+
+
 def test_deepcopy_is_independent(any_backend):
     layer = MaskedLinear(24, 16, mask=_random_mask(16, 24, 0.5))
     x = torch.randn(5, 24)
