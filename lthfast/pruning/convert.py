@@ -119,7 +119,28 @@ def sparsify(model: nn.Module, include=None, exclude=None) -> nn.Module:
         warnings.warn(f"lthfast.sparsify: not converting subclasses of nn.Linear/nn.Conv2d: {skipped}", stacklevel=2)
     layers = [layer for layer in layers if _exact_type(layer.module)]
     _check_convertible(layers)
+    _warn_tied(model, layers)
     return _replace(model, {id(layer.module): _masked_from(layer) for layer in layers})
+
+
+def _warn_tied(model: nn.Module, layers: list[Layer]) -> None:
+    """Name the modules that share a converted weight: layers hold each weight once, so they stay as they are."""
+    owner = {id(layer.module.weight): layer.module_name for layer in layers}
+    converted = {id(layer.module) for layer in layers}
+    tied = [
+        f"{name or 'model'} (weight of {owner[id(module.weight)] or 'model'})"
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, nn.Linear | nn.Conv2d)
+        and id(module) not in converted
+        and id(getattr(module, "weight", None)) in owner
+    ]
+    if tied:
+        warnings.warn(
+            f"lthfast.sparsify: not converting modules whose weight is tied to a converted one: {tied}; they compute "
+            "with the stored weight, which equals W * M only while pruned weights are zero (lthfast.mask_optimizer "
+            "keeps them so)",
+            stacklevel=3,
+        )
 
 
 def _plain_from(module: nn.Module) -> nn.Module:

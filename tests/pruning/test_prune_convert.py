@@ -3,6 +3,7 @@
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -51,6 +52,20 @@ def test_sparsify_root_module_and_subclass_warning():
     with pytest.warns(UserWarning, match="0.weight"):
         lthfast.sparsify(model)
     assert type(model[0]) is MyLinear and isinstance(model[1], MaskedLinear)
+
+
+def test_sparsify_names_modules_tied_to_a_converted_weight():
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.ReLU(), second)
+    with pytest.warns(UserWarning, match=r"weight is tied to a converted one: \['2 \(weight of 0\)'\]"):
+        lthfast.sparsify(model)
+    assert type(model[0]) is MaskedLinear and type(model[2]) is nn.Linear and model[2].weight is model[0].weight
+    reused = nn.Linear(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one module reached twice is converted once, and is not "tied"
+        model = lthfast.sparsify(nn.Sequential(reused, reused))
+    assert model[0] is model[1] and type(model[0]) is MaskedLinear
 
 
 def test_sparsify_keeps_hooks_and_optimizer(convnet):
