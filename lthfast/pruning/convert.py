@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from lthfast.nn import _CONV_ATTRS, MaskedConv2d, MaskedLinear
-from lthfast.pruning.layers import Layer, all_layers, is_torch_pruned, select_layers
+from lthfast.pruning.layers import Layer, all_layers, is_torch_pruned, masked_state_keys, select_layers
 
 _HOOK_DICTS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -88,9 +88,9 @@ def _masked_from(layer: Layer) -> nn.Module:
 
 
 def _check_convertible(layers: list[Layer]) -> None:
+    # A plain module too: its pruned bias is a computed attribute, which the masked module would keep as a plain
+    # tensor, losing bias_orig (the Parameter) and its mask.
     for layer in layers:
-        if layer.layout != "torch":
-            continue
         others = [n for n in _pruned_tensor_names(layer.module) if n != "weight"]
         if others:
             raise ValueError(
@@ -178,31 +178,21 @@ def densify(model: nn.Module) -> nn.Module:
 def dense_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """``model.state_dict()`` with weights as W ⊙ M under their original keys and no mask entries.
 
-    Masked modules lose their ``mask`` key; torch-pruned modules' ``weight_orig`` / ``weight_mask`` become
-    ``weight``. The result loads with ``strict=True`` into the original (unpruned) model definition.
-    Tensors are detached copies.
+    Masked modules lose their ``mask`` key; tensors reparametrized by torch.nn.utils.prune (``<name>_orig`` /
+    ``<name>_mask``, of any module: a pruned bias, an nn.Embedding) become ``<name>``. The result loads with
+    ``strict=True`` into the original (unpruned) model definition. Tensors are detached copies.
     """
-    layers = {layer.module_name: layer for layer in all_layers(model) if layer.layout != "plain"}
-    drop, rename = set(), {}
-    for module_name, layer in layers.items():
-        prefix = f"{module_name}." if module_name else ""
-        if layer.layout == "masked":
-            drop.add(prefix + "mask")
-            rename[prefix + "weight"] = (prefix + "weight", layer)
-        else:
-            drop.add(prefix + "weight_mask")
-            rename[prefix + "weight_orig"] = (prefix + "weight", layer)
+    state = model.state_dict()
+    stored = masked_state_keys(model)
+    masks = {mask_key for mask_key, _ in stored.values()}
     out = OrderedDict()
-    for key, value in model.state_dict().items():
-        if key in drop:
+    for key, value in state.items():
+        if key in masks:
             continue
-        if key in rename:
-            new_key, layer = rename[key]
-            mask = layer.current_mask()
-            value = torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=value.device))
-            out[new_key] = value.detach().clone()
-        else:
-            out[key] = value.detach().clone()
+        if key in stored:
+            mask_key, key = stored[key]
+            value = torch.where(state[mask_key] != 0, value, torch.zeros((), dtype=value.dtype, device=value.device))
+        out[key] = value.detach().clone()
     return out
 
 

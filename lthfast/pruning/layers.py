@@ -177,6 +177,23 @@ def is_torch_pruned(module: nn.Module, name: str = "weight") -> bool:
     return f"{name}_orig" in module._parameters and f"{name}_mask" in module._buffers
 
 
+def masked_state_keys(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """The state_dict entries that hold a stored weight under a mask: {key of the stored tensor: (key of the
+    mask, the key W ⊙ M has in the unpruned model)}. Masked modules' ``weight`` / ``mask``, and every tensor that
+    torch.nn.utils.prune reparametrized (``<name>_orig`` / ``<name>_mask``), of any module (a pruned bias, an
+    nn.Embedding). Modules reached twice are listed under every prefix, as state_dict lists them."""
+    out = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, MASKED_TYPES):
+            out[prefix + "weight"] = (prefix + "mask", prefix + "weight")
+        for key in module._parameters:
+            name = key[: -len("_orig")]
+            if key.endswith("_orig") and is_torch_pruned(module, name):
+                out[prefix + key] = (prefix + name + "_mask", prefix + name)
+    return out
+
+
 def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> list[str] | None:
     if patterns is None:
         return None

@@ -14,18 +14,11 @@ import random
 import torch
 from torch import nn
 
-from lthfast.pruning.layers import all_layers, zero_pruned_
+from lthfast.pruning.layers import all_layers, masked_state_keys, zero_pruned_
 
 
 def _mask_keys(model: nn.Module) -> set[str]:
-    keys = set()
-    for layer in all_layers(model):
-        prefix = f"{layer.module_name}." if layer.module_name else ""
-        if layer.layout == "masked":
-            keys.add(prefix + "mask")
-        elif layer.layout == "torch":
-            keys.add(prefix + "weight_mask")
-    return keys
+    return {mask_key for mask_key, _ in masked_state_keys(model).values()}
 
 
 def _rng_state() -> dict:

@@ -68,6 +68,33 @@ def test_sparsify_names_modules_tied_to_a_converted_weight():
     assert model[0] is model[1] and type(model[0]) is MaskedLinear
 
 
+def test_dense_state_dict_of_a_pruned_bias_and_embedding_loads_strictly():
+    """torch.nn.utils.prune (and lthfast.prune, its drop-in) reparametrize any tensor of any module."""
+    import lthfast.prune as fast_prune
+
+    def build():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Embedding(12, 6), nn.Linear(6, 4), nn.Linear(4, 3))
+
+    model = build()
+    fast_prune.l1_unstructured(model[1], "bias", amount=0.5)
+    torch_prune.random_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"^1: \['bias'\] pruned with torch.nn.utils.prune"):
+        lthfast.sparsify(model)  # it would lose bias_orig: refused before any module changes
+    assert type(model[2]) is nn.Linear
+    lthfast.sparsify(model, include="2")
+    model[2].set_mask_(torch.rand(3, 4) < 0.5)
+    dense = lthfast.dense_state_dict(model)
+    assert sorted(dense) == ["0.weight", "1.bias", "1.weight", "2.bias", "2.weight"]
+    fresh = build()
+    fresh.load_state_dict(dense, strict=True)
+    assert torch.equal(fresh[0].weight, model[0].weight_orig * model[0].weight_mask)
+    assert torch.equal(fresh[1].bias, model[1].bias_orig * model[1].bias_mask)
+    assert torch.equal(fresh[2].weight, model[2].weight * model[2].mask)
+    tokens = torch.tensor([[1, 5, 7]])
+    torch.testing.assert_close(fresh(tokens), model(tokens), rtol=0, atol=0)
+
+
 def test_sparsify_keeps_hooks_and_optimizer(convnet):
     calls = []
     convnet.out.register_forward_hook(lambda module, inputs, output: calls.append(type(module).__name__))

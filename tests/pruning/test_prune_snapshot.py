@@ -79,6 +79,21 @@ def test_rewind_optimizer_state_zeroes_pruned_entries():
     assert torch.equal(state["step"], saved["step"])
 
 
+def test_rewind_a_model_whose_bias_was_pruned_after_the_snapshot():
+    import lthfast.prune as fast_prune
+
+    torch.manual_seed(6)
+    model = lthfast.sparsify(nn.Sequential(nn.Linear(6, 4)))
+    snap = Snapshot(model)
+    initial = model[0].bias.detach().clone()
+    fast_prune.l1_unstructured(model[0], "bias", amount=0.5)
+    with torch.no_grad():
+        model[0].bias_orig.add_(1.0)  # "training"
+    snap.rewind_(model)
+    assert torch.equal(model[0].bias_orig, initial)
+    assert torch.equal(model[0].bias, initial * model[0].bias_mask)
+
+
 def test_rng_state_is_restored_when_asked():
     model = tie_free_(ConvNet())
     snap = Snapshot(model, rng=True)
