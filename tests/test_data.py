@@ -115,6 +115,21 @@ def test_mnist1d_is_generated_and_cached(tmp_path, monkeypatch):
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
 
 
+@pytest.mark.parametrize("under", ["c", ""])
+def test_mnist1d_unusable_cache_dir_is_named(under, tmp_path, monkeypatch):
+    import lthfast.data.embedded
+
+    def no_generation(num_samples):
+        raise AssertionError("an unusable cache_dir must fail before the data is generated")
+
+    monkeypatch.setattr(lthfast.data.embedded, "_generate_mnist1d", no_generation)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cache = blocker / under if under else blocker
+    with pytest.raises(DataError, match=f"cannot use cache_dir {cache}: "):
+        load_dataset("mnist1d", num_samples=200, cache_dir=str(cache), val_size=20)
+
+
 def test_synthetic_is_learnable_by_its_teacher_shape():
     data = load_dataset("synthetic", num_samples=300, val_size=30, input_shape=(2, 4, 4))
     assert data.input_shape == (2, 4, 4)

@@ -44,12 +44,20 @@ def mnist1d_arrays(num_samples: int, cache_dir: str | os.PathLike | None) -> dic
                 return {k: cached[k] for k in ("x", "y", "x_test", "y_test")}
         except Exception:  # noqa: BLE001 - a damaged cache is regenerated, never trusted
             pass
+    if path is not None:
+        try:  # before generating: an unusable cache_dir fails at once
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"cannot use cache_dir {path.parent}: {exc.strerror or exc}") from None
     arrays = _generate_mnist1d(num_samples)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot write to cache_dir {path.parent}: {exc.strerror or exc}") from None
     return arrays
 
 

@@ -131,5 +131,5 @@ def register(subparsers) -> None:
     demo.add_argument("--name", default=argparse.SUPPRESS, help="run directory name")
     demo.add_argument("--backend", default=argparse.SUPPRESS, help="auto, torch or triton")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--force", action="store_true", help="replace a run directory made with another config")
+    demo.add_argument("--force", action="store_true", help="delete what the run directory holds and start over")
     demo.set_defaults(func=_cmd_demo)

@@ -83,7 +83,7 @@ class Config:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     plots: bool = field(default=True, metadata={"help": "draw plots/*.png at the end of the run"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars or level lines"})
-    force: bool = field(default=False, metadata={"help": "replace a run directory made with another config"})
+    force: bool = field(default=False, metadata={"help": "delete what the run directory holds and start over"})
 
     def __post_init__(self) -> None:
         if tuple(self.controls) == ("all",):
@@ -151,7 +151,7 @@ class Config:
         if not 0 < self.prune_fraction < 1:
             raise ConfigError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
         for name, rate in self.layer_fractions.items():
-            _check_rate(name, rate)
+            _check_rate(name, rate, self.prune_fraction)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 < self.val_size < 1 or (self.val_size >= 1 and float(self.val_size).is_integer())):
@@ -273,7 +273,10 @@ def coerce(name: str, hint, value, where: str = "config"):
             (inner,) = [a for a in args if a is not type(None)]
             return coerce(name, inner, value, where)
         if origin is tuple:
-            items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            if isinstance(value, str):
+                items = [v for v in value.split(",") if v.strip()]
+            else:  # a single YAML / JSON value is a one-item tuple, as the flag's "64" is
+                items = list(value) if isinstance(value, (list, tuple)) else [value]
             return tuple(coerce(name, args[0], item, where) for item in items)
         if origin is dict:
             if isinstance(value, str):
@@ -290,6 +293,8 @@ def coerce(name: str, hint, value, where: str = "config"):
                     return False
                 raise ValueError("expected true or false")
             return bool(value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")  # YAML's yes / true would pass as 1
         if hint is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError("expected a whole number")
@@ -304,13 +309,18 @@ def _choice(what: str, value: str, allowed) -> None:
         raise ConfigError(f"unknown {what} {value!r}: expected one of {', '.join(allowed)}")
 
 
-def _check_rate(name: str, rate: str) -> None:
+def _check_rate(name: str, rate: str, prune_fraction: float) -> None:
+    """The layer's fraction per level (a multiplier times prune_fraction) must be in [0, 1): at 1 the layer is
+    fully pruned at level 1 and cannot be pruned at level 2."""
     text = str(rate).strip()
+    multiplier = text[:1] in ("x", "*")
     try:
-        value = float(text[1:]) if text[:1] in ("x", "*") else float(text)
+        value = float(text[1:]) if multiplier else float(text)
     except ValueError:
         raise ConfigError(
             f"layer_fractions[{name}]={rate!r}: expected a fraction like 0.1 or a multiplier like x0.5"
         ) from None
-    if value < 0 or (text[:1] not in ("x", "*") and value >= 1):
-        raise ConfigError(f"layer_fractions[{name}]={rate!r}: a fraction must be in [0, 1), a multiplier >= 0")
+    fraction = value * prune_fraction if multiplier else value
+    if not 0 <= fraction < 1:
+        detail = f" (x prune_fraction {prune_fraction} = {fraction:g})" if multiplier else ""
+        raise ConfigError(f"layer_fractions[{name}]={rate!r}{detail}: the fraction per level must be in [0, 1)")

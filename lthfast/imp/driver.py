@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import lthfast
-from lthfast import distributed
+from lthfast import _backend, distributed
 from lthfast.data import BatchSampler, DataError, Dataset, load_dataset
 from lthfast.imp import report, rundir
 from lthfast.imp.config import Config, ConfigError
@@ -36,6 +36,8 @@ from lthfast.imp.errors import ImpError
 from lthfast.imp.levels import Replicate, derive_seed
 from lthfast.imp.progress import Progress
 from lthfast.models import ModelError, build_model
+from lthfast.pruning import prunable
+from lthfast.pruning.layers import matches
 
 
 @dataclass
@@ -73,6 +75,7 @@ def run(
 
 def _run(cfg: Config, world: distributed.World, model_fn, data) -> RunResult:
     device = world.device
+    _check_backend(cfg.backend, device)
     out_dir = Path(cfg.out_dir)
     world.on_main(lambda: rundir.check_writable(out_dir))
     if data is None:
@@ -89,14 +92,14 @@ def _run(cfg: Config, world: distributed.World, model_fn, data) -> RunResult:
     make_model = model_fn or (
         lambda: build_model(cfg.model, data.input_shape, data.num_classes, hidden=cfg.hidden, dropout=cfg.dropout)
     )
-    _check_model(make_model, data)
+    _check_model(make_model, data, cfg)
     identity = cfg.identity()
     if model_fn is not None or data.name != cfg.dataset:
         identity["custom"] = {"model_fn": getattr(model_fn, "__qualname__", None), "data": data.describe()}
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     name = cfg.name or f"{'custom' if model_fn else cfg.model}-{data.name}-{digest}"
     rd = rundir.RunDir(out_dir / name)
-    with _main_lock(rd, world):
+    with _main_lock(rd, cfg.force, world):
 
         def prepare() -> None:
             rd.prepare(identity, cfg.to_dict(), cfg.force)
@@ -144,12 +147,12 @@ def _load_data(cfg: Config, world: distributed.World) -> Dataset:
 
 
 @contextlib.contextmanager
-def _main_lock(rd: rundir.RunDir, world: distributed.World):
+def _main_lock(rd: rundir.RunDir, force: bool, world: distributed.World):
     """Rank 0 holds the run directory's lock (the other ranks of the job write nothing); errors reach every rank."""
     handle, error = None, None
     if world.is_main:
         try:
-            handle = rd.lock()
+            handle = rd.lock(force)
         except Exception as exc:  # noqa: BLE001 - raised on every rank by agree()
             error = exc
     world.agree(error)
@@ -212,8 +215,16 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_model(make_model, data: Dataset) -> None:
-    """Build the model once and run two examples through it, so a mismatch fails before any training.
+def _check_backend(name: str, device: torch.device) -> None:
+    """A forced triton backend that cannot run on the device would fail at the first forward pass, mid-run."""
+    if name == "triton" and not _backend.triton_runs_on(device):
+        why = "triton is not importable" if not _backend.triton_available() else "set TRITON_INTERPRET=1 for the CPU"
+        raise ConfigError(f"backend triton cannot run on device {device}: {why}")
+
+
+def _check_model(make_model, data: Dataset, cfg: Config) -> None:
+    """Build the model once and run two examples through it, so a mismatch fails before any training; check that
+    layer_fractions and leave_dense name its prunable layers (the pruning at level 1 would refuse them).
 
     A sharded model (FSDP) is refused with DistributedError before it runs (``lthfast.distributed``)."""
     try:
@@ -234,6 +245,11 @@ def _check_model(make_model, data: Dataset) -> None:
         )
     if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
         raise ConfigError("the model has no nn.Linear or nn.Conv2d layer to prune")
+    names = list(prunable(model))
+    for option, patterns in (("layer_fractions", cfg.layer_fractions), ("leave_dense", cfg.leave_dense)):
+        for pattern in patterns:
+            if not any(matches(pattern, name) for name in names):
+                raise ConfigError(f"{option}: {pattern!r} matches no layer of the model ({', '.join(names)})")
 
 
 def _unit_count(cfg: Config) -> int:

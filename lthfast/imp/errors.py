@@ -12,7 +12,7 @@ class ConfigError(ImpError, ValueError):
 
 
 class RunDirError(ImpError):
-    """The run directory cannot be used (unwritable, or made with a different config without --force)."""
+    """The run directory cannot be used (unwritable, or without --force: not a run directory, or another config)."""
 
 
 class CheckpointError(ImpError):

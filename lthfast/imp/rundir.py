@@ -133,13 +133,21 @@ class RunDir:
     def rewind_path(self, r: int) -> Path:
         return self.replicate(r) / "rewind.pt"
 
-    def lock(self):
+    def check_not_foreign(self) -> None:
+        """RunDirError when the folder holds files but no config.json: not a run directory, so not ours to touch."""
+        if self.root.is_dir() and not self.config.exists() and any(p.name != ".lock" for p in self.root.iterdir()):
+            raise RunDirError(f"{self.root} exists and is not an lthfast run directory; use --force or another --name")
+
+    def lock(self, force: bool = False):
         """Hold an exclusive lock on the run directory until the returned file is closed (or the process dies).
 
-        Raises RunDirError when another process holds it: two processes writing one run would interleave.
+        Raises RunDirError when another process holds it: two processes writing one run would interleave; and,
+        unless ``force``, when the folder is not a run directory (before the lock file is created in it).
         """
         import fcntl
 
+        if not force:
+            self.check_not_foreign()
         check_writable(self.root)
         handle = open(self.root / ".lock", "w")  # noqa: SIM115 - closed by the caller
         try:
@@ -154,33 +162,28 @@ class RunDir:
     def prepare(self, identity: dict, full_config: dict, force: bool) -> bool:
         """Create the folder, or check that an existing one was made with the same config.
 
-        Returns True when an existing run is resumed. Raises RunDirError when the folder cannot be written or
-        holds a run with another config (unless ``force``: then its contents are deleted first). Temporary files
-        left by a killed run are removed.
+        Returns True when an existing run is resumed (its temporary files left by a killed run are removed).
+        Raises RunDirError when the folder cannot be written, is not a run directory or holds a run with another
+        config. With ``force`` its contents are deleted first, whatever they are: the way out of a corrupt file.
         """
-        for stale in self.root.rglob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
         resumed = False
-        if self.config.exists():
+        if force:
+            self._wipe()
+        elif self.config.exists():
             old = load_json(self.config)
             old_identity = old.get("identity", {}) if isinstance(old, dict) else {}
             if old_identity != identity:
-                if not force:
-                    changed = sorted(
-                        k for k in set(old_identity) | set(identity) if old_identity.get(k) != identity.get(k)
-                    )
-                    diff = ", ".join(f"{k}: {old_identity.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
-                    raise RunDirError(
-                        f"{self.root} holds a run with a different config ({diff}); "
-                        "use --force to start it over or --name to pick another run directory"
-                    )
-                self._wipe()
-            else:
-                resumed = True
-        elif any(p.name != ".lock" for p in self.root.iterdir()) and not force:
-            raise RunDirError(f"{self.root} exists and is not an lthfast run directory; use --force or another --name")
-        elif force:
-            self._wipe()
+                changed = sorted(k for k in set(old_identity) | set(identity) if old_identity.get(k) != identity.get(k))
+                diff = ", ".join(f"{k}: {old_identity.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
+                raise RunDirError(
+                    f"{self.root} holds a run with a different config ({diff}); "
+                    "use --force to start it over or --name to pick another run directory"
+                )
+            for stale in self.root.rglob(".*.tmp*"):
+                stale.unlink(missing_ok=True)
+            resumed = True
+        else:
+            self.check_not_foreign()
         check_writable(self.root)
         write_json(self.config, {"identity": identity, "config": full_config})
         return resumed

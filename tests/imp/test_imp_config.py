@@ -29,6 +29,8 @@ def test_from_dict_coerces_strings_and_lists():
         ({"prune_fraction": 1.5}, "prune_fraction must be in"),
         ({"prune_fraction": 0}, "prune_fraction must be in"),
         ({"layer_fractions": {"out.weight": "1.2"}}, "layer_fractions"),
+        ({"layer_fractions": {"out.weight": "x6"}}, r"'x6' \(x prune_fraction 0.2 = 1.2\)"),
+        ({"layer_fractions": {"out.weight": "x5"}}, r"'x5' \(x prune_fraction 0.2 = 1\)"),  # all pruned at level 1
         ({"controls": ["random_everything"]}, "unknown control"),
         ({"control_levels": [5], "levels": 2, "controls": ["rearrange"]}, "control_levels"),
         ({"rewind": "five"}, "not a duration"),
@@ -117,3 +119,49 @@ def test_cli_corrupt_config_file(tmp_path, capsys):
     assert main(["imp", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lthfast: error: config file {path}: cannot parse") and "\n" not in err
+
+
+def test_config_file_values_are_read_like_flags(tmp_path):
+    from lthfast.cli import build_parser
+
+    path = tmp_path / "c.yaml"
+    path.write_text("hidden: 64\nlevels: 2\ncontrols: random_prune\ncontrol_levels: 2\n")
+    cfg = config_from_args(build_parser().parse_args(["imp", "--config", str(path)]))
+    assert (cfg.hidden, cfg.control_levels) == ((64,), (2,))  # as --hidden 64 --control-levels 2
+
+
+@pytest.mark.parametrize("text", ["levels: yes\n", "lr: true\n", "hidden: [64, false]\n"])
+def test_config_file_booleans_are_not_numbers(text, tmp_path):
+    from lthfast.cli import build_parser
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    option = text.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"{path}: option {option}=.*expected a number, got a boolean"):
+        config_from_args(build_parser().parse_args(["imp", "--config", str(path)]))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--layer-fractions", "fc9.weight=0.3"], "layer_fractions: 'fc9.weight' matches no layer of the model"),
+        (["--leave-dense", "nosuch"], "leave_dense: 'nosuch' matches no layer of the model"),
+        (["--layer-fractions", "out.weight=x5"], "layer_fractions[out.weight]='x5'"),
+        (["--backend", "triton", "--device", "cpu"], "backend triton cannot run on device cpu"),
+        (["--dataset", "mnist1d", "--cache-dir", "FILE/c"], "cannot use cache_dir FILE/c"),
+        (["--dataset", "mnist1d", "--cache-dir", "FILE"], "cannot use cache_dir FILE"),
+    ],
+)
+def test_cli_refuses_before_the_run_directory(argv, message, capsys, tmp_path, monkeypatch):
+    """Each of these used to fail after training had begun in the run directory (a traceback, exit status 1)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no CPU interpreter: triton cannot run on the CPU
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    runs = tmp_path / "runs"
+    argv = ["imp", "--out-dir", str(runs), "--name", "r", "--quiet", "--no-plots", "--threads", "1", "--dataset",
+            "synthetic", "--synthetic-shape", "8", "--num-samples", "100", "--batch-size", "10", "--hidden", "16",
+            "--train-steps", "20it", "--levels", "2", *[a.replace("FILE", str(blocker)) for a in argv]]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lthfast: error: ") and message.replace("FILE", str(blocker)) in err and "\n" not in err
+    assert not (runs / "r").exists()

@@ -3,6 +3,7 @@ refusal of another config, resume of finished runs, corrupt files, the user-mode
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,32 @@ def test_corrupt_checkpoint_names_the_file(tiny):
     (result.path / "replicate_0/level_1/model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match=r"level_1/model.safetensors is corrupt"):
         run({**tiny, "name": "corrupt"})
+
+
+def test_force_starts_a_corrupt_run_over(tiny):
+    """--force is the way out the corrupt-file errors name: it starts the run over, whatever its config.json."""
+    result = run({**tiny, "name": "redo"})
+    first = [r["test_acc"] for r in result.rows]
+    (result.path / "replicate_0/level_2/done.json").unlink()
+    (result.path / "replicate_0/level_1/model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="--force"):
+        run({**tiny, "name": "redo"})
+    assert [r["test_acc"] for r in run({**tiny, "name": "redo", "force": True}).rows] == first
+    (result.path / "config.json").write_text('{"identity": ')
+    with pytest.raises(CheckpointError, match=r"config.json is corrupt.*--force"):
+        run({**tiny, "name": "redo"})
+    assert [r["test_acc"] for r in run({**tiny, "name": "redo", "force": True}).rows] == first
+
+
+def test_a_folder_that_is_not_a_run_directory_is_refused_untouched(tiny):
+    folder = Path(tiny["out_dir"]) / "mydata"
+    (folder / "sub").mkdir(parents=True)
+    for name in (".draft.tmp.txt", "sub/.cache.tmp", "notes.txt"):
+        (folder / name).write_text("precious")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(RunDirError, match="mydata exists and is not an lthfast run directory"):
+        run({**tiny, "name": "mydata"})
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # no temp file removed, no .lock
 
 
 def test_user_model_and_data(tiny):
