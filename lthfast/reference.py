@@ -7,10 +7,20 @@ so even a NaN stored under a pruned entry cannot leak), and its gradient is exac
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
                    torch.bfloat16: torch.int16}  # fmt: skip
+
+
+def transforms_active() -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, jacrev, ...) or a forward-mode AD level
+    (``torch.autograd.forward_ad.dual_level``): tangents and batch dimensions must then flow through every op, so
+    W ⊙ M is ``torch.where`` (the integer multiply below drops a tangent) and the masked ops run this module's
+    composites (``lthfast.ops``), whose every op the transforms know; the custom ops' autograd has no rules for
+    them."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -22,7 +32,8 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     fp32 weight, 1 thread of the 2-core dev VM (where's bool-condition kernel is slow on CPU).
     """
     ints = SAME_WIDTH_INT.get(weight.dtype)
-    if ints is not None and mask.dtype == torch.bool and not (weight.requires_grad and torch.is_grad_enabled()):
+    outside = not (weight.requires_grad and torch.is_grad_enabled()) and not transforms_active()
+    if ints is not None and mask.dtype == torch.bool and outside:
         return weight.view(ints).mul(mask).view(weight.dtype)
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
 

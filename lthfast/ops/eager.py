@@ -17,14 +17,16 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from lthfast.reference import transforms_active
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager_ok(*tensors: torch.Tensor | None) -> bool:
-    """True when nothing but plain eager autograd would see the op: not compiling, no functorch transform,
-    no dispatch or torch-function mode, no autocast on the tensors' device, only plain tensors.
+    """True when nothing but plain eager autograd would see the op: not compiling, no functorch transform or
+    forward-AD level, no dispatch or torch-function mode, no autocast on the tensors' device, only plain tensors.
     The callers have checked that the tensors share one device (autocast is asked for the first one's)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or transforms_active():
         return False
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
         return False

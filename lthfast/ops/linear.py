@@ -24,6 +24,7 @@ from lthfast import _backend
 from lthfast.ops import autocast, linear_torch
 from lthfast.ops.eager import eager_ok
 from lthfast.ops.masking import masked
+from lthfast.reference import masked_weight, transforms_active
 
 # "auto" backend on CUDA: above this tile density cuBLAS on W ⊙ M beats the sparse kernels, so it is used
 # instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). Measured on an
@@ -257,6 +258,8 @@ def masked_linear(
             y = torch.nn.functional.linear(x2d, w, bias)
         else:
             y = _Eager.apply(x2d, weight, mask, bias, index)
+    elif transforms_active():  # torch.func / forward-mode AD: the reference composite
+        y = torch.nn.functional.linear(x2d, masked_weight(weight, mask), bias)
     else:
         y = torch.ops.lthfast.masked_linear_fwd(x2d, weight, mask, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
