@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lthfast import _backend
 from lthfast.ops import autocast
-from lthfast.ops.eager import eager_ok
+from lthfast.ops.eager import differentiable_grads, eager_ok
 from lthfast.ops.masking import mask_, masked
 from lthfast.reference import masked_weight, transforms_active
 
@@ -301,10 +301,19 @@ def _backward(ctx, grad, eager=False):
     else:
         grad_input = torch.ops.lthfast.masked_conv2d_grad_input
         grad_weight = torch.ops.lthfast.masked_conv2d_grad_weight
-    if ctx.needs_input_grad[0]:
-        grad_x = grad_input(grad, x, weight, mask, *ctx.conv)
-    if ctx.needs_input_grad[1]:
-        grad_w = grad_weight(grad, x, weight, mask, *ctx.conv)
+    if eager and torch.is_grad_enabled() and any(ctx.needs_input_grad[:2]):  # create_graph=True
+        stride, padding, dilation, groups = ctx.conv
+
+        def forward(x, w):
+            xp, sym = _symmetric(x, padding)
+            return F.conv2d(xp, w, None, stride, sym, dilation, groups)
+
+        grad_x, grad_w = differentiable_grads(ctx, grad, forward)
+    else:
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_input(grad, x, weight, mask, *ctx.conv)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_weight(grad, x, weight, mask, *ctx.conv)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         # a bandwidth-bound reduction of dY: torch's sum already runs at memory speed, a kernel would not beat it
         grad_b = grad.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)

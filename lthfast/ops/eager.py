@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from lthfast.reference import transforms_active
+from lthfast.reference import masked_weight, transforms_active
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -39,3 +39,18 @@ def eager_ok(*tensors: torch.Tensor | None) -> bool:
         if first is None:
             first = t
     return first is None or not torch.is_autocast_enabled(first.device.type)
+
+
+def differentiable_grads(ctx, grad: torch.Tensor, forward) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dX, dW) of an eager Function's op when its backward runs with ``create_graph=True`` (double backward, a
+    gradient penalty): ``forward(x, W ⊙ M)`` recomputed with torch ops (``torch.where``) and differentiated with a
+    graph, so that the gradients are themselves differentiable. The kernels' and the CPU block route's backward
+    are not: their gradients would enter the second derivative as constants. ``ctx.saved_tensors`` starts with
+    (x, weight, mask); a gradient not in ``ctx.needs_input_grad`` is None."""
+    x, weight, mask = ctx.saved_tensors[:3]
+    needs = ctx.needs_input_grad[:2]
+    wanted = [t for t, need in zip((x, weight), needs) if need]
+    with torch.enable_grad():
+        y = forward(x, masked_weight(weight, mask))
+    grads = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
+    return next(grads) if needs[0] else None, next(grads) if needs[1] else None

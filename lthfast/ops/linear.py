@@ -22,7 +22,7 @@ import torch
 
 from lthfast import _backend
 from lthfast.ops import autocast, linear_torch
-from lthfast.ops.eager import eager_ok
+from lthfast.ops.eager import differentiable_grads, eager_ok
 from lthfast.ops.masking import masked
 from lthfast.reference import masked_weight, transforms_active
 
@@ -157,7 +157,9 @@ def _backward(ctx, grad, eager=False):
     x, weight, mask = ctx.saved_tensors  # the mask unchanged since the forward (autograd's version check)
     need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
     grad_x = grad_w = grad_b = None
-    if need_x or need_w:
+    if eager and torch.is_grad_enabled() and (need_x or need_w):  # create_graph=True
+        grad_x, grad_w = differentiable_grads(ctx, grad, torch.nn.functional.linear)
+    elif need_x or need_w:
         if eager:  # the forward's route, still the mask's
             grad_x, grad_w = _grads(grad, x, weight, mask, need_x, need_w, ctx.index)
         else:
