@@ -340,6 +340,7 @@ def conv2d_forward(
     p, q = out.shape[2:]
     index = conv_tile_index(mask) if index is None else index
     weight = _masked_channels_last(weight, mask)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it at unit stride (Cout values: no cost)
     block_n, block_c = conv_tiles(x.device)
     grid = lambda meta: (cdiv(batch * p * q, meta["BLOCK_M"]) * cdiv(n, block_n),)
     _launch(

@@ -302,6 +302,7 @@ def masked_linear_forward(
     _check(index, weight.shape, x, weight, mask)
     m, k = x.shape
     n = weight.shape[0]
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it at unit stride (N values: no cost)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y

@@ -164,8 +164,10 @@ def _index_arrays_torch(alive: torch.Tensor) -> tuple:
 
 def _ext_ok(mask: torch.Tensor, stride: tuple, k: int):
     """lthfast._C when it can index ``mask`` as an [N, k] view of that stride (a CPU bool mask with unit column
-    stride), else None."""
+    stride and rows that do not overlap: not a row broadcast by ``expand``), else None."""
     if not mask.is_cpu or mask.dtype != torch.bool or (stride[1] != 1 and k > 1):
+        return None
+    if mask.shape[0] > 1 and stride[0] < k:
         return None
     return _backend.ext()
 

@@ -120,6 +120,15 @@ def _memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format
     return torch.contiguous_format
 
 
+def _mask_like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The mask in the weight's memory format: W ⊙ M takes the mask's layout, and F.conv2d's output follows it
+    (an NCHW layer with a channels_last mask answered in channels_last). A copy only when the layouts differ."""
+    if mask.stride() == weight.stride():
+        return mask
+    channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    return mask.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 # ---------------------------------------------------------------------------------------------- routing
 @functools.cache
 def _kernels():
@@ -383,7 +392,7 @@ def masked_conv2d(
         native, index = _eager_route(x, mask, groups, where)
         if native:
             xp, sym = _symmetric(x, padding)
-            y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)  # differentiable in W
+            y = F.conv2d(xp, masked(weight, _mask_like(mask, weight)), bias, stride, sym, dilation, groups)  # in W
         else:
             y = _Eager.apply(x, weight, mask, bias, list(stride), list(padding), list(dilation), groups, where, index)
     elif transforms_active():  # torch.func / forward-mode AD: the reference composite
