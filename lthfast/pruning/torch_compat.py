@@ -11,7 +11,12 @@ What differs, and why:
   * the ``weight_mask`` buffer is updated IN PLACE and each tensor carries one hook (``InPlaceMask``, which
     holds no tensor). torch instead appends a ``CustomFromMask`` holding a full-size mask to a
     ``PruningContainer`` at every round, so its memory grows every round (pytorch/pytorch#49332);
-  * NaN / inf scores among alive entries raise (torch ranks them arbitrarily).
+  * NaN / inf scores among alive entries raise (torch ranks them arbitrarily), for float32 / float16 / bfloat16
+    scores; float64 scores go through torch's own computation, as torch ranks them;
+  * a tensor pruned before is ranked by its current values (``<name>_orig`` where the mask is alive); torch ranks
+    ``module.<name>``, the product its forward pre-hook made at the last forward pass or prune. They differ only
+    when the optimizer stepped after the last forward pass (a loop that ends on ``opt.step()`` and prunes right
+    away): lthfast then ranks the trained weights, torch the weights of one step before.
 On tie-free data the masks equal torch's; ties are broken by position (lower flat index of the
 concatenation is pruned first), torch's ``topk`` breaks them arbitrarily.
 """
@@ -79,9 +84,12 @@ def _gather(parameters, importance_scores) -> list[tuple]:
         raise TypeError("global_unstructured(): importance_scores must be of type dict")
     entries = []
     for index, item in enumerate(parameters):
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], nn.Module)):
-            raise TypeError(f"parameters[{index}]: expected a (module, name) tuple, got {item!r}")
-        module, name = item
+        try:  # any pair, as torch's own ``for module, name in parameters`` takes (lists too)
+            module, name = item
+        except (TypeError, ValueError):
+            module = name = None
+        if not isinstance(module, nn.Module) or not isinstance(name, str):
+            raise TypeError(f"parameters[{index}]: expected a (module, name) pair, got {item!r}")
         where = _where(module, name, index)
         if _has_layout(module, name):
             stored = module._parameters[f"{name}_orig"]
@@ -118,9 +126,12 @@ def _new_masks(entries, pruning_method, kwargs) -> list[torch.Tensor]:
     natively = all(e[5].dtype in RANKABLE_DTYPES for e in entries)
     if type(method) is torch_prune.RandomUnstructured or (type(method) is torch_prune.L1Unstructured and natively):
         count = {"amount": method.amount}  # a float: the threshold computes round(amount * alive) as torch does
-        if isinstance(method.amount, numbers.Integral):
+        if type(method.amount) is not float:
             alive = sum(int(torch.count_nonzero(m)) for m in masks)
-            count = {"k": _check_count(method.amount, alive)}
+            if isinstance(method.amount, numbers.Integral):
+                count = {"k": _check_count(method.amount, alive)}
+            else:  # a NumPy or torch scalar: round(amount * alive) in its own arithmetic, as torch computes it
+                count = {"k": round(method.amount * alive)}
         if type(method) is torch_prune.L1Unstructured:
             scores = [e[5] for e in entries]
             try:

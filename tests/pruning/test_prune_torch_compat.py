@@ -41,6 +41,29 @@ def test_global_unstructured_matches_torch_over_rounds(amount):
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
 
 
+def test_numpy_amounts_count_as_torch_does():
+    """round(amount * alive) in the amount's own arithmetic: a float32 0.01 of 150 alive weights is 2 for torch
+    (1.5000001 rounds up) and was 1 here (1.5 in float64 rounds half to even)."""
+    np = pytest.importorskip("numpy")
+    for amount in (np.float32(0.01), np.float32(0.3), np.float64(0.25)):
+        ours, theirs = nn.Linear(15, 10), nn.Linear(15, 10)
+        theirs.load_state_dict(ours.state_dict())
+        fast_prune.global_unstructured([(ours, "weight")], pruning_method=fast_prune.L1Unstructured, amount=amount)
+        torch_prune.global_unstructured([(theirs, "weight")], pruning_method=torch_prune.L1Unstructured, amount=amount)
+        assert torch.equal(ours.weight_mask, theirs.weight_mask), amount
+    assert int((ours.weight_mask == 0).sum()) == round(np.float64(0.25) * 150)
+
+
+def test_parameters_as_lists_or_any_pairs():
+    ours, theirs = twins()
+    pairs = [[m, name] for m, name in targets(ours)]  # torch unpacks any pair
+    fast_prune.global_unstructured(pairs, pruning_method=fast_prune.L1Unstructured, amount=0.3)
+    torch_prune.global_unstructured(targets(theirs), pruning_method=torch_prune.L1Unstructured, amount=0.3)
+    assert_same_pruning(ours, theirs)
+    with pytest.raises(TypeError, match=r"parameters\[0\]: expected a \(module, name\) pair"):
+        fast_prune.global_unstructured([(ours.conv1,)], pruning_method=fast_prune.L1Unstructured, amount=0.3)
+
+
 def test_no_growth_over_rounds():
     ours, theirs = twins()
     for _ in range(5):
