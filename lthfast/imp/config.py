@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "step", "cosine")
 CONTROLS = ("random_reinit", "random_prune", "rearrange")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16", "fp16")
+EARLY_STOP = ("val_loss", "val_acc")
 # Options that say where and how loudly a run happens, not what it computes: they may change on resume. (compile
 # changes the rounding of fused elementwise ops only, like threads, so a run may be resumed with or without it.)
 NOT_IDENTITY = (
@@ -29,7 +30,9 @@ NOT_IDENTITY = (
 )  # fmt: skip
 # Options added after runs were made: they enter the identity only when not at these defaults, so that the runs made
 # before keep their names and can be resumed.
-LATE_OPTIONS = {"amp": "none"}
+# early_stop: best validation accuracy was the only criterion before the option existed, so the runs made then hash
+# as "val_acc" runs and resume under the rule they were made with; the default (Frankle & Carbin's) is new.
+LATE_OPTIONS = {"amp": "none", "early_stop": "val_acc"}
 
 
 @dataclass
@@ -71,6 +74,11 @@ class Config:
     replicates: int = field(default=1, metadata={"help": "independent replicates (init, data order, pruning)"})
     seed: int = field(default=0, metadata={"help": "base seed of every replicate's seeds"})
     # bookkeeping
+    early_stop: str = field(
+        default="val_loss",
+        metadata={"help": "early-stop iteration: val_loss (the first minimum of validation loss, Frankle & Carbin) "
+                  "or val_acc (the first maximum of validation accuracy)"},
+    )  # fmt: skip
     eval_every: str = field(default="50it", metadata={"help": "evaluation interval"})
     checkpoint_every: str = field(default="1000it", metadata={"help": "checkpoint interval (at evaluations)"})
     backend: str = field(default="auto", metadata={"help": "lthfast backend: auto, torch, triton"})
@@ -144,6 +152,7 @@ class Config:
         _choice("backend", self.backend, BACKENDS)
         _choice("device", self.device, DEVICES)
         _choice("amp", self.amp, AMP)
+        _choice("early_stop", self.early_stop, EARLY_STOP)
         for control in self.controls:
             _choice("control", control, CONTROLS)
         if len(set(self.controls)) != len(self.controls):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from lthfast.imp.config import CONTROLS
+from lthfast.imp.report import early_stop_rule
 
 STYLE = {
     "ticket": ("C0", "o", "winning ticket (IMP)"),
@@ -71,7 +72,7 @@ def accuracy_plot(path: Path, agg: dict) -> Path:
     return _save(fig, path)
 
 
-def early_stop_plot(path: Path, agg: dict) -> Path:
+def early_stop_plot(path: Path, agg: dict, rule: str) -> Path:
     fig, ax = _figure()
     for branch in ("ticket", *CONTROLS):
         xs, ys, es = _series(agg, branch, "early_stop_iteration")
@@ -79,7 +80,7 @@ def early_stop_plot(path: Path, agg: dict) -> Path:
             color, marker, label = STYLE[branch]
             ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, label=label, capsize=3, ms=4)
     _weights_axis(ax)
-    ax.set_ylabel("early-stop iteration (best validation accuracy)")
+    ax.set_ylabel(f"early-stop iteration ({rule})")
     ax.set_title("Early-stop iteration")
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -104,6 +105,6 @@ def draw_all(folder: Path, rows: list[dict], agg: dict) -> list[Path]:
         return []
     return [
         accuracy_plot(folder / "accuracy.png", agg),
-        early_stop_plot(folder / "early_stop.png", agg),
+        early_stop_plot(folder / "early_stop.png", agg, early_stop_rule(rows)),
         throughput_plot(folder / "throughput.png", rows),
     ]

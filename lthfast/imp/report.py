@@ -17,8 +17,10 @@ BRANCHES = ("ticket", *CONTROLS)
 COLUMNS = (
     "replicate", "level", "branch", "weights_remaining_pct", "density", "test_acc", "test_loss", "val_acc",
     "train_acc", "early_stop_iteration", "early_stop_test_acc", "start_iteration", "iterations", "wall_s",
-    "train_s", "samples_per_s", "peak_mem_mb", "backend", "device",
+    "train_s", "samples_per_s", "peak_mem_mb", "backend", "device", "early_stop",
 )  # fmt: skip
+# What the early-stop iteration is (Config.early_stop); runs made before the option existed used best accuracy.
+EARLY_STOP = {"val_loss": "minimum validation loss", "val_acc": "best validation accuracy"}
 
 
 def collect(root: str | Path) -> list[dict]:
@@ -36,7 +38,7 @@ def collect(root: str | Path) -> list[dict]:
             "early_stop_test_acc": rec["early_stop_test_acc"], "start_iteration": rec["start_iteration"],
             "iterations": rec["iterations"], "wall_s": rec["wall_s"], "train_s": rec["train_s"],
             "samples_per_s": rec["samples_per_s"], "peak_mem_mb": rec["peak_mem_mb"],
-            "backend": rec["backend"], "device": rec["device"],
+            "backend": rec["backend"], "device": rec["device"], "early_stop": rec.get("early_stop", "val_acc"),
         })  # fmt: skip
     order = {b: i for i, b in enumerate(BRANCHES)}
     rows.sort(key=lambda r: (r["replicate"], r["level"], order.get(r["branch"], len(order)), r["branch"]))
@@ -89,6 +91,12 @@ def _iteration(stats: dict | None) -> str:
     return text + (f"±{stats['early_stop_iteration_std']:.0f}" if stats["n"] > 1 else "")
 
 
+def early_stop_rule(rows: list[dict]) -> str:
+    """How the rows' early-stop iterations were chosen, in words ("minimum validation loss", ...)."""
+    rules = sorted({EARLY_STOP[r.get("early_stop", "val_acc")] for r in rows})
+    return " / ".join(rules)
+
+
 def format_table(rows: list[dict]) -> str:
     """The report table: per level, weights remaining, ticket test accuracy (final and at the early-stop
     iteration), each control's test accuracy, the ticket's early-stop iteration and samples/s.
@@ -118,7 +126,7 @@ def format_table(rows: list[dict]) -> str:
     n = max(s["n"] for s in agg.values())
     lines.append(
         f"test accuracy in %{' (mean±std over ' + str(n) + ' replicates)' if n > 1 else ''}; ticket acc = at the end "
-        "of training, ticket@ES = at the early-stop iteration (best validation accuracy); controls at the end."
+        f"of training, ticket@ES = at the early-stop iteration ({early_stop_rule(rows)}); controls at the end."
     )
     return "\n".join(lines)
 

@@ -183,7 +183,7 @@ def train_unit(
     last_ckpt = state["iteration"]
     it = state["iteration"]
     if not state["metrics"]:
-        _record(model, data, state, it, cfg.lr, None, None, cfg.amp)
+        _record(model, data, state, it, cfg.lr, None, None, cfg)
     if progress is not None:
         progress.reset(total=steps.train - unit.start)
         progress.update(it - unit.start)
@@ -228,7 +228,7 @@ def train_unit(
             state["train_s"] += time.perf_counter() - t_train
             state["samples"] += seen
             loss_sum, correct = world.all_reduce_sum_(totals).tolist()
-            _record(model, data, state, it, lr, loss_sum / seen, correct / seen, cfg.amp)
+            _record(model, data, state, it, lr, loss_sum / seen, correct / seen, cfg)
             totals.zero_()
             seen = 0
             state["iteration"] = it
@@ -239,7 +239,7 @@ def train_unit(
             t_train = time.perf_counter()
     guard.remove()
     state["wall_s"] = wall_before + time.perf_counter() - t_wall
-    return _result(state, unit, device)
+    return _result(state, unit, device, cfg)
 
 
 def _parallel(model: nn.Module, cfg: Config, world: World) -> nn.Module:
@@ -264,16 +264,22 @@ def _parallel(model: nn.Module, cfg: Config, world: World) -> nn.Module:
     return net
 
 
-def _record(model, data: Dataset, state: dict, it: int, lr: float, train_loss, train_acc, amp: str) -> None:
-    val_loss, val_acc = evaluate(model, data.x_val, data.y_val, amp=amp)
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, amp=amp)
+def _record(model, data: Dataset, state: dict, it: int, lr: float, train_loss, train_acc, cfg: Config) -> None:
+    val_loss, val_acc = evaluate(model, data.x_val, data.y_val, amp=cfg.amp)
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, amp=cfg.amp)
     row = {
         "iteration": it, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
         "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
     }  # fmt: skip
     state["metrics"].append(row)
-    # Early stopping (Frankle & Carbin): the first iteration of the best validation accuracy.
-    if state["best"] is None or val_acc > state["best"]["val_acc"]:
+    # The early-stop iteration: Frankle & Carbin's is the iteration of minimum validation loss (their footnote 2,
+    # appendix C); the first one on ties. Training itself runs to the end either way.
+    best = state["best"]
+    if cfg.early_stop == "val_loss":
+        better = best is None or val_loss < best["val_loss"]
+    else:
+        better = best is None or val_acc > best["val_acc"]
+    if better:
         state["best"] = row
 
 
@@ -318,15 +324,17 @@ def _resume(path: Path, model, optimizer, aug, scaler, world: World) -> dict:
         ) from exc
 
 
-def _result(state: dict, unit: Unit, device: torch.device) -> dict:
+def _result(state: dict, unit: Unit, device: torch.device, cfg: Config) -> dict:
     final, best = state["metrics"][-1], state["best"]
     peak, kind = _peak_memory_mb(device)
     return {
         "start_iteration": unit.start,
         "iterations": state["iteration"],
         "final": final,
+        "early_stop": cfg.early_stop,
         "early_stop_iteration": best["iteration"],
         "early_stop_val_acc": best["val_acc"],
+        "early_stop_val_loss": best["val_loss"],
         "early_stop_test_acc": best["test_acc"],
         "train_s": state["train_s"],
         "wall_s": state["wall_s"],

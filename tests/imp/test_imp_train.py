@@ -70,3 +70,29 @@ def test_training_options_keep_pruned_weights_zero(tiny, options):
         assert not state[f"{name}.weight"][~state[f"{name}.mask"]].any()
     metrics = [json.loads(line) for line in (result.path / "replicate_0/level_0/metrics.jsonl").open()]
     assert metrics[-1]["val_loss"] < metrics[0]["val_loss"]  # it learned
+
+
+@pytest.mark.parametrize("rule", ["val_loss", "val_acc"])
+def test_early_stop_iteration_follows_the_chosen_rule(tiny, rule):
+    """val_loss (the default, Frankle & Carbin's): the first minimum of validation loss; val_acc: the first
+    maximum of validation accuracy. The report names the rule."""
+    from lthfast.imp import report
+
+    options = {**tiny, "levels": 0, "train_steps": "60it", "eval_every": "5it", "name": rule, "lr": 0.05}
+    result = run({**options, "early_stop": rule} if rule != "val_loss" else options)
+    metrics = [json.loads(line) for line in (result.path / "replicate_0/level_0/metrics.jsonl").open()]
+    if rule == "val_loss":
+        expected = min(metrics, key=lambda r: r["val_loss"])  # min() keeps the first of equal values
+    else:
+        expected = max(metrics, key=lambda r: r["val_acc"])
+    (row,) = result.rows
+    assert row["early_stop"] == rule and row["early_stop_iteration"] == expected["iteration"]
+    assert row["early_stop_test_acc"] == expected["test_acc"]
+    assert f"({report.EARLY_STOP[rule]})" in result.table()
+
+
+def test_runs_made_before_the_option_keep_their_identity():
+    from lthfast.imp.config import Config
+
+    assert "early_stop" not in Config(early_stop="val_acc").identity()  # hashes as before: resumes as it was made
+    assert Config().identity()["early_stop"] == "val_loss"
