@@ -53,3 +53,14 @@ def test_errors_name_the_model():
         build_model("alexnet", (3, 32, 32), 10)
     with pytest.raises(ModelError, match="conv4 needs image input"):
         build_model("conv4", (40,), 10)
+
+
+@pytest.mark.parametrize("depth", [11, 16, 19])
+def test_vgg_ends_in_the_average_pool(depth):
+    """Frankle & Carbin's VGG-19: four max-pools, the last block ending in the average pool (no fifth max-pool)."""
+    model = build_model(f"vgg{depth}", (3, 32, 32), 10)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 4
+    x = torch.randn(2, 3, 32, 32)
+    features = model.features(x)
+    assert features.shape[2:] == (2, 2)  # averaged by the pool, as AvgPool2d(2)
+    torch.testing.assert_close(model(x), model.fc(features.mean(dim=(2, 3))))

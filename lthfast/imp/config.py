@@ -38,7 +38,11 @@ LATE_OPTIONS = {"amp": "none", "early_stop": "val_acc"}
 @dataclass
 class Config:
     # model and data
-    model: str = field(default="mlp", metadata={"help": "mlp, lenet, conv2/4/6, vgg11/16/19, resnet20/56/18"})
+    model: str = field(
+        default="mlp",
+        metadata={"help": "mlp, lenet, conv2/4/6, vgg11/16/19, resnet20/56, resnet18 (ImageNet widths, 11.2M weights; "
+                  "Frankle & Carbin's CIFAR 'Resnet-18', 16-64 channels, is resnet20)"},
+    )  # fmt: skip
     hidden: tuple[int, ...] = field(default=(256, 256), metadata={"help": "mlp hidden widths, e.g. 300,100"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on fully-connected hidden layers"})
     dataset: str = field(default="mnist1d", metadata={"help": "mnist1d, digits, synthetic, mnist, cifar10"})

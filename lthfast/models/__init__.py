@@ -41,7 +41,7 @@ def build_model(
         return ConvNet(int(name[4:]), input_shape, num_classes, dropout)
     if name.startswith("vgg"):
         return VGG(int(name[3:]), input_shape, num_classes, dropout)
-    if name == "resnet18":
+    if name == "resnet18":  # ImageNet widths (11.2M weights); Frankle & Carbin's "Resnet-18" is resnet20 here
         return ResNet((64, 128, 256, 512), 2, input_shape, num_classes)
     return ResNet((16, 32, 64), (int(name[6:]) - 2) // 6, input_shape, num_classes)
 
