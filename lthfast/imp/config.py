@@ -73,7 +73,11 @@ class Config:
     one_shot: bool = field(default=False, metadata={"help": "prune the trained dense network to each density"})
     rewind: str = field(default="0it", metadata={"help": "rewind point: 0it (init), 500it, 2ep"})
     # controls and replicates
-    controls: tuple[str, ...] = field(default=(), metadata={"help": "random_reinit, random_prune, rearrange or all"})
+    controls: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "random_reinit, random_prune, rearrange (the same distribution as random_prune for "
+                  "unstructured masks: another draw) or all"},
+    )  # fmt: skip
     control_levels: tuple[int, ...] = field(default=(), metadata={"help": "levels with controls (default: all)"})
     replicates: int = field(default=1, metadata={"help": "independent replicates (init, data order, pruning)"})
     seed: int = field(default=0, metadata={"help": "base seed of every replicate's seeds"})

@@ -284,7 +284,11 @@ def random_like(reference_masks: Mapping[str, torch.Tensor], *, generator: torch
 
 
 def rearrange(masks: Mapping[str, torch.Tensor], *, generator: torch.Generator) -> Masks:
-    """Shuffle each layer's mask entries (a uniform random permutation per layer: same per-layer counts)."""
+    """Shuffle each layer's mask entries (a uniform random permutation per layer: same per-layer counts).
+
+    For unstructured masks this is the same distribution as ``random_like`` (uniform positions at each layer's
+    count; the "random pruning" control): the two differ only in the random draw. Kept under the name of the
+    sanity-check papers' "layerwise rearrange" (Frankle et al. 2021, Su et al. 2020)."""
     _check_generator(generator, "rearrange")
     masks = masks if isinstance(masks, Masks) else Masks(masks)
     return Masks(
