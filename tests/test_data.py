@@ -81,6 +81,52 @@ def test_cifar10_batches(tmp_path):
         load_dataset("cifar10", data_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "key,array,message",
+    [
+        ("train_y", np.arange(30) % 10, "train-labels-idx1-ubyte: 30 labels for the 60 images"),
+        ("train_y", np.arange(70) % 10, "train-labels-idx1-ubyte: 70 labels for the 60 images"),
+        ("test_y", np.full(20, 200), r"t10k-labels-idx1-ubyte: labels must be in \[0, 10\), found 200..200"),
+        ("train_x", np.zeros((60, 14, 14)), r"train-images-idx3-ubyte: images of shape \(14, 14\), expected"),
+    ],
+)
+def test_mnist_files_that_disagree_are_named(mnist_dir, key, array, message):
+    """Checked file by file at load time (they used to crash training later, or pass with shifted labels)."""
+    folder, _ = mnist_dir
+    stem = MNIST_FILES[key]
+    for old in folder.glob(stem + "*"):
+        old.unlink()
+    _write_idx(folder / stem, array, gz=False)
+    with pytest.raises(DataError, match=message):
+        load_dataset("mnist", data_dir=str(folder))
+
+
+def _cifar_dir(tmp_path, gz: bool = False, labels_of=None):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir(exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, 8).tolist() if labels_of is None or name not in labels_of else labels_of[name]
+        batch = {b"data": rng.integers(0, 256, (8, 3072)).astype(np.uint8), b"labels": labels}
+        with gzip.open(root / f"{name}.gz", "wb") if gz else open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    return tmp_path
+
+
+def test_cifar10_gzipped_batches_are_read(tmp_path):
+    data = load_dataset("cifar10", data_dir=str(_cifar_dir(tmp_path, gz=True)), val_size=4)
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (36, 4, 8)
+
+
+@pytest.mark.parametrize(
+    "labels,message",
+    [([1, 2, 3], "data_batch_2: 3 labels for the 8 images"), ([12] * 8, r"data_batch_2: labels must be in \[0, 10\)")],
+)
+def test_cifar10_batch_whose_labels_disagree_is_named(tmp_path, labels, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset("cifar10", data_dir=str(_cifar_dir(tmp_path, labels_of={"data_batch_2": labels})))
+
+
 def test_local_dataset_needs_data_dir():
     with pytest.raises(DataError, match="--data-dir"):
         load_dataset("cifar10")

@@ -50,11 +50,27 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
+def _check_pair(x: np.ndarray, y: np.ndarray, x_path: Path, y_path: Path, image: tuple[int, ...]) -> None:
+    """One split's images and labels, checked against each other and the format: DataError naming the file."""
+    if x.ndim != 1 + len(image) or x.shape[1:] != image:
+        raise DataError(f"{x_path}: images of shape {tuple(x.shape[1:])}, expected {image}")
+    if y.ndim != 1:
+        raise DataError(f"{y_path}: labels of shape {tuple(y.shape)}, expected one label per image")
+    if len(x) != len(y):
+        raise DataError(f"{y_path}: {len(y)} labels for the {len(x)} images of {x_path.name}")
+    if len(y) and not (0 <= int(y.min()) and int(y.max()) < 10):
+        raise DataError(f"{y_path}: labels must be in [0, 10), found {int(y.min())}..{int(y.max())}")
+
+
 def load_mnist(data_dir: str | Path, val_size: int | float) -> Dataset:
     """MNIST from IDX files in data_dir (or data_dir/MNIST/raw, data_dir/mnist): input shape (1, 28, 28)."""
     root = Path(data_dir)
     subdirs = ("", "MNIST/raw", "mnist", "MNIST")
-    arrays = {key: read_idx(_find(root, stem, subdirs, "mnist")) for key, stem in MNIST_FILES.items()}
+    paths = {key: _find(root, stem, subdirs, "mnist") for key, stem in MNIST_FILES.items()}
+    arrays = {key: read_idx(path) for key, path in paths.items()}
+    for split in ("train", "test"):
+        x_key, y_key = f"{split}_x", f"{split}_y"
+        _check_pair(arrays[x_key], arrays[y_key], paths[x_key], paths[y_key], (28, 28))
     x = torch.from_numpy(arrays["train_x"].copy()).float().unsqueeze(1) / 255
     y = torch.from_numpy(arrays["train_y"].copy()).long()
     x_test = torch.from_numpy(arrays["test_x"].copy()).float().unsqueeze(1) / 255
@@ -65,13 +81,15 @@ def load_mnist(data_dir: str | Path, val_size: int | float) -> Dataset:
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    opener = gzip.open if path.suffix == ".gz" else open  # _find takes name.gz too
     try:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a malformed file, named below
         raise DataError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from exc
+    _check_pair(data, labels, path, path, (3, 32, 32))
     return data, labels
 
 
