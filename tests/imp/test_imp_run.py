@@ -245,3 +245,14 @@ def test_claims_checker_reads_the_run(controls_run):
     assert f"dense test accuracy {100 * dense:.2f}%" in text
     assert "no level <= 10% with both controls" in text  # the controls ran at 64% weights only
     assert all(f"({claim})" in text for claim in "abcd")
+    # levels 0-2 reach 64% weights: claims whose range the run does not reach say so instead of a verdict
+    assert text.count("no data: the runs reach no level in this range") == 3  # (a), (c), (d)
+    assert "NOT reproduced" not in text
+
+
+def test_claims_checker_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from lthfast.imp.claims import check
+    from lthfast.imp.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="not an lthfast run directory"):
+        check(tmp_path)
