@@ -44,4 +44,4 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf build dist *.egg-info lthfast/_C*.so .pytest_cache .ruff_cache
+	rm -rf build dist *.egg-info lthfast/_C*.so .pytest_cache .ruff_cache $(STAMP)

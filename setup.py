@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -51,7 +52,8 @@ class CMakeBuild(build_ext):
                 "WARNING: lthfast installs without it and uses the pure-PyTorch threshold path.\n"
                 "WARNING: set LTHFAST_REQUIRE_EXT=1 to make this failure fatal.\n"
             )
-            print(msg, file=sys.stderr)
+            print(msg, file=sys.stderr)  # pip hides a successful build's output without -v, but shows its warnings
+            warnings.warn(msg.replace("\nWARNING: ", " ").strip(), stacklevel=1)
             self._failed.add(ext.name)
 
     def _build_with_cmake(self, ext: Extension) -> None:

@@ -67,3 +67,20 @@ def test_interpreter_flag_is_read_at_every_call(monkeypatch, fast, value, on):
     assert _backend.interpreter_enabled() is on
     monkeypatch.setenv("TRITON_INTERPRET", "0" if on else "1")
     assert _backend.interpreter_enabled() is (not on)
+
+
+def test_cli_starts_without_the_optional_extras():
+    """`lthfast info` / `--help` on the base install (torch, numpy): tqdm, matplotlib, yaml ... are the imp extra."""
+    import subprocess
+    import sys
+
+    blocked = ("tqdm", "tqdm.auto", "matplotlib", "yaml", "safetensors", "mnist1d", "sklearn")
+    code = (
+        "import sys, runpy\n"
+        f"for m in {blocked!r}: sys.modules[m] = None\n"
+        "sys.argv = ['lthfast', 'info']\n"
+        "runpy.run_module('lthfast', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "backend" in done.stdout

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from tqdm.auto import tqdm
-
 
 class Progress:
     """``with Progress(total_units, quiet) as p``: ``p.iterations`` is the inner bar (None when quiet)."""
@@ -18,6 +16,8 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if not self.quiet:
+            from tqdm.auto import tqdm  # the imp extra; `lthfast info` and --help must start without it
+
             self.units = tqdm(total=self.total, desc="units", unit="unit", position=0, file=sys.stderr)
             self.iterations = tqdm(total=1, desc="iterations", unit="it", position=1, leave=False, file=sys.stderr)
         return self
@@ -34,4 +34,6 @@ class Progress:
     def line(self, text: str) -> None:
         """A line above the bars (nothing when quiet)."""
         if not self.quiet:
+            from tqdm.auto import tqdm
+
             tqdm.write(text, file=sys.stderr)
