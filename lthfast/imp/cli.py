@@ -82,10 +82,11 @@ def _cmd_imp(args: argparse.Namespace) -> int:
 
 @_guarded
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lthfast.imp.report import report
+    from lthfast.imp.report import NO_ROWS, report
 
-    print(report(args.run_dir, plots=not args.no_plots))
-    if not args.no_plots:
+    text = report(args.run_dir, plots=not args.no_plots)
+    print(text)
+    if not args.no_plots and not text.endswith(NO_ROWS):  # plots are drawn from finished units only
         print(f"plots: {args.run_dir.rstrip('/')}/plots/")
     return 0
 

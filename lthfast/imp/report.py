@@ -20,6 +20,7 @@ COLUMNS = (
     "train_s", "samples_per_s", "peak_mem_mb", "backend", "device", "early_stop",
 )  # fmt: skip
 # What the early-stop iteration is (Config.early_stop); runs made before the option existed used best accuracy.
+NO_ROWS = "(no finished levels yet)"
 EARLY_STOP = {"val_loss": "minimum validation loss", "val_acc": "best validation accuracy"}
 
 
@@ -104,7 +105,7 @@ def format_table(rows: list[dict]) -> str:
     Accuracies in percent, mean ± standard deviation over replicates when there are several.
     """
     if not rows:
-        return "(no finished levels yet)"
+        return NO_ROWS
     agg = aggregate(rows)
     levels = sorted({lv for lv, _ in agg})
     controls = [c for c in CONTROLS if any(b == c for _, b in agg)]

@@ -256,3 +256,12 @@ def test_claims_checker_refuses_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(RunDirError, match="not an lthfast run directory"):
         check(tmp_path)
+
+
+def test_report_of_a_run_with_no_finished_unit_names_no_plots(tmp_path, capsys):
+    from lthfast.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"identity": {}, "config": {"model": "mlp"}}))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(no finished levels yet)" in out and "plots:" not in out and not (tmp_path / "plots").exists()
