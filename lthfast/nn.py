@@ -37,6 +37,14 @@ class _Masked:
     weight: nn.Parameter
     mask: torch.Tensor
 
+    def _where(self) -> str:
+        """The layer's name in the op's errors and warnings, formatted once per module (not per forward: ~0.4 us on
+        the dev VM); the attributes it shows are fixed at construction."""
+        text = self.__dict__.get("_where_text")
+        if text is None:
+            text = self._where_text = self._describe()
+        return text
+
     def _init_mask(self, mask: torch.Tensor | None) -> None:
         full = torch.ones_like(self.weight, dtype=torch.bool, requires_grad=False)
         self.register_buffer("mask", full)
@@ -82,7 +90,7 @@ class MaskedLinear(_Masked, nn.Linear):
         # The op itself (what functional.masked_linear calls), so that errors name this layer.
         return _linear_op.masked_linear(x, self.weight, self.mask, self.bias, where=self._where())
 
-    def _where(self) -> str:
+    def _describe(self) -> str:
         return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
 
     @classmethod
@@ -134,7 +142,7 @@ class MaskedConv2d(_Masked, nn.Conv2d):
             x, weight, self.mask, bias, self.stride, padding, self.dilation, self.groups, where=self._where()
         )
 
-    def _where(self) -> str:
+    def _describe(self) -> str:
         return (
             f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, groups={self.groups})"
