@@ -43,6 +43,11 @@ from lthfast.pruning.structured import block_magnitude, n_m
 __all__ = ["magnitude", "magnitude_", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m"]
 
 
+def __dir__() -> list[str]:
+    """dir() and tab completion list the strategies only: the helpers imported above are not API."""
+    return sorted(__all__)
+
+
 def _plan(pairs, fraction: float, overrides, leave_dense, what: str, rate_of=parse_rate):
     """Split layers into the shared ranking and the overridden ones: (shared indices, {index: rate})."""
     names = [layer.name for layer, _ in pairs]

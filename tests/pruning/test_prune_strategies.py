@@ -199,3 +199,12 @@ def test_float64_models_rank_too():
     model = tie_free_(ConvNet()).double()
     masks = S.magnitude(model, None, 0.5)
     assert masks.alive_count() == masks.total_count() - round(0.5 * masks.total_count())
+
+
+def test_the_module_shows_only_its_strategies():
+    """``lthfast.strategies`` lists its strategy functions, not the torch / typing / check helpers it imports."""
+    public = {"magnitude", "magnitude_", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m"}
+    assert set(S.__all__) == public and set(dir(lthfast.strategies)) == public
+    namespace: dict = {}
+    exec("from lthfast.pruning.strategies import *", namespace)
+    assert set(namespace) - {"__builtins__"} == public and all(callable(namespace[n]) for n in public)
