@@ -33,6 +33,10 @@ NOT_IDENTITY = (
 # early_stop: best validation accuracy was the only criterion before the option existed, so the runs made then hash
 # as "val_acc" runs and resume under the rule they were made with; the default (Frankle & Carbin's) is new.
 LATE_OPTIONS = {"amp": "none", "early_stop": "val_acc"}
+# How far a run goes, not what any unit of it computes (a unit's seeds and inputs do not depend on them): running
+# again with more levels or replicates extends the run directory and keeps its finished units. Runs made before
+# were named with them in the hash (``legacy_identity``); the driver still finds those under their old name.
+EXTENT = ("levels", "replicates")
 
 
 @dataclass
@@ -131,15 +135,20 @@ class Config:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def identity(self) -> dict:
-        """The options that determine the results (compared on resume, hashed into the run name)."""
+        """The options that determine the results of every unit (compared on resume, hashed into the run name);
+        ``levels`` and ``replicates`` are not among them: more of either extends a run."""
         return {
             k: v
             for k, v in self.to_dict().items()
-            if k not in NOT_IDENTITY and not (k in LATE_OPTIONS and v == LATE_OPTIONS[k])
+            if k not in NOT_IDENTITY and k not in EXTENT and not (k in LATE_OPTIONS and v == LATE_OPTIONS[k])
         }
 
+    def legacy_identity(self) -> dict:
+        """The identity runs made before ``EXTENT`` left it were hashed with (their run directories' names)."""
+        return {**self.identity(), **{k: getattr(self, k) for k in EXTENT}}
+
     def short_hash(self) -> str:
-        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return digest(self.identity())
 
     def run_name(self) -> str:
         return self.name or f"{self.model}-{self.dataset}-{self.short_hash()}"
@@ -221,6 +230,11 @@ class Config:
         if steps.eval_every < 1:
             raise ConfigError(f"eval_every {self.eval_every} is less than one iteration")
         return steps
+
+
+def digest(identity: dict) -> str:
+    """The 8 hex digits of a run directory's default name (``<model>-<dataset>-<digest>``)."""
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)

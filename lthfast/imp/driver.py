@@ -17,8 +17,6 @@ a filesystem all ranks see (one node, or a shared filesystem). See ``lthfast.dis
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +29,8 @@ import lthfast
 from lthfast import _backend, distributed
 from lthfast.data import BatchSampler, DataError, Dataset, load_dataset
 from lthfast.imp import report, rundir
-from lthfast.imp.config import Config, ConfigError
-from lthfast.imp.errors import ImpError
+from lthfast.imp.config import EXTENT, Config, ConfigError, digest
+from lthfast.imp.errors import ImpError, RunDirError
 from lthfast.imp.levels import Replicate, derive_seed
 from lthfast.imp.progress import Progress
 from lthfast.models import ModelError, build_model
@@ -96,12 +94,13 @@ def _run(cfg: Config, world: distributed.World, model_fn, data) -> RunResult:
     identity = cfg.identity()
     if model_fn is not None or data.name != cfg.dataset:
         identity["custom"] = {"model_fn": getattr(model_fn, "__qualname__", None), "data": data.describe()}
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    name = cfg.name or f"{'custom' if model_fn else cfg.model}-{data.name}-{digest}"
+    name = cfg.name or _default_name(out_dir, f"{'custom' if model_fn else cfg.model}-{data.name}", identity, cfg)
     rd = rundir.RunDir(out_dir / name)
     with _main_lock(rd, cfg.force, world):
 
         def prepare() -> None:
+            if not cfg.force:
+                _check_extent(rd, cfg)
             rd.prepare(identity, cfg.to_dict(), cfg.force)
             env = rundir.environment()
             env.update(world_size=str(world.size), dist_backend=distributed.backend_name())
@@ -127,6 +126,32 @@ def _run(cfg: Config, world: distributed.World, model_fn, data) -> RunResult:
 
         rows = world.on_main(finish)
     return RunResult(rd.root, rows)
+
+
+def _default_name(out_dir: Path, prefix: str, identity: dict, cfg: Config) -> str:
+    """``<prefix>-<digest of the identity>``. A run made before levels and replicates left the identity was named
+    with them in the digest: the same command finds it under that name and resumes it (extending such a run with
+    more levels or replicates takes ``--name`` with its folder's name)."""
+    current = f"{prefix}-{digest(identity)}"
+    legacy = f"{prefix}-{digest({**identity, **{k: getattr(cfg, k) for k in EXTENT}})}"
+    if not (out_dir / current).exists() and (out_dir / legacy / "config.json").is_file():
+        return legacy
+    return current
+
+
+def _check_extent(rd: rundir.RunDir, cfg: Config) -> None:
+    """Refuse fewer levels or replicates than the run directory holds (before anything is written): its
+    config.json would then misstate what it holds. More levels or replicates extend the run."""
+    for option, pattern, asked in (("levels", "replicate_*/level_*", cfg.levels),
+                                   ("replicates", "replicate_*", cfg.replicates - 1)):  # fmt: skip
+        present = [int(p.name.rsplit("_", 1)[1]) for p in rd.root.glob(pattern) if p.name.rsplit("_", 1)[1].isdigit()]
+        if present and max(present) > asked:
+            held = f"levels 0-{max(present)}" if option == "levels" else f"{max(present) + 1} replicates"
+            raise RunDirError(
+                f"{rd.root} holds {held} and this run asks for {option}={getattr(cfg, option)}: ask for as many or "
+                f"more to resume or extend it (lthfast report {rd.root} prints it as it is), or use --force to start "
+                "it over"
+            )
 
 
 def _load_data(cfg: Config, world: distributed.World) -> Dataset:

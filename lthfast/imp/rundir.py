@@ -172,6 +172,8 @@ class RunDir:
         elif self.config.exists():
             old = load_json(self.config)
             old_identity = old.get("identity", {}) if isinstance(old, dict) else {}
+            # runs made before levels and replicates left the identity recorded them: they extend like new ones
+            old_identity = {k: v for k, v in old_identity.items() if k not in ("levels", "replicates")}
             if old_identity != identity:
                 changed = sorted(k for k in set(old_identity) | set(identity) if old_identity.get(k) != identity.get(k))
                 diff = ", ".join(f"{k}: {old_identity.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
