@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.lthfast-installed
 # A broken C++ build must fail loudly in demo/test/CI; plain `pip install .` only warns.
 export LTHFAST_REQUIRE_EXT ?= 1
 
-.PHONY: venv demo test test-fast bench lint format clean
+.PHONY: venv demo test test-fast bench bench-deps lint format clean
 venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
@@ -34,6 +34,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-only --benchmark-group-by=group
+
+# Optional peers for `lthfast bench --providers ...,sparseprop` (not in the default install, nor in CI).
+# SparseProp compiles C++ (AVX2, OpenMP) against the torch already installed, hence --no-build-isolation.
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation sparseprop
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -148,6 +148,8 @@ def prepare_provider(name: str, problem: Problem, rotation: timing.Rotation, exp
         return _entry(name, status, f"prepare: {text}"), None
     try:
         outputs = prepared.call(*rotation.sets[0])
+        if prepared.dense_outputs is not None:  # a compressed dW, expanded for the check only
+            outputs = prepared.dense_outputs(outputs)
         dtype = problem.weight.dtype
         max_err = check.compare(outputs, expected(prepared.mask), prepared.mask, dtype, prepared.masked_dw)
     except check.CheckFailed as exc:
@@ -157,6 +159,21 @@ def prepare_provider(name: str, problem: Problem, rotation: timing.Rotation, exp
         return _entry(name, status, text, detail=prepared.detail), None
     density = float(prepared.mask.float().mean())
     return _entry(name, "ok", None, detail=prepared.detail, density=density, max_err=max_err), prepared
+
+
+def time_conversion(entry: dict, prepared, device, cfg, log) -> None:
+    """Time a provider's rebuild of its weight storage from W and M (``Prepared.convert``, what a mask change
+    costs it) on its own: ``convert_ms`` in its entry and a log line, never part of its step time."""
+    if prepared.convert is None or entry["status"] != "ok":
+        return
+    try:
+        t = timing.measure(prepared.convert, device, warmup=1, min_run_time=min(0.05, cfg.min_run_time))
+    except Exception as exc:  # noqa: BLE001 - reported in the entry, the other providers go on
+        status, text = classify_failure(exc)
+        entry.update(status=status, reason=f"conversion: {text}")
+        return
+    entry["convert_ms"] = t.median_ms
+    log(f"  {entry['provider']} builds its sparse weight from W and M in {t.median_ms:.3f} ms after the prune")
 
 
 def time_interleaved(
@@ -263,6 +280,9 @@ def run_row(cfg: LayerConfig, sparsity: float, block: int, weight, bias, rotatio
         entry, prepared = prepare_provider(name, problem, rotation, expected)
         results.append(entry)
         if prepared is None:
+            continue
+        time_conversion(entry, prepared, device, cfg, log)
+        if entry["status"] != "ok":
             continue
         if not cfg.cuda_graph:
             calls[name] = lambda call=prepared.call: call(*next(rotation))

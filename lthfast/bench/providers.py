@@ -10,6 +10,12 @@ this device, dtype or op raises ``Unsupported`` with the reason; it is reported 
   torch-bsr        W ⊙ M as a torch BSR tensor (CSR for block 1), F.linear; linear only
   semi-structured  torch.sparse.to_sparse_semi_structured with a 2:4 mask (50% sparse only; CUDA sm80+, forward)
   lthfast          lthfast.functional.masked_linear / masked_conv2d
+  sparseprop       SparseProp's SparseLinear / SparseConv2d built from W ⊙ M (optional package; named, not in "all")
+  sparseprop-width SparseProp's conv kernel vectorized over the output width instead of the batch (conv only)
+
+A provider whose weight lives in its own storage sets ``Prepared.convert`` (rebuild it from W and M, as after a
+prune; timed on its own, never inside a step) and ``Prepared.dense_outputs`` (its dW as the dense weight's shape,
+for the output check only).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from lthfast import functional, reference
 from lthfast.bench.masks import two_four_mask
 
 PROVIDERS = ("dense", "mask-multiply", "torch-bsr", "semi-structured", "lthfast")
+# Peers from optional packages: run when named, not in "all" (which the default sweeps and tests use).
+OPTIONAL = ("sparseprop", "sparseprop-width")
 
 
 class Unsupported(Exception):
@@ -55,6 +63,8 @@ class Prepared:
     mask: torch.Tensor
     masked_dw: bool = True
     detail: str = ""
+    convert: Callable[[], object] | None = None  # rebuild the provider's weight storage from W and M
+    dense_outputs: Callable[[tuple], tuple] | None = None  # the call's outputs in the reference's shapes
 
 
 def _layer(op: str, x, w, b, conv: dict):
@@ -146,17 +156,47 @@ def _lthfast(p: Problem) -> Prepared:
     return Prepared(_wrap(fn, (w, b), train), mask)
 
 
+def _sparseprop(p: Problem, over_width: bool = False) -> Prepared:
+    from lthfast.bench import sparseprop_peer as peer
+
+    peer.load()
+    if p.weight.device.type != "cpu" or p.weight.dtype != torch.float32:
+        raise Unsupported(f"SparseProp runs float32 on the CPU only, got {p.weight.dtype} on {p.weight.device}")
+    train = p.mode == "train"
+    if p.op == "linear":
+        if over_width:
+            raise Unsupported("the output-width kernel is SparseConv2d's; SparseLinear has one kernel")
+        convert = lambda: peer.build_linear(p.weight, p.mask, p.bias, train)
+        detail = "CSR, vectorized over the rows"
+    else:
+        reason = peer.conv_unsupported(tuple(p.weight.shape), **p.conv)
+        if reason:
+            raise Unsupported(reason)
+        c = p.conv
+        convert = lambda: peer.build_conv(p.weight, p.mask, p.bias, c["stride"], c["padding"], over_width, train)
+        detail = "vectorized over the output width" if over_width else "vectorized over the batch (default)"
+    module = convert()
+    dense_outputs = None
+    if train:
+        dense_outputs = lambda out: (out[0], out[1], peer.dense_weight(module, out[2]), out[3])
+    call = _wrap(module, (module.W_val, module.bias), train)
+    return Prepared(call, p.mask, detail=detail, convert=convert, dense_outputs=dense_outputs)
+
+
 PREPARE: dict[str, Callable[[Problem], Prepared]] = {
     "dense": _dense,
     "mask-multiply": _mask_multiply,
     "torch-bsr": _torch_bsr,
     "semi-structured": _semi_structured,
     "lthfast": _lthfast,
+    "sparseprop": _sparseprop,
+    "sparseprop-width": lambda p: _sparseprop(p, over_width=True),
 }
 
 
 def parse_providers(text: str) -> list[str]:
-    """``"dense,lthfast"`` -> ["dense", "lthfast"]; "all" -> every provider. Raises on an unknown name."""
+    """``"dense,lthfast"`` -> ["dense", "lthfast"]; "all" -> every built-in provider (``OPTIONAL`` peers are
+    named). Raises on an unknown name."""
     names = list(PROVIDERS) if text.strip() == "all" else [s.strip() for s in text.split(",") if s.strip()]
     unknown = [n for n in names if n not in PREPARE]
     if unknown:

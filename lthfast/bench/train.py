@@ -4,7 +4,11 @@ Variants, built from one set of weights and masks per row so that they compute t
   dense        the plain model with W ⊙ M stored in its weights, trained dense (the cost without sparsity)
   torch-prune  torch.nn.utils.prune.custom_from_mask on every Linear/Conv2d (weight_orig * mask each forward)
   lthfast      every Linear/Conv2d replaced by lthfast.nn.MaskedLinear/MaskedConv2d.from_dense
-Every Linear and Conv2d gets a random block mask at the row's sparsity (same sparsity in every layer).
+  sparseprop   every Linear/Conv2d SparseProp can compute replaced by its SparseLinear/SparseConv2d built from W ⊙ M
+               (the optimizer steps its compressed values); any other layer masked as torch-prune does. Optional
+               package, run when named (not in "all"); the time to build its modules is reported as convert_ms.
+Every Linear and Conv2d gets a random block mask at the row's sparsity (same sparsity in every layer). Before
+timing, each variant's logits and every masked layer's weight gradient are compared with a float64 copy.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from lthfast.bench import models, timing
 from lthfast.bench.check import CheckFailed
 from lthfast.bench.layer import classify_failure, parse_dtype, report_failures, time_interleaved
 from lthfast.bench.masks import block_mask, check_sweep, conv_block_mask
+from lthfast.bench.providers import Unsupported
 from lthfast.kernels.tile_index import build_tile_index
 from lthfast.nn import MaskedConv2d, MaskedLinear
 
 VARIANTS = ("dense", "torch-prune", "lthfast")
+OPTIONAL_VARIANTS = ("sparseprop",)  # from an optional package: run when named, not in "all"
 # Normalised logit error against a float64 copy of the masked network. Looser than one layer's (check.TOLERANCE):
 # rounding compounds over up to 16 layers, TF32 included in float32 on a GPU; a wrong tile gives errors of O(1).
 MODEL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 1e-1}
@@ -54,9 +60,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_sweep("TrainConfig", self.sparsities, self.blocks or [1], self.repeats)
-        unknown = [p for p in self.providers if p not in VARIANTS]
+        known = VARIANTS + OPTIONAL_VARIANTS
+        unknown = [p for p in self.providers if p not in known]
         if unknown:
-            raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(VARIANTS)}")
+            raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(known)}")
         if "dense" not in self.providers:
             self.providers = ["dense", *self.providers]  # every ratio is to dense measured in the same run
 
@@ -92,6 +99,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def build_variant(name: str, base: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """A deep copy of ``base`` (whose weights already hold W ⊙ M) set up as variant ``name``."""
+    if name == "sparseprop":
+        return _sparseprop_model(base, masks)
     model = copy.deepcopy(base)
     if name == "dense":
         return model
@@ -107,16 +116,57 @@ def build_variant(name: str, base: nn.Module, masks: dict[str, torch.Tensor]) ->
     return model
 
 
-def _masked_grads_zero(model: nn.Module, masks: dict[str, torch.Tensor], variant: str) -> None:
+def _sparseprop_model(base: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """``base`` with every layer SparseProp can compute as its module (built from W ⊙ M); the others masked by
+    torch.nn.utils.prune. Raises ``Unsupported`` when the package is missing or no layer converts."""
+    from lthfast.bench import sparseprop_peer as peer
+
+    peer.load()
+    model = copy.deepcopy(base)
+    reasons = {}
+    for mod_name, module in prunable(model):
+        reason = peer.convertible(module)
+        if reason is None:
+            _replace(model, mod_name, peer.build_module(module, masks[mod_name]))
+        else:
+            reasons[mod_name] = reason
+            prune.custom_from_mask(module, "weight", masks[mod_name])
+    if len(reasons) == len(masks):
+        raise Unsupported(f"no layer SparseProp can compute: {next(iter(reasons.values()))}")
+    return model
+
+
+def _weight_grad(module: nn.Module) -> torch.Tensor | None:
+    """A masked layer's weight gradient in the dense weight's shape, whatever the layer stores."""
+    if hasattr(module, "weight_orig"):  # torch.nn.utils.prune
+        return module.weight_orig.grad
+    if hasattr(module, "W_val"):  # SparseProp: the gradient of its compressed values
+        from lthfast.bench import sparseprop_peer as peer
+
+        return None if module.W_val.grad is None else peer.dense_weight(module, module.W_val.grad)
+    return module.weight.grad
+
+
+def _check_weight_grads(model: nn.Module, reference: nn.Module, masks: dict[str, torch.Tensor], dtype) -> None:
+    """Every masked layer's weight gradient: exactly zero where pruned, the float64 reference's where alive."""
+    tol = MODEL_TOLERANCE[dtype]
     for mod_name, mask in masks.items():
-        module = model.get_submodule(mod_name)
-        param = module.weight_orig if variant == "torch-prune" else module.weight
-        if param.grad is not None and bool((param.grad[~mask] != 0).any()):
+        grad = _weight_grad(model.get_submodule(mod_name))
+        ref = reference.get_submodule(mod_name).weight.grad
+        if grad is None:
+            raise CheckFailed(f"{mod_name}: no weight gradient")
+        if bool((grad[~mask] != 0).any()):
             raise CheckFailed(f"{mod_name}: weight gradient is nonzero where the mask is False")
+        diff = float((grad.double() - ref).mul(mask).abs().max())
+        scale = float(ref.mul(mask).abs().max())
+        err = diff / scale if scale > 0 else diff
+        if not math.isfinite(err) or err > tol:
+            raise CheckFailed(f"{mod_name}: weight gradient normalised error {err:.2e} > {tol:.0e} ({dtype})")
 
 
 def check_variant(model, variant, reference, masks, x, y, dtype) -> float:
-    """Logits (train mode, no grad) against the float64 reference; then one backward: pruned gradients zero."""
+    """Logits (train mode, no grad) against the float64 reference; then one backward: every masked weight's
+    gradient zero where pruned and the reference's where alive."""
     with torch.no_grad():
         out = model(x).double()
         ref = reference(x.double())
@@ -125,8 +175,10 @@ def check_variant(model, variant, reference, masks, x, y, dtype) -> float:
     if not math.isfinite(err) or err > MODEL_TOLERANCE[dtype]:
         raise CheckFailed(f"logits: normalised error {err:.2e} > {MODEL_TOLERANCE[dtype]:.0e} ({dtype})")
     if variant != "dense":
+        reference.zero_grad(set_to_none=True)
+        F.cross_entropy(reference(x.double()), y).backward()
         F.cross_entropy(model(x).float(), y).backward()
-        _masked_grads_zero(model, masks, variant)
+        _check_weight_grads(model, reference, masks, dtype)
         model.zero_grad(set_to_none=True)
     return err
 
@@ -147,6 +199,8 @@ def prepare_variant(name, base, masks, reference, rotation, cfg: TrainConfig, dt
         model = build_variant(name, base, masks)
         model.train()
         err = check_variant(model, name, reference, masks, *rotation.sets[0], dtype)
+    except Unsupported as exc:
+        return {"provider": name, "status": "skipped", "reason": str(exc)}, None
     except CheckFailed as exc:
         return {"provider": name, "status": "error", "reason": f"output check failed: {exc}"}, None
     except Exception as exc:  # noqa: BLE001 - reported per variant, the others still run
@@ -154,7 +208,25 @@ def prepare_variant(name, base, masks, reference, rotation, cfg: TrainConfig, dt
         return {"provider": name, "status": status, "reason": text}, None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
     entry = {"provider": name, "status": "ok", "reason": None, "max_err": err}
+    if name == "sparseprop":
+        _sparseprop_conversion(entry, model, base, masks, cfg)
     return entry, (model, _step_fn(model, opt, rotation))
+
+
+def _sparseprop_conversion(entry: dict, model: nn.Module, base: nn.Module, masks, cfg: TrainConfig) -> None:
+    """How many layers run as SparseProp modules, and the time to build them all from W and M (``convert_ms``:
+    what a mask change costs it; not part of the step time)."""
+    from lthfast.bench import sparseprop_peer as peer
+
+    names = [n for n, _ in prunable(base) if peer.is_sparseprop(model.get_submodule(n))]
+    modules = [(base.get_submodule(n), masks[n]) for n in names]
+    build_all = lambda: [peer.build_module(m, mask) for m, mask in modules]
+    t = timing.measure(build_all, torch.device("cpu"), warmup=1, min_run_time=min(0.05, cfg.min_run_time))
+    rest = len(masks) - len(names)
+    entry["detail"] = f"{len(names)} of {len(masks)} layers as SparseProp modules" + (
+        f", {rest} masked by torch.nn.utils.prune (kernels SparseProp lacks)" if rest else ""
+    )
+    entry["convert_ms"] = t.median_ms
 
 
 def _tile(cfg: TrainConfig, mask: torch.Tensor | None) -> tuple[int, int]:
@@ -194,6 +266,8 @@ def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, lo
         if r["provider"] not in timings:
             log(f"  {r['provider']:12s} {r['status']}: {r['reason']}")
             continue
+        if "convert_ms" in r:
+            log(f"  {r['provider']:12s} built from W and M in {r['convert_ms']:.3f} ms after the prune ({r['detail']})")
         t = timings[r["provider"]]
         with torch.no_grad():  # a diverging run (NaN/inf) would time different arithmetic: recorded, not hidden
             loss_after = float(F.cross_entropy(built[r["provider"]][0](x0).float(), y0))
