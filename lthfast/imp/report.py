@@ -22,6 +22,7 @@ COLUMNS = (
 # What the early-stop iteration is (Config.early_stop); runs made before the option existed used best accuracy.
 NO_ROWS = "(no finished levels yet)"
 EARLY_STOP = {"val_loss": "minimum validation loss", "val_acc": "best validation accuracy"}
+AT_END = "early stop at the last evaluation (in at least one replicate): training was too short to see it"
 
 
 def collect(root: str | Path) -> list[dict]:
@@ -70,8 +71,14 @@ def aggregate(rows: list[dict]) -> dict[tuple[int, str], dict]:
             values = [g[field] for g in group if g[field] is not None and not _isnan(g[field])]
             stats[field] = statistics.fmean(values) if values else float("nan")
             stats[field + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        stats["early_stop_at_end"] = sum(stopped_at_end(g) for g in group)
         out[key] = stats
     return out
+
+
+def stopped_at_end(row: dict) -> bool:
+    """The unit's early-stop iteration is its last evaluation: training ended before the criterion's optimum."""
+    return row["early_stop_iteration"] >= row["iterations"]
 
 
 def _isnan(x) -> bool:
@@ -89,7 +96,8 @@ def _iteration(stats: dict | None) -> str:
     if stats is None:
         return "-"
     text = f"{stats['early_stop_iteration']:.0f}"
-    return text + (f"±{stats['early_stop_iteration_std']:.0f}" if stats["n"] > 1 else "")
+    text += f"±{stats['early_stop_iteration_std']:.0f}" if stats["n"] > 1 else ""
+    return text + ("*" if stats["early_stop_at_end"] else "")
 
 
 def early_stop_rule(rows: list[dict]) -> str:
@@ -129,6 +137,8 @@ def format_table(rows: list[dict]) -> str:
         f"test accuracy in %{' (mean±std over ' + str(n) + ' replicates)' if n > 1 else ''}; ticket acc = at the end "
         f"of training, ticket@ES = at the early-stop iteration ({early_stop_rule(rows)}); controls at the end."
     )
+    if any(s["early_stop_at_end"] for (_, b), s in agg.items() if b == "ticket"):
+        lines.append(f"* {AT_END}")
     return "\n".join(lines)
 
 
