@@ -9,6 +9,8 @@ so repeated calls do not re-read a warm cache.
     python benchmarks/bench_masked_conv.py --out benchmarks/results/masked_conv-cpu.json
     python benchmarks/bench_masked_conv.py --nets resnet18-cifar --batch 128 256 --dtype bfloat16   # on a GPU
 
+Without --out nothing is written; an existing --out file is replaced only with --force.
+
 Providers:
   dense           F.conv2d on the dense W*M (prepared once): what training costs with no sparsity support
   mask-multiply   F.conv2d(x, W * M) recomputing the product each call, as torch.nn.utils.prune does
@@ -289,7 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1 if cuda else 3, help="interleaved timing rounds (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (default: print only)")
+    ap.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = ap.parse_args(argv)
     if args.cuda_graph and not args.device.startswith("cuda"):
         ap.error("--cuda-graph needs a CUDA device")
@@ -297,6 +300,8 @@ def main(argv=None) -> int:
         ap.error("--device cuda: no CUDA device is available")
     try:
         check_sweep("options", args.sparsity, [1], args.rounds)
+        if args.out is not None:  # never overwrite a result silently; an unwritable path fails before the sweep
+            bench_results.check_output([args.out], force=args.force)
     except ValueError as exc:
         ap.error(str(exc))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -20,6 +20,8 @@ Sections (each prints its tables; all go into one JSON with the device, versions
     python benchmarks/bench_masked_linear.py --out benchmarks/results/masked_linear-cpu.json
     python benchmarks/bench_masked_linear.py --sections targets,crossover --repeats 5
     python benchmarks/bench_masked_linear.py --out benchmarks/results/masked_linear-h100.json   # on a GPU
+
+Without --out nothing is written; an existing --out file is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -227,7 +229,8 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--notes", default="", help="free text stored in the JSON (e.g. machine load)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = p.parse_args(argv)
     unknown = set(args.sections) - {"sweep", "targets", "crossover"}
     if unknown:
@@ -239,6 +242,11 @@ def _parse(argv=None) -> argparse.Namespace:
         p.error(str(exc))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    try:  # an existing result is never overwritten silently, and an unwritable path fails before the sweep
+        if args.out is not None:
+            results.check_output([args.out], force=args.force)
+    except results.OutputError as exc:
+        p.error(str(exc))
     return args
 
 

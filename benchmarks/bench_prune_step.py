@@ -20,6 +20,7 @@ its parameters, buffers, attributes and pruning hooks) and the process RSS, also
 The final masks of every library are compared with torch's (only ties at the threshold may differ).
 
     .venv/bin/python benchmarks/bench_prune_step.py        # writes benchmarks/results/prune_step-cpu.json
+                                                            # (an existing file only with --force)
     .venv/bin/python benchmarks/bench_prune_step.py --threads 1 --out benchmarks/results/prune_step-cpu-1thread.json
 """
 
@@ -205,7 +206,10 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=32, help="tile of the tile index rebuilt after each prune")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each library, alternating")
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
-    parser.add_argument("--out", default="benchmarks/results/prune_step-cpu.json")
+    parser.add_argument(
+        "--out", default="benchmarks/results/prune_step-cpu.json", help="JSON path (default: %(default)s)"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--notes", default="")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -221,6 +225,12 @@ def main() -> None:
     unknown = [lib for lib in libraries if lib not in LIBRARIES]
     if unknown or not libraries:
         parser.error(f"--libraries: unknown {unknown}, expected some of {list(LIBRARIES)}")
+    from lthfast.bench.results import OutputError, check_output
+
+    try:  # an existing result is never overwritten silently, and an unwritable path fails before the runs
+        check_output([args.out], force=args.force)
+    except OutputError as exc:
+        parser.error(str(exc))
     runs = {lib: [] for lib in libraries}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,9 @@ subprocess per provider builds the inputs, runs a tiny warm-up, resets the kerne
 (/proc/self/clear_refs), runs the provider once and reads VmHWM - VmRSS: this counts C++ and torch
 allocations alike (tracemalloc would miss both).
 
-    python benchmarks/bench_threshold.py [--quick] [--device cpu|cuda] [--out PATH]
+    python benchmarks/bench_threshold.py [--quick] [--device cpu|cuda] [--out PATH] [--force]
+
+An existing result file (the default is benchmarks/results/threshold-<device>.json) is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from lthfast import _backend, reference, threshold
+from lthfast.bench.results import OutputError, check_output
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [  # 29.5M weights: ResNet-like convs (stem, 3x3 stages, 1x1 projections) and a classifier
@@ -283,17 +286,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/threshold-<device>.json)")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--force", action="store_true", help="overwrite --out (or the default file) if it exists")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    out = Path(
+        args.out or ROOT / "benchmarks" / "results" / f"threshold-{device.type}{'-quick' if args.quick else ''}.json"
+    )
+    try:  # an existing result is never overwritten silently, and an unwritable path fails before the runs
+        check_output([out], force=args.force)
+    except OutputError as exc:
+        parser.error(str(exc))
     shapes = [tuple(max(1, d // 4) if j < 2 else d for j, d in enumerate(s)) for s in SHAPES] if args.quick else SHAPES
     report = run_benchmark(
         device, shapes, reps=5 if args.quick else args.reps, slow_reps=1 if args.quick else 3,
         memory=not (args.quick or args.no_memory),
     )  # fmt: skip
-    out = Path(
-        args.out or ROOT / "benchmarks" / "results" / f"threshold-{device.type}{'-quick' if args.quick else ''}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

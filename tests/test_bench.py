@@ -381,7 +381,7 @@ def test_cli_refuses_a_bad_setting_before_any_row_is_measured(argv, message, mon
     monkeypatch.setattr(train, "run_train", never)
     assert main(["bench", *argv, "--device", "cpu", "--no-save"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lthfast bench: error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("lthfast: error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

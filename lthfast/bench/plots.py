@@ -2,7 +2,8 @@
 
 Each panel: every measured provider's speed-up over dense (log scale), the 1/density ideal, dense at 1.0, and
 the crossover sparsity (from ``doc["crossover"]``) marked with a vertical line. Sparsities are spaced evenly
-(0.9, 0.95, 0.98 would crowd together on a linear axis).
+(0.9, 0.95, 0.98 would crowd together on a linear axis). A noisy measurement (``timing.Timing.noisy``) is circled
+in grey.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def plot_speedup(doc: dict, path: Path) -> Path:
     cols = 2 if len(blocks) == 4 else min(3, len(blocks))
     nrows = -(-len(blocks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False, sharey=True)
+    any_noisy = False
     for ax, block in zip(axes.flat, blocks):
         block_rows = sorted((r for r in rows if r["block"] == block), key=lambda r: r["sparsity"])
         xs = [pos[r["sparsity"]] for r in block_rows]
@@ -63,6 +65,18 @@ def plot_speedup(doc: dict, path: Path) -> Path:
             ]
             if pts:
                 ax.plot(*zip(*pts), label=name, **_STYLE.get(name, {"marker": "x"}))
+            noisy = [
+                (pos[r["sparsity"]], res["speedup_vs_dense"])
+                for r in block_rows
+                for res in r["results"]
+                if res["provider"] == name
+                and res["status"] == "ok"
+                and res.get("noisy")
+                and res.get("speedup_vs_dense")
+            ]
+            if noisy:
+                any_noisy = True
+                ax.plot(*zip(*noisy), linestyle="none", marker="o", ms=12, mfc="none", mec="0.6")
         crossing = cross.get(str(block))
         if crossing is not None:
             ax.axvline(pos[crossing], color="tab:red", linestyle=":", linewidth=1.2)
@@ -77,7 +91,8 @@ def plot_speedup(doc: dict, path: Path) -> Path:
         ax.axis("off")
     axes[0][0].set_ylabel("speed-up over dense (x)")
     axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(title(doc), fontsize=10)
+    note = "\ngrey circles: noisy measurements (repeats spread too far; the machine was busy)" if any_noisy else ""
+    fig.suptitle(title(doc) + note, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +29,10 @@ _OK = {"median_ms": float, "p20_ms": float, "p80_ms": float, "timer": str, "dens
 
 class SchemaError(ValueError):
     """A benchmark document does not follow the schema; the message names the key."""
+
+
+class OutputError(ValueError):
+    """A result file cannot be written where asked (it exists, or the folder is not writable); names the path."""
 
 
 def _cpu_name() -> str:
@@ -88,7 +93,7 @@ def document(kind: str, body: dict, device: torch.device, command: str, notes: s
 
     machine = {
         "platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         # at the end of the run: other processes' load explains noisy CPU numbers
         "load_avg_1_5_15_min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
@@ -164,16 +169,58 @@ def validate(doc: dict) -> None:
             _check(res, {"provider": str, "status": str}, where)
             if res["status"] == "ok":
                 _check(res, _OK | {"speedup_vs_dense": float}, where)
+                if "noisy" in res and not isinstance(res["noisy"], bool):  # documents made before it lack the key
+                    raise SchemaError(f"{where}.noisy: expected bool, got {type(res['noisy']).__name__}")
             elif res["status"] in ("skipped", "error"):
                 _check(res, {"reason": str}, where)
             else:
                 raise SchemaError(f"{where}.status: expected ok, skipped or error, got {res['status']!r}")
 
 
-def write_json(doc: dict, path: Path) -> Path:
+def check_output(paths: list[Path], force: bool = False) -> None:
+    """Before anything is measured: refuse a result file that exists (unless ``force``) and a folder that cannot
+    be written (created if missing). Raises ``OutputError`` naming the file or folder."""
+    for path in map(Path, paths):
+        if path.exists() and not force:
+            raise OutputError(f"{path} exists; pass --force to overwrite it, or another --out")
+        if path.is_dir():
+            raise OutputError(f"{path} is a folder, expected a file path")
+    for folder in dict.fromkeys(Path(p).parent for p in paths):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def fresh_folder(parent: Path, name: str) -> Path:
+    """Create and return ``parent/name`` (``name-2``, ``name-3``, ... when taken): a folder no earlier run wrote."""
+    parent = Path(parent)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 1000):
+            folder = parent / (name if i == 1 else f"{name}-{i}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise OutputError(f"cannot create a result folder in {parent}: {exc.strerror or exc}") from None
+    raise OutputError(f"{parent}: no free folder name for {name}")
+
+
+def write_json(doc: dict, path: Path, force: bool = False) -> Path:
+    """Write ``doc`` to ``path``; an existing file is overwritten only with ``force`` (else FileExistsError)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    with open(path, "w" if force else "x") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+NOISY_MARK = "~"
 
 
 def _cell(res: dict) -> str:
@@ -181,9 +228,20 @@ def _cell(res: dict) -> str:
         return res["status"]
     ratio = res.get("speedup_vs_dense")
     ratio_text = f"{ratio:5.2f}x" if ratio is not None else "    -"
+    mark = NOISY_MARK if res.get("noisy") else " "
     if "samples_per_s" in res:
-        return f"{res['samples_per_s']:9.1f}/s {ratio_text}"
-    return f"{res['median_ms']:9.3f} ms {ratio_text}"
+        return f"{res['samples_per_s']:9.1f}/s {ratio_text}{mark}"
+    return f"{res['median_ms']:9.3f} ms {ratio_text}{mark}"
+
+
+def noisy_cells(doc: dict) -> list[tuple[float, int, str]]:
+    """(sparsity, block, provider) of every measurement flagged noisy (``timing.Timing.noisy``)."""
+    return [
+        (row["sparsity"], row["block"], res["provider"])
+        for row in doc["rows"]
+        for res in row["results"]
+        if res["status"] == "ok" and res.get("noisy")
+    ]
 
 
 def format_table(doc: dict) -> str:
@@ -220,7 +278,18 @@ def format_table(doc: dict) -> str:
     for (name, status, reason), where in reasons.items():
         shown = ", ".join(where) if len(where) < len(rows) else "all rows"
         lines.append(f"{status}: {name} ({shown}): {reason}")
+    noisy = noisy_cells(doc)
     for provider, per_block in doc["crossover"].items():
         text = ", ".join(f"block {b}: {'none' if s is None else f'{s:g}'}" for b, s in per_block.items())
-        lines.append(f"crossover (lowest sparsity from which {provider} beats dense): {text}")
+        caveat = " (from noisy rows: rerun on an idle machine before quoting it)" if noisy else ""
+        lines.append(f"crossover (lowest sparsity from which {provider} beats dense): {text}{caveat}")
+    if noisy:
+        from lthfast.bench.timing import NOISY_RANGE, NOISY_ROUND_RATIO
+
+        measured = sum(res["status"] == "ok" for row in rows for res in row["results"])
+        lines.append(
+            f"{NOISY_MARK} noisy: {len(noisy)} of {measured} measurements spread too far "
+            f"(slowest/fastest round > {NOISY_ROUND_RATIO:g}, or p20-p80 range > {NOISY_RANGE:.0%} of the median): "
+            "the machine was busy; compare them with care"
+        )
     return "\n".join(lines)

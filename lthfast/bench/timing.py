@@ -6,13 +6,16 @@
   thread); median from the Measurement, p20/p80 from its raw per-block times.
 - Inputs rotate over pre-drawn random buffers (``Rotation``), so that repeated runs do not just re-read the
   cache: each call takes the next buffer.
+- A measurement is "noisy" (``Timing.noisy``) when its repeats disagree: the slowest round's median over the
+  fastest's above ``NOISY_ROUND_RATIO``, or the p20-p80 range above ``NOISY_RANGE`` of the median. Such a row says
+  more about the machine's load than about the code; the table marks it and the JSON records it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -20,6 +23,9 @@ import torch
 # the EPYC CPUs we ran on (32 MB), so a buffer is never re-read warm from the previous call.
 ROTATION_BYTES = 64 * 2**20
 MIN_BUFFERS, MAX_BUFFERS = 4, 64
+# Spread beyond which a measurement is flagged noisy: on an idle machine rounds agree within a few per cent.
+NOISY_ROUND_RATIO = 1.5  # max / min of the per-round medians
+NOISY_RANGE = 0.2  # (p80 - p20) / median of the pooled samples
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,7 @@ class Timing:
     """One measurement, in milliseconds per call. ``runs``: timed calls (None where the timer does not say).
 
     ``samples``: the raw times the percentiles were taken over (per run on GPU, per block of runs on CPU);
-    kept for ``merge``, left out of the JSON.
+    kept for ``merge``, left out of the JSON. ``round_medians``: each round's median (``merge``), in the JSON.
     """
 
     median_ms: float
@@ -37,9 +43,24 @@ class Timing:
     timer: str
     rounds: int = 1
     samples: tuple[float, ...] = field(default=(), repr=False)
+    round_medians: tuple[float, ...] = ()
+
+    @property
+    def round_ratio(self) -> float:
+        """Slowest round's median over the fastest's (1.0 for a single round)."""
+        if len(self.round_medians) < 2 or min(self.round_medians) <= 0:
+            return 1.0
+        return max(self.round_medians) / min(self.round_medians)
+
+    @property
+    def noisy(self) -> bool:
+        """The repeats spread too far to trust the median (``NOISY_ROUND_RATIO``, ``NOISY_RANGE``)."""
+        spread = (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms > 0 else 0.0
+        return self.round_ratio > NOISY_ROUND_RATIO or spread > NOISY_RANGE
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("median_ms", "p20_ms", "p80_ms", "runs", "timer", "rounds")}
+        out = {k: getattr(self, k) for k in ("median_ms", "p20_ms", "p80_ms", "runs", "timer", "rounds")}
+        return out | {"round_median_ms": list(self.round_medians or [self.median_ms]), "noisy": self.noisy}
 
     @classmethod
     def from_samples(cls, samples: Sequence[float], runs: int | None, timer: str, rounds: int = 1) -> Timing:
@@ -52,12 +73,14 @@ def merge(timings: Sequence[Timing]) -> Timing:
     a burst of load on a shared machine hits every provider alike rather than one)."""
     if len(timings) == 1:
         return timings[0]
+    medians = tuple(t.median_ms for t in timings)
     if any(not t.samples for t in timings):  # a timer without raw samples: the median of the medians
-        medians = [t.median_ms for t in timings]
-        return Timing(_percentile(medians, 0.5), min(medians), max(medians), None, timings[0].timer, len(timings))
+        return Timing(_percentile(medians, 0.5), min(medians), max(medians), None, timings[0].timer, len(timings),
+                      round_medians=medians)  # fmt: skip
     samples = [s for t in timings for s in t.samples]
     runs = None if any(t.runs is None for t in timings) else sum(t.runs for t in timings)
-    return Timing.from_samples(samples, runs, timings[0].timer, len(timings))
+    pooled = Timing.from_samples(samples, runs, timings[0].timer, len(timings))
+    return replace(pooled, round_medians=medians)
 
 
 def buffer_count(bytes_per_set: int) -> int:
