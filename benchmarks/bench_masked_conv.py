@@ -97,7 +97,7 @@ def lthfast_tiles(device) -> tuple[int, int]:
 
 
 def tile_density(mask: torch.Tensor) -> float:
-    from lthfast.kernels.tile_index import build_tile_index
+    from lthfast.indexing.tiles import build_tile_index
 
     bn, bc = lthfast_tiles(mask.device)
     n, _, kh, kw = mask.shape

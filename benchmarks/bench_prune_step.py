@@ -131,7 +131,7 @@ def worker(library: str, rounds: int, amount: float, block: int, masks_path: str
 
     import lthfast
     import lthfast.prune as fast_prune
-    from lthfast.kernels.tile_index import tile_indices
+    from lthfast.indexing.tiles import tile_indices
     from lthfast.pruning import strategies
 
     if threads:

@@ -17,6 +17,11 @@
 
 namespace py = pybind11;
 
+// Bindings of the unstructured sparse kernels (sparse_matmul.cpp) and the fused masked optimizers
+// (sparse_optim.cpp), defined beside them.
+void bind_sparse_matmul(py::module_& m);
+void bind_sparse_optim(py::module_& m);
+
 namespace {
 
 // Whether the byte ranges of any two buffers (weights and masks) of `tensors` overlap.
@@ -300,4 +305,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_vector_kernels", &lthfast::set_vector_kernels, py::arg("enabled"),
         "Use the AVX2 kernels where the CPU has them (True, the default) or the scalar ones (False, for tests). "
         "Returns the previous setting. Process-wide: do not change it while a select runs.");
+  bind_sparse_matmul(m);
+  bind_sparse_optim(m);
 }

@@ -269,8 +269,8 @@ def test_cuda_tile_shape_follows_the_mask_granularity(triton_backend):
 def test_cuda_kernel_index_is_one_cached_choice_and_never_stale(monkeypatch):
     """On CUDA the ops look the kernels' index up once per call: the shape choice is cached with the indices,
     and dropped with them when the mask changes in place (here the CUDA route runs on a CPU mask)."""
+    from lthfast.indexing import tiles as ti
     from lthfast.kernels import masked_matmul as mm
-    from lthfast.kernels import tile_index as ti
 
     monkeypatch.setattr(mm, "_interpreted", lambda t: False)
     mask = block_mask(256, 256, 0.9, 32)

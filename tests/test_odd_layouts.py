@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lthfast
 from lthfast.functional import masked_conv2d, masked_linear
-from lthfast.kernels.tile_index import build_tile_index
+from lthfast.indexing.tiles import build_tile_index
 
 BIASES = {
     "strided": lambda n: (torch.arange(2.0 * n) / n)[::2],

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lthfast.kernels.tile_index import build_tile_index, column_groups, tile_alive, tile_index
+from lthfast.indexing.tiles import build_tile_index, column_groups, tile_alive, tile_index
 
 
 def _dense_tiles(mask, bn, bk):
@@ -89,7 +89,7 @@ def _index_fields(idx):
 
 def _by_paths(mask, bn, bk):
     """The index from lthfast._C (when built, via build_tile_index), the numpy path and the torch path."""
-    from lthfast.kernels import tile_index as ti
+    from lthfast.indexing import tiles as ti
 
     n, k = mask.shape
     tn, tk = -(-n // bn), -(-k // bk)
@@ -139,7 +139,7 @@ def test_every_build_path_matches_the_oracle(shape, blocks, layout):
 
 
 def test_tile_indices_match_one_by_one_and_share_the_cache():
-    from lthfast.kernels.tile_index import tile_indices
+    from lthfast.indexing.tiles import tile_indices
 
     gen = torch.Generator().manual_seed(7)
     masks = [
@@ -177,7 +177,7 @@ def test_tile_indices_match_one_by_one_and_share_the_cache():
 
 
 def test_tile_indices_of_weight_shaped_masks_are_the_2d_views():
-    from lthfast.kernels.tile_index import tile_indices
+    from lthfast.indexing.tiles import tile_indices
 
     gen = torch.Generator().manual_seed(8)
     conv = torch.rand(40, 24, 3, 3, generator=gen) < 0.02

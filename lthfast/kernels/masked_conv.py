@@ -29,10 +29,10 @@ import triton
 import triton.language as tl
 
 from lthfast import _backend
+from lthfast.indexing.tiles import TileIndex, contents_stamp, keep_if_capturing, tile_index
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked, tile_tap
-from lthfast.kernels.tile_index import TileIndex, contents_stamp, keep_if_capturing, tile_index
 from lthfast.reference import SAME_WIDTH_INT
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lthfast.indexing.tiles import TileIndex, cached_on_mask, column_groups, keep_if_capturing, tile_index
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked
-from lthfast.kernels.tile_index import TileIndex, cached_on_mask, column_groups, keep_if_capturing, tile_index
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
 # feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lthfast import _backend
-from lthfast.ops import autocast
+from lthfast.ops import autocast, sparse_cpu
 from lthfast.ops.eager import differentiable_grads, eager_ok
 from lthfast.ops.masking import mask_, masked
 from lthfast.reference import masked_weight, transforms_active
@@ -138,11 +138,17 @@ def _kernels():
     return masked_conv
 
 
+SPARSE = "sparse"  # the route of the CPU unstructured sparse kernels (lthfast.ops.sparse_cpu)
+
+
 def _kernel_index(x: torch.Tensor, mask: torch.Tensor, groups: int, where: str | None = None):
-    """The tile index when the Triton kernels should run this call, None for the dense path.
+    """The tile index when the Triton kernels should run this call, ``SPARSE`` for the CPU sparse kernels, None for
+    the dense path.
 
     ``where`` (the forward's caller) gets the one-time groups > 1 warning; the gradient ops pass None.
     """
+    if x.device.type == "cpu" and not _backend.use_triton(x) and sparse_cpu.use_conv(x, mask, groups):
+        return SPARSE
     if groups != 1:
         if where is not None and where not in _warned_groups and _backend.use_triton(x):
             _warned_groups.add(where)
@@ -211,6 +217,9 @@ def _route(x, mask, groups, where=None, index=_UNSET):
 def _forward(x, weight, mask, bias, stride, padding, dilation, groups, where, index=_UNSET):
     out = _conv_fake(x, weight, mask, bias, stride, padding, dilation, groups, where)
     index = _route(x, mask, groups, where, index)
+    if index is SPARSE:
+        y = sparse_cpu.conv_forward(x, weight, mask, bias, stride, padding, dilation, groups, _memory_format(x, weight))
+        return y if y.stride() == out.stride() else out.copy_(y)
     if index is None:
         xp, sym = _symmetric(x, padding)
         y = F.conv2d(xp, masked(weight, mask), bias, stride, sym, dilation, groups)
@@ -239,6 +248,9 @@ _conv_op.register_fake(_conv_fake)
 
 def _grad_input(grad, x, weight, mask, stride, padding, dilation, groups, index=_UNSET):
     index = _route(x, mask, groups, None, index)
+    if index is SPARSE:
+        grad_x = sparse_cpu.conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, True, False)[0]
+        return _strided_like(grad_x.to(x.dtype), x)
     if index is None:
         grad_x = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, True, False)[0]
         return _strided_like(grad_x, x)
@@ -267,6 +279,9 @@ def _grad_input_fake(grad, x, weight, mask, stride, padding, dilation, groups):
 
 def _grad_weight(grad, x, weight, mask, stride, padding, dilation, groups, index=_UNSET):
     index = _route(x, mask, groups, None, index)
+    if index is SPARSE:
+        grad_w = sparse_cpu.conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, False, True)[1]
+        return _strided_like(grad_w.to(weight.dtype), weight)
     if index is None:
         grad_w = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, False, True)[1]
         return _strided_like(grad_w, weight)

@@ -21,7 +21,7 @@ import functools
 import torch
 
 from lthfast import _backend
-from lthfast.ops import autocast, linear_torch
+from lthfast.ops import autocast, linear_torch, sparse_cpu
 from lthfast.ops.eager import differentiable_grads, eager_ok
 from lthfast.ops.masking import masked
 from lthfast.reference import masked_weight, transforms_active
@@ -203,7 +203,8 @@ def _eager_route(x: torch.Tensor, mask: torch.Tensor):
     if _use_kernels(x):
         index = _kernel_index(mask)
         return index is None, index
-    return linear_torch.plan(mask, x.shape[0], x.dtype) is None, None  # None off CPU and for dense CPU layers
+    dense = linear_torch.plan(mask, x.shape[0], x.dtype) is None and not sparse_cpu.use_linear(x, mask)
+    return dense, None  # True off CPU and for dense CPU layers
 
 
 def _check(x, weight, mask, bias, where: str) -> None:

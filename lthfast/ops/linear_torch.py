@@ -1,4 +1,5 @@
-"""The torch path of the masked linear op: block-sparse on CPU when few weight tiles are alive, dense otherwise.
+"""The torch path of the masked linear op: block-sparse on CPU when few weight tiles are alive, unstructured sparse
+(``lthfast.ops.sparse_cpu``) when few weights are, dense otherwise.
 
 Block-sparse (CPU tensors only). The alive [b x b] weight tiles are grouped by tile row (forward, dW) and by tile
 column (dX); each group is ONE matrix product whose inner dimension concatenates the group's tiles, with X [M, K]
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lthfast import _backend
-from lthfast.kernels.tile_index import TileIndex, cached_on_mask, tile_index
+from lthfast.indexing.tiles import TileIndex, cached_on_mask, tile_index
+from lthfast.ops import sparse_cpu
 from lthfast.ops.masking import mask_, masked
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
@@ -275,6 +277,8 @@ def all_alive(mask: torch.Tensor) -> bool:
 def forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, contiguous, x's dtype. Any device; block-sparse on CPU when sparse."""
     p = plan(mask, x.shape[0], x.dtype)
+    if p is None and sparse_cpu.use_linear(x, mask):
+        return sparse_cpu.linear_forward(x, weight, mask, bias)
     if p is None:
         w = weight if all_alive(mask) else _scratch_masked_weight(weight, mask)
         return torch.nn.functional.linear(x, w, bias).contiguous()
@@ -286,6 +290,8 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dX [M, K], dW [N, K]) of ``forward`` for grad [M, N]; None where not needed. dW is zero where M is."""
     p = plan(mask, x.shape[0], x.dtype)
+    if p is None and sparse_cpu.use_linear(x, mask):
+        return sparse_cpu.linear_backward(grad, x, weight, mask, need_x, need_w)
     if p is None:
         full = all_alive(mask)
         grad_x = grad @ (weight if full else _scratch_masked_weight(weight, mask)) if need_x else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lthfast.kernels.tile_index import cached_on_mask
+from lthfast.indexing.tiles import cached_on_mask
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
 

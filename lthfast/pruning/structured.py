@@ -1,7 +1,7 @@
 """Structured strategies: block magnitude (whole bh x bw tiles, which the masked kernels skip) and N:M.
 
 Both work on the 2-D view of a weight, [out, in] for Linear and [Cout, Cin * kh * kw] for Conv2d (the view
-the kernels and ``lthfast.kernels.tile_index`` use), and return new Masks; masks only shrink.
+the kernels and ``lthfast.indexing.tiles`` use), and return new Masks; masks only shrink.
 """
 
 from __future__ import annotations

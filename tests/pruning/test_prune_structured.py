@@ -6,7 +6,7 @@ from prune_models import ConvNet, tie_free_
 
 import lthfast
 from lthfast import Masks
-from lthfast.kernels.tile_index import tile_index
+from lthfast.indexing.tiles import tile_index
 from lthfast.pruning import strategies as S
 
 

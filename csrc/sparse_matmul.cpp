@@ -1,0 +1,322 @@
+// Unstructured sparse products of the CPU masked linear and conv (sparse_matmul.h): the kernels of
+// sparse_kernels.inc compiled for AVX-512, AVX2 + FMA and the baseline ISA, one chosen at run time; the work split
+// over torch's threads (parallel.h) in items that each write their own rows, so nothing races.
+#include "sparse_matmul.h"
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "parallel.h"
+
+namespace lthfast {
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define LTHFAST_SPARSE_X86 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,fma")
+namespace isa512 {
+constexpr int kW = 16;
+#include "sparse_kernels.inc"
+}  // namespace isa512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa256 {
+constexpr int kW = 8;
+#include "sparse_kernels.inc"
+}  // namespace isa256
+#pragma GCC pop_options
+#endif
+namespace isa128 {
+constexpr int kW = 4;
+#include "sparse_kernels.inc"
+}  // namespace isa128
+
+namespace {
+
+std::atomic<int> g_forced{0};
+
+int detected_width() {
+#ifdef LTHFAST_SPARSE_X86
+  static const int width = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                   __builtin_cpu_supports("fma")
+                               ? 16
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 8
+                                                                                              : 4;
+  return width;
+#else
+  return 4;
+#endif
+}
+
+int width() {
+  const int forced = g_forced.load(std::memory_order_relaxed);
+  return forced ? std::min(forced, detected_width()) : detected_width();
+}
+
+// Calls fn(args...) of the chosen ISA's namespace; `w` is width() read once per product.
+#ifdef LTHFAST_SPARSE_X86
+#define LTHFAST_SPARSE_CALL(w, fn, ...)            \
+  do {                                              \
+    if ((w) == 16) {                                \
+      isa512::fn(__VA_ARGS__);                      \
+    } else if ((w) == 8) {                          \
+      isa256::fn(__VA_ARGS__);                      \
+    } else {                                        \
+      isa128::fn(__VA_ARGS__);                      \
+    }                                               \
+  } while (0)
+#else
+#define LTHFAST_SPARSE_CALL(w, fn, ...) isa128::fn(__VA_ARGS__)
+#endif
+
+// Items of about `grain` units of work each (at least one per thread, more for load balance).
+int64_t item_count(int64_t rows, int64_t work, int threads, int64_t grain) {
+  const int64_t by_work = std::max<int64_t>(1, work / std::max<int64_t>(1, grain));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(by_work, threads > 1 ? 4 * threads : 1)));
+}
+
+// A thread count of 1 for calls too small to pay for waking a team (~10 us on the 2-core VM, and a whole
+// time slice when another process holds a core).
+constexpr int64_t kMinParallelFlops = 1 << 18;
+
+int threads_for(int threads, int64_t flops) { return flops < kMinParallelFlops ? 1 : std::max(1, threads); }
+
+}  // namespace
+
+}  // namespace lthfast
+
+namespace lthfast {
+namespace {
+
+// [r0, r1) of item i when `rows` are cut into `items` equal parts.
+inline int64_t part(int64_t rows, int64_t items, int64_t i) { return rows * i / items; }
+
+// co's alive taps: offsets into the padded input of output (0, 0) and the weight values.
+void gather_taps(const SparseConv& p, int64_t co, std::vector<int64_t>& off, std::vector<float>& w) {
+  const int64_t s0 = p.ptr[co], s1 = p.ptr[co + 1], window = p.kh * p.kw, q_row = p.cin_g * window;
+  const int64_t ci0 = (co / p.cout_g) * p.cin_g;
+  off.resize(s1 - s0);
+  w.resize(s1 - s0);
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t q = p.idx[s], ci = ci0 + q / window, i = (q % window) / p.kw, j = q % p.kw;
+    off[s - s0] = ((ci * p.h + i * p.dh) * p.w + j * p.dw) * p.lanes;
+    w[s - s0] = p.weight[co * q_row + q];
+  }
+}
+
+}  // namespace
+
+bool sparse_vector_isa(int* lanes) {
+  *lanes = width();
+  return true;
+}
+
+int sparse_force_isa(int lanes) {
+  if (lanes != 0 && lanes != 4 && lanes != 8 && lanes != 16) throw std::invalid_argument("lanes must be 0, 4, 8, 16");
+  return g_forced.exchange(lanes);
+}
+
+void sparse_rows(const SparseRows& p, int threads) {
+  const int w = width();
+  const int64_t work = (p.ptr[p.rows] - p.ptr[0] + p.rows) * p.lanes;
+  const int nt = threads_for(threads, 2 * work);
+  const int64_t items = item_count(p.rows, work, nt, 1 << 16);
+  parallel_for(items, nt, [&](int64_t i) {
+    LTHFAST_SPARSE_CALL(w, rows_range, p, part(p.rows, items, i), part(p.rows, items, i + 1));
+  });
+}
+
+void sparse_grad_weight(const SparseGradWeight& p, int threads) {
+  const int w = width();
+  const int64_t work = (p.ptr[p.rows] - p.ptr[0]) * p.lanes;
+  const int nt = threads_for(threads, 2 * work);
+  const int64_t items = item_count(p.rows, work, nt, 1 << 16);
+  parallel_for(items, nt, [&](int64_t i) {
+    LTHFAST_SPARSE_CALL(w, grad_weight_range, p, part(p.rows, items, i), part(p.rows, items, i + 1));
+  });
+}
+
+void sparse_conv_forward(const SparseConv& p, int threads) {
+  const int w = width();
+  const int64_t work = (p.ptr[p.cout] - p.ptr[0] + p.cout) * p.oh * p.ow * p.lanes;
+  const int nt = threads_for(threads, 2 * work);
+  // (channel, block of output rows) items: at least 4 per thread where the channels alone are too few
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(p.oh, (4 * nt + p.cout - 1) / p.cout));
+  parallel_for(p.cout * blocks, nt, [&](int64_t i) {
+    thread_local std::vector<int64_t> off;
+    thread_local std::vector<float> tw;
+    const int64_t co = i / blocks, b = i % blocks;
+    gather_taps(p, co, off, tw);
+    LTHFAST_SPARSE_CALL(w, conv_out_range, p, co, part(p.oh, blocks, b), part(p.oh, blocks, b + 1), off.data(),
+                        tw.data(), static_cast<int64_t>(off.size()));
+  });
+}
+
+void sparse_conv_grad_input(const SparseConv& p, float* dx, int threads) {
+  const int w = width();
+  const int64_t window = p.kh * p.kw, q_row = p.cin_g * window, cin = p.cin_g * (p.cout / p.cout_g);
+  const int64_t work = (p.ptr[q_row] - p.ptr[0]) * p.oh * p.ow * p.lanes;
+  const int nt = threads_for(threads, 2 * work);
+  parallel_for(cin, nt, [&](int64_t ci) {
+    const int64_t g = ci / p.cin_g, ci_local = ci % p.cin_g;
+    for (int64_t i = 0; i < p.kh; ++i) {
+      for (int64_t j = 0; j < p.kw; ++j) {
+        const int64_t q = (ci_local * p.kh + i) * p.kw + j;
+        for (int64_t s = p.ptr[q]; s < p.ptr[q + 1]; ++s) {
+          const int64_t co = p.idx[s];
+          if (co / p.cout_g != g) continue;
+          const float wv = p.weight[co * q_row + q];
+          for (int64_t oh = 0; oh < p.oh; ++oh) {
+            float* d = dx + ((ci * p.h + oh * p.sh + i * p.dh) * p.w + j * p.dw) * p.lanes;
+            const float* g_row = p.y + (co * p.oh + oh) * p.ow * p.lanes;
+            LTHFAST_SPARSE_CALL(w, axpy_strided, d, p.sw * p.lanes, g_row, p.ow, wv, p.lanes);
+          }
+        }
+      }
+    }
+  });
+}
+
+void sparse_conv_grad_weight(const SparseConv& p, const float* dy, float* dw, int threads) {
+  const int w = width();
+  const int64_t work = (p.ptr[p.cout] - p.ptr[0]) * p.oh * p.ow * p.lanes;
+  const int nt = threads_for(threads, 2 * work);
+  const int64_t q_row = p.cin_g * p.kh * p.kw;
+  parallel_for(p.cout, nt, [&](int64_t co) {
+    thread_local std::vector<int64_t> off;
+    thread_local std::vector<float> tw;
+    gather_taps(p, co, off, tw);
+    LTHFAST_SPARSE_CALL(w, conv_dw_channel, p, co, dy + co * p.oh * p.ow * p.lanes, off.data(), dw + co * q_row);
+  });
+}
+
+}  // namespace lthfast
+
+namespace py = pybind11;
+
+namespace {
+
+template <class T>
+T* ptr_of(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void check_lanes(const char* what, int64_t lanes) {
+  if (lanes <= 0 || lanes % lthfast::kSparseLaneMultiple)
+    throw std::invalid_argument(std::string("lthfast._C.") + what + ": lanes must be a positive multiple of 16");
+}
+
+void sparse_rows_py(uintptr_t a, int64_t lda, int64_t rows, uintptr_t ptr, uintptr_t idx, uintptr_t w,
+                    int64_t w_outer, int64_t w_inner, uintptr_t bias, uintptr_t c, int64_t ldc, int64_t lanes,
+                    int threads) {
+  check_lanes("sparse_rows", lanes);
+  if (rows < 0 || lda < lanes || ldc < lanes || lda % 16 || ldc % 16 || !ptr || (rows && !c))
+    throw std::invalid_argument("lthfast._C.sparse_rows: bad sizes or null buffer");
+  lthfast::SparseRows p;
+  p.a = ptr_of<const float>(a);
+  p.lda = lda;
+  p.rows = rows;
+  p.ptr = ptr_of<const int64_t>(ptr);
+  p.idx = ptr_of<const int32_t>(idx);
+  p.w = ptr_of<const float>(w);
+  p.w_outer = w_outer;
+  p.w_inner = w_inner;
+  p.bias = ptr_of<const float>(bias);
+  p.c = ptr_of<float>(c);
+  p.ldc = ldc;
+  p.lanes = lanes;
+  py::gil_scoped_release release;
+  lthfast::sparse_rows(p, threads);
+}
+
+void sparse_grad_weight_py(uintptr_t dy, int64_t ldd, uintptr_t x, int64_t ldx, int64_t rows, uintptr_t ptr,
+                           uintptr_t idx, uintptr_t dw, int64_t ldw, int64_t lanes, int threads) {
+  check_lanes("sparse_grad_weight", lanes);
+  if (rows < 0 || ldd < lanes || ldx < lanes || ldd % 16 || ldx % 16 || !ptr || (rows && !dw))
+    throw std::invalid_argument("lthfast._C.sparse_grad_weight: bad sizes or null buffer");
+  lthfast::SparseGradWeight p;
+  p.dy = ptr_of<const float>(dy);
+  p.ldd = ldd;
+  p.x = ptr_of<const float>(x);
+  p.ldx = ldx;
+  p.rows = rows;
+  p.ptr = ptr_of<const int64_t>(ptr);
+  p.idx = ptr_of<const int32_t>(idx);
+  p.dw = ptr_of<float>(dw);
+  p.ldw = ldw;
+  p.lanes = lanes;
+  py::gil_scoped_release release;
+  lthfast::sparse_grad_weight(p, threads);
+}
+
+// kind 0: forward (x -> y); 1: dX (y holds dY, out = dX, ptr/idx the CSC); 2: dW (x, y holds dY, out = dW).
+void sparse_conv_py(int kind, uintptr_t x, int64_t h, int64_t w, uintptr_t y, int64_t oh, int64_t ow, int64_t cout,
+                    int64_t cin_g, int64_t cout_g, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh,
+                    int64_t dw, uintptr_t ptr, uintptr_t idx, uintptr_t weight, uintptr_t bias, int64_t lanes,
+                    uintptr_t out, int threads) {
+  check_lanes("sparse_conv", lanes);
+  if (kind < 0 || kind > 2 || cout <= 0 || cin_g <= 0 || cout_g <= 0 || cout % cout_g || kh <= 0 || kw <= 0 ||
+      sh <= 0 || sw <= 0 || dh <= 0 || dw <= 0 || oh < 0 || ow < 0 || (oh - 1) * sh + (kh - 1) * dh >= h + (oh == 0) ||
+      (ow - 1) * sw + (kw - 1) * dw >= w + (ow == 0) || !ptr || !y)
+    throw std::invalid_argument("lthfast._C.sparse_conv: bad sizes or null buffer");
+  lthfast::SparseConv p;
+  p.x = ptr_of<const float>(x);
+  p.h = h;
+  p.w = w;
+  p.y = ptr_of<float>(y);
+  p.oh = oh;
+  p.ow = ow;
+  p.cout = cout;
+  p.cin_g = cin_g;
+  p.cout_g = cout_g;
+  p.kh = kh;
+  p.kw = kw;
+  p.sh = sh;
+  p.sw = sw;
+  p.dh = dh;
+  p.dw = dw;
+  p.ptr = ptr_of<const int64_t>(ptr);
+  p.idx = ptr_of<const int32_t>(idx);
+  p.weight = ptr_of<const float>(weight);
+  p.bias = ptr_of<const float>(bias);
+  p.lanes = lanes;
+  py::gil_scoped_release release;
+  if (kind == 0) lthfast::sparse_conv_forward(p, threads);
+  if (kind == 1) lthfast::sparse_conv_grad_input(p, ptr_of<float>(out), threads);
+  if (kind == 2) lthfast::sparse_conv_grad_weight(p, ptr_of<const float>(y), ptr_of<float>(out), threads);
+}
+
+int sparse_isa_py() {
+  int lanes = 0;
+  lthfast::sparse_vector_isa(&lanes);
+  return lanes;
+}
+
+}  // namespace
+
+void bind_sparse_matmul(py::module_& m) {
+  m.def("sparse_rows", &sparse_rows_py, py::arg("a"), py::arg("lda"), py::arg("rows"), py::arg("ptr"),
+        py::arg("idx"), py::arg("w"), py::arg("w_outer"), py::arg("w_inner"), py::arg("bias"), py::arg("c"),
+        py::arg("ldc"), py::arg("lanes"), py::arg("threads"),
+        "fp32 C[r, :lanes] = bias[r] + sum_s w[r*w_outer + idx[s]*w_inner] * A[idx[s], :lanes] over the CSR "
+        "(ptr int64, idx int32) rows r: the unstructured forward (A = X^T) and dX (A = dY^T, the CSC).");
+  m.def("sparse_grad_weight", &sparse_grad_weight_py, py::arg("dy"), py::arg("ldd"), py::arg("x"), py::arg("ldx"),
+        py::arg("rows"), py::arg("ptr"), py::arg("idx"), py::arg("dw"), py::arg("ldw"), py::arg("lanes"),
+        py::arg("threads"),
+        "fp32 dW[r, idx[s]] = dY^T[r, :lanes] . X^T[idx[s], :lanes] at the alive entries of the CSR; others untouched.");
+  m.def("sparse_conv", &sparse_conv_py, py::arg("kind"), py::arg("x"), py::arg("h"), py::arg("w"), py::arg("y"),
+        py::arg("oh"), py::arg("ow"), py::arg("cout"), py::arg("cin_g"), py::arg("cout_g"), py::arg("kh"),
+        py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("dh"), py::arg("dw"), py::arg("ptr"), py::arg("idx"),
+        py::arg("weight"), py::arg("bias"), py::arg("lanes"), py::arg("out"), py::arg("threads"),
+        "fp32 sparse conv in the lanes-last layout [C][H][W][lanes] (sparse_matmul.h): kind 0 forward, 1 dX "
+        "(accumulated into out), 2 dW (written at alive entries of out).");
+  m.def("sparse_isa", &sparse_isa_py, "Lanes per vector of the sparse kernels in use: 16 AVX-512, 8 AVX2, 4 baseline.");
+  m.def("sparse_force_isa", &lthfast::sparse_force_isa, py::arg("lanes"),
+        "Cap the sparse kernels' vector width (4, 8, 16; 0 = auto), for tests. Returns the previous setting.");
+}

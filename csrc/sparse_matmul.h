@@ -1,0 +1,80 @@
+// Unstructured sparse fp32 products of the CPU masked linear and conv (sparse_matmul.cpp), for
+// lthfast/ops/sparse_cpu.py. Every product is vectorized over the batch: activations arrive "lanes last"
+// (X^T [K][lanes] for a linear, [C][H][W][lanes] for a conv) with `lanes` a multiple of 16 (the caller pads with
+// zeros), so one alive weight multiplies a whole vector of samples. The weight stays the dense [N][K] array (the
+// Parameter's storage) and is read at its alive entries only, through the mask's CSR / CSC index.
+#pragma once
+
+#include <cstdint>
+
+namespace lthfast {
+
+constexpr int64_t kSparseLaneMultiple = 16;  // `lanes` (and every leading dimension below) is a multiple of this
+
+// C[r][0:lanes] = init_r + sum over s in [ptr[r], ptr[r+1]) of w[r * w_outer + idx[s] * w_inner] * A[idx[s]][0:lanes]
+// for r < rows, with init_r = bias[r] (or 0 when bias is null). The forward (A = X^T, idx = the CSR's columns,
+// w_outer = K, w_inner = 1) and dX (A = dY^T, idx = the CSC's rows, w_outer = 1, w_inner = K).
+struct SparseRows {
+  const float* a = nullptr;
+  int64_t lda = 0;
+  int64_t rows = 0;
+  const int64_t* ptr = nullptr;
+  const int32_t* idx = nullptr;
+  const float* w = nullptr;
+  int64_t w_outer = 0, w_inner = 0;
+  const float* bias = nullptr;
+  float* c = nullptr;
+  int64_t ldc = 0;
+  int64_t lanes = 0;
+};
+
+// dW[r * ldw + idx[s]] = sum over l < lanes of dY^T[r][l] * X^T[idx[s]][l] for every alive entry s of row r (an
+// SDDMM); other entries of dW are left as they are (the caller zeroes dW).
+struct SparseGradWeight {
+  const float* dy = nullptr;  // dY^T [rows][ldd]
+  int64_t ldd = 0;
+  const float* x = nullptr;  // X^T [K][ldx]
+  int64_t ldx = 0;
+  int64_t rows = 0;
+  const int64_t* ptr = nullptr;
+  const int32_t* idx = nullptr;
+  float* dw = nullptr;
+  int64_t ldw = 0;
+  int64_t lanes = 0;
+};
+
+// A 2-D convolution in the lanes-last layout (lanes = the batch, padded), one group layout:
+//   X  [Cin][H][W][lanes], zero-padded by the caller so that every tap of every output lies inside it;
+//   Y  [Cout][OH][OW][lanes];  W [Cout][Cin/groups * kh * kw] (the weight's own layout, index over that view).
+// Output (co, oh, ow) reads X[ci][oh * sh + i * dh][ow * sw + j * dw] for its alive taps (ci, i, j) of weight
+// column q = (ci_local * kh + i) * kw + j, with ci = group(co) * cin_g + ci_local.
+struct SparseConv {
+  const float* x = nullptr;
+  int64_t h = 0, w = 0;  // the padded input's spatial size
+  float* y = nullptr;
+  int64_t oh = 0, ow = 0;
+  int64_t cout = 0, cin_g = 0, cout_g = 0;  // cout_g: output channels per group
+  int64_t kh = 0, kw = 0, sh = 1, sw = 1, dh = 1, dw = 1;
+  const int64_t* ptr = nullptr;  // CSR over the weight's [Cout][Cin/groups * kh * kw] view
+  const int32_t* idx = nullptr;
+  const float* weight = nullptr;
+  const float* bias = nullptr;
+  int64_t lanes = 0;
+};
+
+// dX of SparseConv: dX [Cin][H][W][lanes] (padded like X; the caller zeroes it and crops the padding) +=
+// w * dY[co][oh][ow] at every (oh, ow) for every alive tap, through the CSC over the weight's view (ptr, idx: for
+// weight column q, its alive output channels), run over input channels so that writes never race.
+// dW of SparseConv: dW[co][q] = sum over (oh, ow, lanes) of dY[co][oh][ow] * X[ci][oh*sh + i*dh][ow*sw + j*dw]
+// at alive (co, q) (CSR), other entries untouched.
+
+bool sparse_vector_isa(int* width);  // the lanes per vector of the kernels chosen at run time (4 scalar, 8, 16)
+int sparse_force_isa(int width);      // 0: auto; 4 / 8 / 16 force (tests); returns the previous setting
+
+void sparse_rows(const SparseRows& p, int threads);
+void sparse_grad_weight(const SparseGradWeight& p, int threads);
+void sparse_conv_forward(const SparseConv& p, int threads);
+void sparse_conv_grad_input(const SparseConv& p, float* dx, int threads);  // p.x unused; p.y = dY; csc in ptr/idx
+void sparse_conv_grad_weight(const SparseConv& p, const float* dy, float* dw, int threads);  // p.y unused
+
+}  // namespace lthfast

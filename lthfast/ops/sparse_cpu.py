@@ -1,0 +1,203 @@
+"""The unstructured sparse CPU route of the masked linear and conv: lthfast._C's kernels (csrc/sparse_matmul.cpp)
+read the dense weight at its alive entries only, through the mask's cached ``AliveIndex`` (CSR and CSC).
+
+Every product is vectorized over the batch, so activations are handed over "lanes last": X [M, K] as X^T
+[K, lanes] with ``lanes`` = M rounded up to 16 (zero-padded), a conv input [B, C, H, W] as [C, H + pads, W + pads,
+lanes]. The forward makes Y^T [N, lanes] (one pass over the alive weights per output row), dX makes dX^T through
+the CSC, dW is an SDDMM at the alive entries of a zeroed dense gradient (exact zeros where pruned).
+float32 only (the routing sends every other dtype elsewhere); the caller has validated shapes and devices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lthfast import _backend
+from lthfast.indexing.alive import alive_index
+from lthfast.indexing.tiles import cached_on_mask
+from lthfast.ops import crossover
+
+LANE_MULTIPLE = 16  # csrc/sparse_matmul.h kSparseLaneMultiple
+# Tests turn the route off to compare against the others.
+ENABLED = True
+
+
+def available() -> bool:
+    """Whether lthfast._C has the sparse kernels."""
+    ext = _backend.ext()
+    return ext is not None and hasattr(ext, "sparse_rows")
+
+
+def density(mask: torch.Tensor) -> float:
+    """The fraction of ``mask`` that is alive, cached on the mask."""
+    return cached_on_mask(mask, ("density",), lambda: int(mask.count_nonzero()) / max(1, mask.numel()))
+
+
+def _eligible(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    return (
+        ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0 and mask.numel() > 0
+        and available()
+    )  # fmt: skip
+
+
+def use_linear(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether the masked linear of x [M, K] with ``mask`` [N, K] runs the sparse kernels (``crossover``)."""
+    if not _eligible(x, mask):
+        return False
+    n, k = mask.shape
+    return density(mask) <= crossover.linear_limit(x.shape[0], n, k, torch.get_num_threads())
+
+
+def use_conv(x: torch.Tensor, mask: torch.Tensor, groups: int) -> bool:
+    """Whether the masked conv of x [B, C, H, W] with ``mask`` [Cout, Cin/groups, kh, kw] runs the sparse kernels."""
+    if not _eligible(x, mask):
+        return False
+    return density(mask) <= crossover.conv_limit(x.shape, mask.shape, groups, torch.get_num_threads())
+
+
+def lanes_for(m: int) -> int:
+    return max(LANE_MULTIPLE, -(-m // LANE_MULTIPLE) * LANE_MULTIPLE)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def to_lanes(t: torch.Tensor) -> torch.Tensor:
+    """t [M, C] -> [C, lanes] float32 contiguous, columns M.. zero."""
+    m, c = t.shape
+    out = torch.empty(c, lanes_for(m), dtype=torch.float32)
+    out[:, :m].copy_(t.t())
+    out[:, m:].zero_()
+    return out
+
+
+def from_lanes(t: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """[C, lanes] -> [m, C] contiguous in ``dtype``."""
+    return t[:, :m].t().to(dtype, memory_format=torch.contiguous_format)
+
+
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    return weight if weight.is_contiguous() else weight.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------ linear
+
+
+@torch.no_grad()
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None):
+    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, float32 CPU, contiguous."""
+    index = alive_index(mask)
+    m, (n, k) = x.shape[0], weight.shape
+    xt = to_lanes(x)
+    lanes = xt.shape[1]
+    yt = torch.empty(n, lanes, dtype=torch.float32)
+    w = _dense(weight.float())
+    b = None if bias is None else bias.float().contiguous()
+    _backend.ext().sparse_rows(xt.data_ptr(), lanes, n, index.row_ptr.data_ptr(), index.cols.data_ptr(),
+                               w.data_ptr(), k, 1, _ptr(b), yt.data_ptr(), lanes, lanes,
+                               torch.get_num_threads())  # fmt: skip
+    return from_lanes(yt, m, x.dtype)
+
+
+@torch.no_grad()
+def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool):
+    """(dX [M, K], dW [N, K]) of ``linear_forward`` for grad [M, N]; None where not needed; dW exactly 0 where
+    the mask is False."""
+    index = alive_index(mask)
+    m, (n, k) = x.shape[0], weight.shape
+    gt = to_lanes(grad)
+    lanes = gt.shape[1]
+    threads = torch.get_num_threads()
+    ext = _backend.ext()
+    grad_x = grad_w = None
+    if need_x:
+        w = _dense(weight.float())
+        dxt = torch.empty(k, lanes, dtype=torch.float32)
+        ext.sparse_rows(gt.data_ptr(), lanes, k, index.col_ptr.data_ptr(), index.col_rows.data_ptr(), w.data_ptr(),
+                        1, k, 0, dxt.data_ptr(), lanes, lanes, threads)  # fmt: skip
+        grad_x = from_lanes(dxt, m, x.dtype)
+    if need_w:
+        xt = to_lanes(x)
+        grad_w = torch.zeros(n, k, dtype=torch.float32)
+        ext.sparse_grad_weight(gt.data_ptr(), lanes, xt.data_ptr(), lanes, n, index.row_ptr.data_ptr(),
+                               index.cols.data_ptr(), grad_w.data_ptr(), k, lanes, threads)  # fmt: skip
+    return grad_x, grad_w
+
+
+# ------------------------------------------------------------------------------------------------------ conv
+
+
+def conv_geometry(x_shape, weight_shape, stride, padding, dilation):
+    """(OH, OW, padded H, padded W) of a conv; padding is (top, bottom, left, right)."""
+    _, _, h, w = x_shape
+    _, _, kh, kw = weight_shape
+    top, bottom, left, right = padding
+    hp, wp = h + top + bottom, w + left + right
+    oh = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return oh, ow, hp, wp
+
+
+def conv_to_lanes(x: torch.Tensor, padding) -> torch.Tensor:
+    """x [B, C, H, W] (any memory format) -> [C, H + top + bottom, W + left + right, lanes] float32, zero-padded."""
+    b, c, h, w = x.shape
+    top, bottom, left, right = padding
+    out = torch.zeros(c, h + top + bottom, w + left + right, lanes_for(b), dtype=torch.float32)
+    out[:, top : top + h, left : left + w, :b].copy_(x.permute(1, 2, 3, 0))
+    return out
+
+
+@torch.no_grad()
+def conv_forward(x, weight, mask, bias, stride, padding, dilation, groups, memory_format):
+    """F.conv2d(x, W ⊙ M, bias, ...) with (top, bottom, left, right) padding, float32 CPU, in ``memory_format``."""
+    index = alive_index(mask)
+    b = x.shape[0]
+    cout, cin_g, kh, kw = weight.shape
+    weight = weight.float()  # a no-op for the float32 weights the route takes, a copy under a mixed-dtype call
+    bias = None if bias is None else bias.float()
+    oh, ow, hp, wp = conv_geometry(x.shape, weight.shape, stride, padding, dilation)
+    xl = conv_to_lanes(x, padding)
+    lanes = xl.shape[-1]
+    yl = torch.empty(cout, oh, ow, lanes, dtype=torch.float32)
+    w = _dense(weight)
+    bias = None if bias is None else bias.contiguous()
+    _backend.ext().sparse_conv(0, xl.data_ptr(), hp, wp, yl.data_ptr(), oh, ow, cout, cin_g, cout // groups, kh, kw,
+                               stride[0], stride[1], dilation[0], dilation[1], index.row_ptr.data_ptr(),
+                               index.cols.data_ptr(), w.data_ptr(), _ptr(bias), lanes, 0,
+                               torch.get_num_threads())  # fmt: skip
+    return yl[..., :b].permute(3, 0, 1, 2).to(x.dtype, memory_format=memory_format)
+
+
+@torch.no_grad()
+def conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, need_x: bool, need_w: bool):
+    """(dX like x, dW [Cout, Cin/groups, kh, kw]) of ``conv_forward``; None where not needed; dW exactly 0 where
+    the mask is False. dX comes back in x's memory format."""
+    index = alive_index(mask)
+    b, cin, h, w_in = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    weight = weight.float()
+    oh, ow, hp, wp = conv_geometry(x.shape, weight.shape, stride, padding, dilation)
+    gl = conv_to_lanes(grad, (0, 0, 0, 0))  # [Cout, OH, OW, lanes]
+    lanes = gl.shape[-1]
+    threads = torch.get_num_threads()
+    ext = _backend.ext()
+    w = _dense(weight)
+    grad_x = grad_w = None
+    common = (hp, wp, gl.data_ptr(), oh, ow, cout, cin_g, cout // groups, kh, kw, stride[0], stride[1],
+              dilation[0], dilation[1])  # fmt: skip
+    if need_x:
+        dxl = torch.zeros(cin, hp, wp, lanes, dtype=torch.float32)
+        ext.sparse_conv(1, 0, *common, index.col_ptr.data_ptr(), index.col_rows.data_ptr(), w.data_ptr(), 0, lanes,
+                        dxl.data_ptr(), threads)  # fmt: skip
+        top, _, left, _ = padding
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format  # fmt: skip
+        grad_x = dxl[:, top : top + h, left : left + w_in, :b].permute(3, 0, 1, 2).to(x.dtype, memory_format=fmt)
+    if need_w:
+        xl = conv_to_lanes(x, padding)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32)
+        ext.sparse_conv(2, xl.data_ptr(), *common[:2], gl.data_ptr(), *common[3:], index.row_ptr.data_ptr(),
+                        index.cols.data_ptr(), w.data_ptr(), 0, lanes, grad_w.data_ptr(), threads)  # fmt: skip
+    return grad_x, grad_w
+
