@@ -249,10 +249,30 @@ def _claim_d(dense, tickets) -> list[str]:
     return out
 
 
-if __name__ == "__main__":
-    if not 2 <= len(sys.argv) <= 3:
-        sys.exit(__doc__)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lthfast.imp.claims ITERATIVE_RUN [ONE_SHOT_RUN]``: print the figures and verdicts; a path that is
+    not a run directory is one line on stderr and exit status 2."""
+    import argparse
+
+    title, _usage, claims = __doc__.split("\n\n", 2)
+    parser = argparse.ArgumentParser(
+        prog="python -m lthfast.imp.claims",
+        description=f"{title}\n\n{claims}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("iterative", metavar="ITERATIVE_RUN", help="run directory of an iterative lthfast imp run")
+    parser.add_argument(
+        "one_shot", metavar="ONE_SHOT_RUN", nargs="?", default=None,
+        help="run directory of the same run with --one-shot (for claim (c))",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
     try:
-        print(check(*sys.argv[1:]))
+        print(check(args.iterative, args.one_shot))
     except RunDirError as exc:
-        sys.exit(f"lthfast.imp.claims: error: {exc}")
+        print(f"lthfast.imp.claims: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,12 +11,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
 import time
 import typing
 
+from lthfast._threads import THREADS_HELP
 from lthfast.imp.config import Config
 
+# Hidden spellings that set the same option (not listed in --help).
 ALIASES = {"replicates": ["--replicate"]}
+# The command line's own wording where the option's documentation (Config) does not say what the CLI does.
+HELP = {"threads": "CPU threads for torch, 0 = every core; see Threads below"}
+DURATIONS = ("train_steps", "rewind", "warmup", "eval_every", "checkpoint_every")
+
+DESCRIPTION = """\
+Train, prune, rewind, repeat: iterative magnitude pruning (Frankle & Carbin's lottery tickets) with controls and
+replicates. Each run lives in its own directory (OUT_DIR/<model>-<dataset>-<hash of the options>, or --name);
+running the same command again resumes it where it stopped."""
+
+EPILOG = f"""\
+Durations are iterations (500it, or a bare number) or epochs (2ep). Flags override --config; --config FILE sets any
+option by its name (YAML or JSON).
+
+{textwrap.fill(THREADS_HELP, 116)}
+
+example: lthfast imp --model lenet --dataset mnist1d --levels 5 --controls all --replicates 3"""
+
+
+def _shown(default) -> str | None:
+    """How --help shows a default (None: the option's own text says it)."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if default is None or default == () or default == {}:
+        return "none"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+def _metavar(name: str, hint) -> str:
+    if name in DURATIONS:
+        return "DURATION"
+    if hint in (int, int | None):
+        return "N"
+    if hint in (float, float | None):
+        return "X"
+    if typing.get_origin(hint) is tuple:
+        return "A,B,..."
+    if typing.get_origin(hint) is dict:
+        return "NAME=RATE,..."
+    return name.upper()
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,14 +69,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        help_text = HELP.get(f.name, f.metadata.get("help", ""))
+        if "(default:" not in help_text:  # some options' own text names the default ("default: global")
+            help_text += f" (default: {_shown(default)})"
         if hints[f.name] is bool:
-            group.add_argument(flag, *ALIASES.get(f.name, []), dest=f.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)  # fmt: skip
         else:
-            group.add_argument(flag, *ALIASES.get(f.name, []), dest=f.name, default=argparse.SUPPRESS,
-                               metavar=f.name.upper(), help=help_text)  # fmt: skip
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                               metavar=_metavar(f.name, hints[f.name]), help=help_text)  # fmt: skip
+        for alias in ALIASES.get(f.name, []):
+            group.add_argument(alias, dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -116,7 +163,10 @@ def register(subparsers) -> None:
     imp = subparsers.add_parser(
         "imp",
         help="iterative magnitude pruning with rewinding and controls (resumable)",
-        description="Train, prune, rewind, repeat. Running the same command again resumes the run.",
+        usage="%(prog)s [--config FILE] [OPTIONS]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     imp.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags override it")
     _add_config_flags(imp)

@@ -1,26 +1,46 @@
-"""The run's PNG plots, drawn with matplotlib's Agg canvas (no display, no global backend switch)."""
+"""The run's PNG plots, drawn with matplotlib's Agg canvas (no display, no global backend switch).
+
+Every plot has weights remaining (%) on a log axis, ticked at the levels' own values; its title names the run, the
+model, the data and the method; error bars are the standard deviation over replicates, and the legend says so.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 
 from lthfast.imp.config import CONTROLS
 from lthfast.imp.report import early_stop_rule
 
 STYLE = {
-    "ticket": ("C0", "o", "winning ticket (IMP)"),
+    "ticket": ("C0", "o", "winning ticket"),
     "random_reinit": ("C3", "s", "random reinit"),
     "random_prune": ("C2", "^", "random prune"),
     "rearrange": ("C4", "v", "rearranged mask"),
 }
+MAX_TICKS = 10  # more levels than this: every other (third, ...) level is labelled
+
+
+def describe_run(name: str, config: dict) -> str:
+    """``"<run>: mlp on mnist1d, iterative pruning (20% per level), init rewind"`` for plot titles."""
+    method = "one-shot pruning" if config.get("one_shot") else "iterative pruning"
+    if config.get("prune_fraction") is not None:
+        method += f" ({100 * float(config['prune_fraction']):g}% per level)"
+    rewind = re.sub(r"^0(it|ep)$", "init", str(config.get("rewind", "0it")))
+    return f"{name}: {config.get('model', '?')} on {config.get('dataset', '?')}, {method}, {rewind} rewind"
+
+
+def ticket_label(config: dict) -> str:
+    return f"winning ticket ({'one-shot' if config.get('one_shot') else 'IMP'})"
 
 
 def _figure():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.8, 4.6), dpi=110)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
 
@@ -35,76 +55,120 @@ def _save(fig, path: Path) -> Path:
 
 
 def _series(agg: dict, branch: str, field: str):
-    keys = sorted((lv for lv, b in agg if b == branch), reverse=False)
+    keys = sorted(lv for lv, b in agg if b == branch)
     xs = [agg[(lv, branch)]["weights_remaining_pct"] for lv in keys]
     ys = [agg[(lv, branch)][field] for lv in keys]
     es = [agg[(lv, branch)][field + "_std"] for lv in keys]
     return xs, ys, es
 
 
-def _weights_axis(ax) -> None:
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+def tick_label(value: float) -> str:
+    return f"{value:.3g}"
 
+
+def level_ticks(values) -> list[float]:
+    """The distinct weights-remaining values, largest first, thinned to at most ``MAX_TICKS`` (first and last kept)."""
+    distinct = sorted({round(v, 6) for v in values}, reverse=True)
+    if len(distinct) <= MAX_TICKS:
+        return distinct
+    step = math.ceil((len(distinct) - 1) / (MAX_TICKS - 1))
+    picked = distinct[::step]
+    if picked[-1] != distinct[-1]:
+        picked.append(distinct[-1])
+    return picked
+
+
+def _weights_axis(ax, values) -> None:
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
+
+    ticks = level_ticks(values)
     ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.xaxis.set_major_locator(FixedLocator([100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1]))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if ticks:
+        ax.set_xlim(ticks[0] * 1.12, ticks[-1] / 1.12)  # largest on the left: weights fall as pruning goes on
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([tick_label(t) for t in ticks]))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("weights remaining (%)")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xlabel("weights remaining (%), log scale")
+    ax.grid(True, which="major", alpha=0.3)
 
 
-def accuracy_plot(path: Path, agg: dict) -> Path:
+def _error_note(agg: dict) -> str:
+    n = max((s["n"] for s in agg.values()), default=1)
+    return f"mean ± std over {n} replicates" if n > 1 else "1 replicate (no error bars)"
+
+
+def _title(ax, what: str, run: str) -> None:
+    ax.set_title(f"{what}\n{run}", fontsize=9)
+
+
+def accuracy_plot(path: Path, agg: dict, config: dict | None = None, run: str = "") -> Path:
+    config = config or {}
     fig, ax = _figure()
+    xs_all = []
     for branch in ("ticket", *CONTROLS):
         xs, ys, es = _series(agg, branch, "test_acc")
         if xs:
             color, marker, label = STYLE[branch]
+            label = ticket_label(config) if branch == "ticket" else label
             ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], color=color, marker=marker,
                         label=label, capsize=3, ms=4)  # fmt: skip
+            xs_all += xs
     dense = agg.get((0, "ticket"))
     if dense:
         ax.axhline(100 * dense["test_acc"], color="k", ls="--", lw=1, label="dense network")
-    _weights_axis(ax)
+    _weights_axis(ax, xs_all)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy at the end of training")
-    ax.legend(fontsize=8)
+    _title(ax, "Test accuracy at the end of training", run)
+    ax.legend(fontsize=8, title=_error_note(agg), title_fontsize=8)
     return _save(fig, path)
 
 
-def early_stop_plot(path: Path, agg: dict, rule: str) -> Path:
+def early_stop_plot(path: Path, agg: dict, rule: str, config: dict | None = None, run: str = "") -> Path:
+    config = config or {}
     fig, ax = _figure()
+    xs_all, at_end = [], []
     for branch in ("ticket", *CONTROLS):
         xs, ys, es = _series(agg, branch, "early_stop_iteration")
         if xs:
             color, marker, label = STYLE[branch]
+            label = ticket_label(config) if branch == "ticket" else label
             ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, label=label, capsize=3, ms=4)
-    _weights_axis(ax)
+            xs_all += xs
+            keys = sorted(lv for lv, b in agg if b == branch)
+            at_end += [(x, y) for lv, x, y in zip(keys, xs, ys) if agg[(lv, branch)].get("early_stop_at_end")]
+    if at_end:  # the criterion's optimum was not reached: the iteration is a lower bound (report.stopped_at_end)
+        ax.plot(*zip(*at_end), linestyle="none", marker="o", ms=11, mfc="none", mec="0.3",
+                label="early stop at the last evaluation")  # fmt: skip
+    _weights_axis(ax, xs_all)
     ax.set_ylabel(f"early-stop iteration ({rule})")
-    ax.set_title("Early-stop iteration")
-    ax.legend(fontsize=8)
+    _title(ax, "Early-stop iteration", run)
+    ax.legend(fontsize=8, title=_error_note(agg), title_fontsize=8)
     return _save(fig, path)
 
 
-def throughput_plot(path: Path, rows: list[dict]) -> Path:
+def throughput_plot(path: Path, rows: list[dict], run: str = "") -> Path:
+    """Training samples/s of every finished unit (one point each, no averaging) against weights remaining."""
     fig, ax = _figure()
     for backend in sorted({r["backend"] for r in rows}):
-        pts = sorted((100 * (1 - r["density"]), r["samples_per_s"]) for r in rows if r["backend"] == backend)
+        pts = sorted((r["weights_remaining_pct"], r["samples_per_s"]) for r in rows if r["backend"] == backend)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, label=f"backend {backend}")
-    ax.set_xlabel("sparsity (% weights pruned)")
+    _weights_axis(ax, [r["weights_remaining_pct"] for r in rows])
     ax.set_ylabel("training samples / s")
-    ax.set_title("Training throughput")
-    ax.grid(True, alpha=0.3)
+    _title(ax, "Training throughput (one point per unit)", run)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def draw_all(folder: Path, rows: list[dict], agg: dict) -> list[Path]:
-    """accuracy.png, early_stop.png and throughput.png in ``folder``."""
+def draw_all(folder: Path, rows: list[dict], agg: dict, config: dict | None = None, name: str = "") -> list[Path]:
+    """accuracy.png, early_stop.png and throughput.png in ``folder``. ``config``: the run's options (config.json),
+    ``name``: the run's name, both for the titles and legends."""
     if not rows:
         return []
+    config = config or {}
+    run = describe_run(name or Path(folder).parent.name, config)
     return [
-        accuracy_plot(folder / "accuracy.png", agg),
-        early_stop_plot(folder / "early_stop.png", agg, early_stop_rule(rows)),
-        throughput_plot(folder / "throughput.png", rows),
+        accuracy_plot(folder / "accuracy.png", agg, config, run),
+        early_stop_plot(folder / "early_stop.png", agg, early_stop_rule(rows), config, run),
+        throughput_plot(folder / "throughput.png", rows, run),
     ]

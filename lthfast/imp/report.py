@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 import statistics
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from lthfast.imp import rundir
 from lthfast.imp.config import CONTROLS
-from lthfast.imp.errors import RunDirError
+from lthfast.imp.errors import ImpError, RunDirError
 
 BRANCHES = ("ticket", *CONTROLS)
 COLUMNS = (
@@ -146,7 +147,57 @@ def plot(root: str | Path, rows: list[dict]) -> list[Path]:
     """Redraw ``plots/*.png`` from ``rows``; returns the files written."""
     from lthfast.imp.plots import draw_all
 
-    return draw_all(Path(root) / "plots", rows, aggregate(rows))
+    root = Path(root)
+    return draw_all(root / "plots", rows, aggregate(rows), _config(root), root.name)
+
+
+def _config(root: Path) -> dict:
+    config = rundir.load_json(root / "config.json").get("config", {})
+    return config if isinstance(config, dict) else {}
+
+
+def unit_order(config: dict) -> list[tuple[int, int, str]]:
+    """(replicate, level, branch) of every unit the config asks for, in the order the driver trains them."""
+    levels, replicates = int(config.get("levels", 0)), int(config.get("replicates", 1))
+    controls = list(config.get("controls") or [])
+    controls = list(CONTROLS) if controls == ["all"] else controls
+    at = set(config.get("control_levels") or range(1, levels + 1)) if controls else set()
+    order = []
+    for r in range(replicates):
+        order.append((r, 0, "ticket"))
+        for level in range(1, levels + 1):
+            order.append((r, level, "ticket"))
+            order += [(r, level, c) for c in controls] if level in at else []
+    return order
+
+
+def checkpoint_iteration(unit: Path) -> int | None:
+    """The iteration of ``unit``'s last checkpoint (None without one)."""
+    path = Path(unit) / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    return int(json.loads(rundir.load_torch(path)["state"])["iteration"])
+
+
+def where_stopped(root: str | Path, config: dict) -> str | None:
+    """One line on an unfinished run: how many units are finished and where training stopped; None when every
+    unit the config asks for is finished."""
+    root = Path(root)
+    rd = rundir.RunDir(root)
+    order = unit_order(config)
+    pending = [u for u in order if not rundir.is_done(rd.unit(*u))]
+    if not pending:
+        return None
+    r, level, branch = pending[0]
+    try:
+        iteration = checkpoint_iteration(rd.unit(r, level, branch))
+        at = f"at iteration {iteration} (its last checkpoint)" if iteration is not None else "before it started"
+    except (ImpError, KeyError, TypeError, ValueError):
+        at = "with an unreadable checkpoint.pt"
+    return (
+        f"unfinished: {len(order) - len(pending)} of {len(order)} units finished; stopped at replicate {r}, level "
+        f"{level} ({branch.replace('_', ' ')}) {at}. The same lthfast imp command resumes it."
+    )
 
 
 def report(root: str | Path, plots: bool = True) -> str:
@@ -158,9 +209,10 @@ def report(root: str | Path, plots: bool = True) -> str:
     write_summary(root, rows)
     if plots and rows:
         plot(root, rows)
-    config = rundir.load_json(root / "config.json").get("config", {})
+    config = _config(root)
     title = f"{root}: {config.get('model')} on {config.get('dataset')}"
     if config.get("one_shot"):
         title += ", one-shot"
     title += f", {re.sub(r'^0(it|ep)$', 'init', str(config.get('rewind', '0it')))} rewind"
-    return title + "\n" + format_table(rows)
+    stopped = where_stopped(root, config)
+    return title + "\n" + (stopped + "\n" if stopped else "") + format_table(rows)

@@ -10,7 +10,8 @@ Layout (``runs/<name>/``)::
 
 Every file is written to a temporary name in its folder and renamed over the target (``os.replace`` is atomic on
 POSIX), so a kill at any moment leaves either the old or the new file, never a torn one. A unit is finished only
-when ``done.json`` exists, and it is written last.
+when ``done.json`` exists, and it is written last. Files get the mode the umask gives a new file (0644 under the
+usual 022: others on a shared filesystem can read a run), and the same run writes the same safetensors bytes.
 """
 
 from __future__ import annotations
@@ -29,14 +30,31 @@ DONE = "done.json"
 
 
 # ---- atomic writes ------------------------------------------------------------------------------------------
+def _umask() -> int:
+    """The process's umask (read from /proc on Linux; elsewhere set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    The temporary file is created 0600 (``mkstemp``); it gets the mode ``open`` would have given a new file
+    (0666 less the umask) before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,16 +77,42 @@ def save_torch(path: Path, obj) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def canonical_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place and at the same length.
+
+    safetensors serializes the ``__metadata__`` dict from a Rust hash map, whose order changes from one process
+    to the next, so two identical runs wrote different bytes. Offsets are unchanged: only the header moves."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same content in another order: never longer; the padding is spaces
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file of CPU, contiguous copies of ``tensors``."""
     from safetensors.torch import save_file
 
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(cpu, tmp))
+
+    def write(tmp: str) -> None:
+        save_file(cpu, tmp)
+        canonical_safetensors_header(tmp)
+
+    _atomic(path, write)
 
 
 def save_masks(path: Path, masks) -> None:
-    _atomic(path, lambda tmp: masks.save(tmp))
+    """``masks.save`` (safetensors for a ``.safetensors`` path, its header canonical) through an atomic write."""
+
+    def write(tmp: str) -> None:
+        masks.save(tmp)
+        if str(tmp).endswith(".safetensors"):
+            canonical_safetensors_header(tmp)
+
+    _atomic(path, write)
 
 
 # ---- readers that name the file and the way out -------------------------------------------------------------
