@@ -79,7 +79,7 @@ def level_ticks(values) -> list[float]:
 
 
 def _weights_axis(ax, values) -> None:
-    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
     ticks = level_ticks(values)
     ax.set_xscale("log")
@@ -87,10 +87,10 @@ def _weights_axis(ax, values) -> None:
         ax.set_xlim(ticks[0] * 1.12, ticks[-1] / 1.12)  # largest on the left: weights fall as pruning goes on
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FixedFormatter([tick_label(t) for t in ticks]))
-    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_locator(FixedLocator(sorted({round(v, 6) for v in values})))  # every level, labelled or not
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("weights remaining (%), log scale")
-    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _error_note(agg: dict) -> str:
