@@ -333,6 +333,10 @@ def _backward(ctx, grad, eager=False):
             return F.conv2d(xp, w, None, stride, sym, dilation, groups)
 
         grad_x, grad_w = differentiable_grads(ctx, grad, forward)
+    elif eager and ctx.index is SPARSE:  # both gradients from one lanes layout of dY (and the forward's of x)
+        grad_x, grad_w = sparse_cpu.conv_backward(grad, x, weight, mask, *ctx.conv, *ctx.needs_input_grad[:2], ctx.xl)
+        grad_x = None if grad_x is None else _strided_like(grad_x.to(x.dtype), x)
+        grad_w = None if grad_w is None else _strided_like(grad_w.to(weight.dtype), weight)
     else:
         if ctx.needs_input_grad[0]:
             grad_x = grad_input(grad, x, weight, mask, *ctx.conv)
@@ -359,6 +363,12 @@ class _Eager(torch.autograd.Function):
         inputs = (x, weight, mask, bias, stride, padding, dilation, groups, where)
         _setup_context(ctx, inputs, None)
         ctx.index = _route(x, mask, groups, where, index)  # one route decision per call, forward and backward
+        ctx.xl = None
+        if ctx.index is SPARSE and weight.requires_grad:  # dW reads x in the lanes layout the forward made
+            out = _conv_fake(*inputs)
+            y, ctx.xl = sparse_cpu.conv_forward(x, weight, mask, bias, stride, padding, dilation, groups,
+                                                _memory_format(x, weight), keep_lanes=True)  # fmt: skip
+            return y if y.stride() == out.stride() else out.copy_(y)
         return _forward(*inputs, ctx.index)
 
     @staticmethod

@@ -21,7 +21,8 @@ import functools
 import torch
 
 from lthfast import _backend
-from lthfast.ops import autocast, linear_torch, sparse_cpu
+from lthfast.indexing.tiles import cached_on_mask
+from lthfast.ops import autocast, crossover, linear_torch, sparse_cpu
 from lthfast.ops.eager import differentiable_grads, eager_ok
 from lthfast.ops.masking import masked
 from lthfast.reference import masked_weight, transforms_active
@@ -75,6 +76,7 @@ def _kernel_index(mask: torch.Tensor):
 
 
 _UNSET = object()  # "the route is not decided yet" (None: the torch path)
+SPARSE = "sparse"  # the CPU unstructured sparse kernels (lthfast.ops.sparse_cpu)
 
 
 def _route(x: torch.Tensor, mask: torch.Tensor, index=_UNSET):
@@ -91,6 +93,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: to
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias; contiguous, x's dtype. Inputs already validated; ``index`` as
     ``_route`` returns it, when the caller has it."""
     index = _route(x, mask, index)
+    if index is SPARSE:
+        return sparse_cpu.linear_forward(x, weight, mask, bias)
     if index is not None:
         return _kernels().masked_linear_forward(x, weight, mask, bias, index)
     # contiguous, as the fake promises: the block path's result was a strided view when N is not a multiple of its
@@ -111,14 +115,19 @@ def _(x, weight, mask, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _grads(grad, x, weight, mask, need_x: bool, need_w: bool, index=_UNSET) -> tuple[torch.Tensor, torch.Tensor]:
+def _grads(
+    grad, x, weight, mask, need_x: bool, need_w: bool, index=_UNSET, xt=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX [M, K], dW [N, K]) for grad [M, N]; dW exactly zero where the mask is False.
 
     An output that is not needed (``need_x`` / ``need_w`` False) is returned as an empty [0] tensor.
-    ``index`` as ``_route`` returns it, when the caller has it.
+    ``index`` as ``_route`` returns it, when the caller has it; ``xt``: x in the sparse route's lanes layout, kept
+    from its forward.
     """
     index = _route(x, mask, index)
-    if index is not None:
+    if index is SPARSE:
+        grad_x, grad_w = sparse_cpu.linear_backward(grad, x, weight, mask, need_x, need_w, xt)
+    elif index is not None:
         kernels = _kernels()
         grad_x = kernels.masked_linear_grad_input(grad, weight, mask, index) if need_x else None
         grad_w = kernels.masked_linear_grad_weight(grad, x, mask, index) if need_w else None
@@ -161,7 +170,7 @@ def _backward(ctx, grad, eager=False):
         grad_x, grad_w = differentiable_grads(ctx, grad, torch.nn.functional.linear)
     elif need_x or need_w:
         if eager:  # the forward's route, still the mask's
-            grad_x, grad_w = _grads(grad, x, weight, mask, need_x, need_w, ctx.index)
+            grad_x, grad_w = _grads(grad, x, weight, mask, need_x, need_w, ctx.index, ctx.xt)
         else:
             grad_x, grad_w = torch.ops.lthfast.masked_linear_bwd(grad, x, weight, mask, need_x, need_w)
     if need_b and ctx.has_bias:
@@ -179,6 +188,10 @@ class _Eager(torch.autograd.Function):
     def forward(ctx, x, weight, mask, bias, index=_UNSET):
         _setup_context(ctx, (x, weight, mask, bias), None)
         ctx.index = _route(x, mask, index)  # one route decision per call, forward and backward
+        ctx.xt = None
+        if ctx.index is SPARSE and weight.requires_grad:  # dW reads x in the lanes layout the forward made
+            y, ctx.xt = sparse_cpu.linear_forward(x, weight, mask, bias, keep_lanes=True)
+            return y
         return _forward(x, weight, mask, bias, ctx.index)
 
     @staticmethod
@@ -203,8 +216,17 @@ def _eager_route(x: torch.Tensor, mask: torch.Tensor):
     if _use_kernels(x):
         index = _kernel_index(mask)
         return index is None, index
-    dense = linear_torch.plan(mask, x.shape[0], x.dtype) is None and not sparse_cpu.use_linear(x, mask)
-    return dense, None  # True off CPU and for dense CPU layers
+    # one lookup per call: the CPU decision cached on the mask with what it depends on besides the mask
+    key = ("eager-route", x.shape[0], x.dtype, x.device.type, torch.get_num_threads(), crossover.state())
+    return cached_on_mask(mask, key, lambda: _cpu_route(x, mask))
+
+
+def _cpu_route(x: torch.Tensor, mask: torch.Tensor):
+    if linear_torch.plan(mask, x.shape[0], x.dtype) is not None:
+        return False, None  # the CPU block route
+    if sparse_cpu.use_linear(x, mask):
+        return False, SPARSE
+    return True, None  # off CPU, and dense CPU layers
 
 
 def _check(x, weight, mask, bias, where: str) -> None:

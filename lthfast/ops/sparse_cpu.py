@@ -74,7 +74,9 @@ def to_lanes(t: torch.Tensor) -> torch.Tensor:
 
 def from_lanes(t: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
     """[C, lanes] -> [m, C] contiguous in ``dtype``."""
-    return t[:, :m].t().to(dtype, memory_format=torch.contiguous_format)
+    out = torch.empty(m, t.shape[0], dtype=dtype)
+    out.copy_(t[:, :m].t())
+    return out
 
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,10 @@ def _dense(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None):
-    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, float32 CPU, contiguous."""
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
+                   keep_lanes: bool = False):  # fmt: skip
+    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, float32 CPU, contiguous; with ``keep_lanes``, (Y, X^T) where X^T
+    [K, lanes] is what ``linear_backward`` takes as ``xt``."""
     index = alive_index(mask)
     m, (n, k) = x.shape[0], weight.shape
     xt = to_lanes(x)
@@ -97,13 +101,14 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bi
     _backend.ext().sparse_rows(xt.data_ptr(), lanes, n, index.row_ptr.data_ptr(), index.cols.data_ptr(),
                                w.data_ptr(), k, 1, _ptr(b), yt.data_ptr(), lanes, lanes,
                                torch.get_num_threads())  # fmt: skip
-    return from_lanes(yt, m, x.dtype)
+    y = from_lanes(yt, m, x.dtype)
+    return (y, xt) if keep_lanes else y
 
 
 @torch.no_grad()
-def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool):
+def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool, xt: torch.Tensor | None = None):
     """(dX [M, K], dW [N, K]) of ``linear_forward`` for grad [M, N]; None where not needed; dW exactly 0 where
-    the mask is False."""
+    the mask is False. ``xt``: x in the lanes layout, when the forward kept it."""
     index = alive_index(mask)
     m, (n, k) = x.shape[0], weight.shape
     gt = to_lanes(grad)
@@ -118,7 +123,7 @@ def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool):
                         1, k, 0, dxt.data_ptr(), lanes, lanes, threads)  # fmt: skip
         grad_x = from_lanes(dxt, m, x.dtype)
     if need_w:
-        xt = to_lanes(x)
+        xt = to_lanes(x) if xt is None else xt
         grad_w = torch.zeros(n, k, dtype=torch.float32)
         ext.sparse_grad_weight(gt.data_ptr(), lanes, xt.data_ptr(), lanes, n, index.row_ptr.data_ptr(),
                                index.cols.data_ptr(), grad_w.data_ptr(), k, lanes, threads)  # fmt: skip
@@ -149,8 +154,9 @@ def conv_to_lanes(x: torch.Tensor, padding) -> torch.Tensor:
 
 
 @torch.no_grad()
-def conv_forward(x, weight, mask, bias, stride, padding, dilation, groups, memory_format):
-    """F.conv2d(x, W ⊙ M, bias, ...) with (top, bottom, left, right) padding, float32 CPU, in ``memory_format``."""
+def conv_forward(x, weight, mask, bias, stride, padding, dilation, groups, memory_format, keep_lanes: bool = False):
+    """F.conv2d(x, W ⊙ M, bias, ...) with (top, bottom, left, right) padding, float32 CPU, in ``memory_format``;
+    with ``keep_lanes``, (Y, the padded input in the lanes layout) for ``conv_backward``'s ``xl``."""
     index = alive_index(mask)
     b = x.shape[0]
     cout, cin_g, kh, kw = weight.shape
@@ -166,13 +172,14 @@ def conv_forward(x, weight, mask, bias, stride, padding, dilation, groups, memor
                                stride[0], stride[1], dilation[0], dilation[1], index.row_ptr.data_ptr(),
                                index.cols.data_ptr(), w.data_ptr(), _ptr(bias), lanes, 0,
                                torch.get_num_threads())  # fmt: skip
-    return yl[..., :b].permute(3, 0, 1, 2).to(x.dtype, memory_format=memory_format)
+    y = yl[..., :b].permute(3, 0, 1, 2).to(x.dtype, memory_format=memory_format)
+    return (y, xl) if keep_lanes else y
 
 
 @torch.no_grad()
-def conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, need_x: bool, need_w: bool):
+def conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, need_x: bool, need_w: bool, xl=None):
     """(dX like x, dW [Cout, Cin/groups, kh, kw]) of ``conv_forward``; None where not needed; dW exactly 0 where
-    the mask is False. dX comes back in x's memory format."""
+    the mask is False. dX comes back in x's memory format. ``xl``: the forward's kept lanes layout of x."""
     index = alive_index(mask)
     b, cin, h, w_in = x.shape
     cout, cin_g, kh, kw = weight.shape
@@ -195,7 +202,7 @@ def conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, need
             else torch.contiguous_format  # fmt: skip
         grad_x = dxl[:, top : top + h, left : left + w_in, :b].permute(3, 0, 1, 2).to(x.dtype, memory_format=fmt)
     if need_w:
-        xl = conv_to_lanes(x, padding)
+        xl = conv_to_lanes(x, padding) if xl is None else xl
         grad_w = torch.zeros(weight.shape, dtype=torch.float32)
         ext.sparse_conv(2, xl.data_ptr(), *common[:2], gl.data_ptr(), *common[3:], index.row_ptr.data_ptr(),
                         index.cols.data_ptr(), w.data_ptr(), 0, lanes, grad_w.data_ptr(), threads)  # fmt: skip
