@@ -83,12 +83,6 @@ def test_conv_masks_are_indexed_as_cout_by_the_rest():
     _assert_matches_numpy(rebuilt, m.reshape(6, -1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="alive_index of a channels_last conv mask (what model.to(memory_format=torch.channels_last) makes of "
-    "a MaskedConv2d's mask) is rebuilt at every call: mask.reshape(Cout, -1) copies it, and the cache sits on the "
-    "copy, so the sparse route pays a numpy nonzero per step",
-)
 def test_a_channels_last_conv_mask_is_cached():
     m = _random_mask((16, 8, 3, 3), 0.1).contiguous(memory_format=torch.channels_last)
     index = alive_index(m)
@@ -218,12 +212,6 @@ def test_a_mask_changed_between_steps_is_followed(sparse_route, kind, how):
 
 
 @needs_kernels
-@pytest.mark.xfail(
-    strict=True,
-    reason="cached_on_mask's stamp (version, data_ptr) repeats when mask.data is swapped twice between steps and "
-    "the second new storage reuses the first one's freed address (.data = leaves the version as it was): the stale "
-    "alive index (and density) is used, so the sparse route computes with the old mask's positions",
-)
 def test_two_data_swaps_between_steps_are_followed(sparse_route):
     for _ in range(20):  # whether a freed storage is handed out again depends on the heap: a few tries
         layer, x = _layer("linear")

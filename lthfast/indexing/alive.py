@@ -66,5 +66,8 @@ def build_alive_index(mask: torch.Tensor) -> AliveIndex:
 def alive_index(mask: torch.Tensor) -> AliveIndex:
     """The alive index of ``mask`` (2-D, or a conv mask indexed as [N, -1]), cached on the mask (rebuilt after any
     change to it: ``cached_on_mask``)."""
-    view = mask if mask.dim() == 2 else mask.reshape(mask.shape[0], -1)
-    return cached_on_mask(view, ("alive",), lambda: build_alive_index(view))
+    if mask.dim() == 2:
+        return cached_on_mask(mask, ("alive",), lambda: build_alive_index(mask))
+    # cached on the mask itself: a channels_last conv mask has no [N, -1] view, and a reshaped copy would be a new
+    # tensor (a new cache) at every call
+    return cached_on_mask(mask, ("alive",), lambda: build_alive_index(mask.reshape(mask.shape[0], -1)))

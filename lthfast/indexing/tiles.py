@@ -260,7 +260,7 @@ def column_groups(index: TileIndex, group: int) -> tuple[torch.Tensor, torch.Ten
 
 # id(mask owner) -> (weakref to owner, contents_stamp(owner), {key: value}); keys start with the view's
 # (shape, stride, offset)
-_cache: dict[int, tuple[weakref.ref, tuple[int, int], dict]] = {}
+_cache: dict[int, tuple[weakref.ref, tuple[int, int], dict, weakref.ref]] = {}
 
 
 # What CUDA graphs captured, kept for the life of the process (id -> object): a tile index is dropped from the cache
@@ -295,15 +295,19 @@ def contents_stamp(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _renew(owner: torch.Tensor) -> tuple[dict, dict | None]:
-    """The cache dict of ``owner`` at its current version (a fresh one when the version moved or the id was
-    reused), and the dict of ``owner``'s earlier version that this call dropped, if it did."""
+    """The cache dict of ``owner`` at its current version (a fresh one when the version moved, the storage was
+    swapped or the id was reused), and the dict of ``owner``'s earlier version that this call dropped, if it did.
+
+    The storage is compared by identity too (a weak reference to torch's storage object): two ``mask.data = new``
+    swaps can hand the second new storage the freed address of the first, with the version unchanged."""
     owner_id = id(owner)
     entry = _cache.get(owner_id)
     stamp = contents_stamp(owner)
-    if entry is not None and entry[0]() is owner and entry[1] == stamp:
+    storage = owner.untyped_storage()
+    if entry is not None and entry[0]() is owner and entry[1] == stamp and entry[3]() is storage:
         return entry[2], None
     dropped = entry[2] if entry is not None and entry[0]() is owner else None
-    _cache[owner_id] = (weakref.ref(owner, _forget), stamp, {})
+    _cache[owner_id] = (weakref.ref(owner, _forget), stamp, {}, weakref.ref(storage))
     return _cache[owner_id][2], dropped
 
 

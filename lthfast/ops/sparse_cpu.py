@@ -133,6 +133,14 @@ def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool, xt: torch
 # ------------------------------------------------------------------------------------------------------ conv
 
 
+def _copy_out(t: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
+    """A copy of the lanes layout's view ``t`` in ``dtype`` and ``memory_format`` (``Tensor.to`` would return the
+    view itself when nothing changes)."""
+    out = torch.empty(t.shape, dtype=dtype, memory_format=memory_format)
+    out.copy_(t)
+    return out
+
+
 def conv_geometry(x_shape, weight_shape, stride, padding, dilation):
     """(OH, OW, padded H, padded W) of a conv; padding is (top, bottom, left, right)."""
     _, _, h, w = x_shape
@@ -172,7 +180,7 @@ def conv_forward(x, weight, mask, bias, stride, padding, dilation, groups, memor
                                stride[0], stride[1], dilation[0], dilation[1], index.row_ptr.data_ptr(),
                                index.cols.data_ptr(), w.data_ptr(), _ptr(bias), lanes, 0,
                                torch.get_num_threads())  # fmt: skip
-    y = yl[..., :b].permute(3, 0, 1, 2).to(x.dtype, memory_format=memory_format)
+    y = _copy_out(yl[..., :b].permute(3, 0, 1, 2), x.dtype, memory_format)
     return (y, xl) if keep_lanes else y
 
 
@@ -200,11 +208,10 @@ def conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, need
         top, _, left, _ = padding
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
             else torch.contiguous_format  # fmt: skip
-        grad_x = dxl[:, top : top + h, left : left + w_in, :b].permute(3, 0, 1, 2).to(x.dtype, memory_format=fmt)
+        grad_x = _copy_out(dxl[:, top : top + h, left : left + w_in, :b].permute(3, 0, 1, 2), x.dtype, fmt)
     if need_w:
         xl = conv_to_lanes(x, padding) if xl is None else xl
         grad_w = torch.zeros(weight.shape, dtype=torch.float32)
         ext.sparse_conv(2, xl.data_ptr(), *common[:2], gl.data_ptr(), *common[3:], index.row_ptr.data_ptr(),
                         index.cols.data_ptr(), w.data_ptr(), 0, lanes, grad_w.data_ptr(), threads)  # fmt: skip
     return grad_x, grad_w
-
