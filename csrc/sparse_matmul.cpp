@@ -4,6 +4,7 @@
 #include "sparse_matmul.h"
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -12,6 +13,10 @@
 #include <vector>
 
 #include "parallel.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace lthfast {
 
@@ -111,6 +116,131 @@ void gather_taps(const SparseConv& p, int64_t co, std::vector<int64_t>& off, std
 }
 
 }  // namespace
+
+namespace {
+
+// Rows of a [rows][cols] block of src (row stride rs, column stride cs) into dst transposed ([cols][ld]), in 16 x 16
+// tiles so that both sides stay in a few cache lines.
+constexpr int64_t kTile = 16;
+
+}  // namespace
+
+namespace {
+
+#ifdef LTHFAST_SPARSE_X86
+// 8 x 8 block: dst[j * ldd + i] = src[i * lds + j] for i, j < 8 (AVX2 in-register transpose).
+__attribute__((target("avx2"))) void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ldd, t[i]);
+}
+#endif
+
+bool fast_transpose() { return width() >= 8; }
+
+// dst[w * ldd + b] = src[b * lds + w] for b < nb, w < nw (unit stride along w in src and along b in dst).
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t nb, int64_t nw) {
+  int64_t b0 = 0;
+#ifdef LTHFAST_SPARSE_X86
+  if (fast_transpose()) {
+    for (; b0 + 8 <= nb; b0 += 8) {
+      int64_t w0 = 0;
+      for (; w0 + 8 <= nw; w0 += 8) transpose8(src + b0 * lds + w0, lds, dst + w0 * ldd + b0, ldd);
+      for (int64_t w = w0; w < nw; ++w)
+        for (int64_t b = b0; b < b0 + 8; ++b) dst[w * ldd + b] = src[b * lds + w];
+    }
+  }
+#endif
+  for (int64_t w = 0; w < nw; ++w)
+    for (int64_t b = b0; b < nb; ++b) dst[w * ldd + b] = src[b * lds + w];
+}
+
+}  // namespace
+
+void to_lanes(const LanesLayout& l, const float* src, float* dst, int threads) {
+  const int64_t hp = l.h + l.top + l.bottom, wp = l.w + l.left + l.right, plane = hp * wp * l.lanes;
+  const int nt = threads_for(threads, l.b * l.c * l.h * l.w);
+  const bool padded = l.top || l.bottom || l.left || l.right || l.b < l.lanes;
+  if (l.h == 1 && l.w == 1 && !l.top && !l.left) {  // a linear's X [B, C] -> [C][lanes]: 16 x 16 tiles in L1
+    parallel_for((l.c + kTile - 1) / kTile, nt, [&](int64_t item) {
+      const int64_t c0 = item * kTile, c1 = std::min(l.c, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c) std::memset(dst + c * plane + l.b, 0, (plane - l.b) * sizeof(float));
+      for (int64_t b0 = 0; b0 < l.b; b0 += kTile) {
+        const int64_t b1 = std::min(l.b, b0 + kTile);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t b = b0; b < b1; ++b) dst[c * plane + b] = src[b * l.sb + c * l.sc];
+      }
+    });
+    return;
+  }
+  // a conv's x: per channel, 8 samples at a time, each read along its rows (h, w) and written 8 lanes wide
+  parallel_for(l.c, nt, [&](int64_t c) {
+    float* plane_dst = dst + c * plane;
+    if (padded) std::memset(plane_dst, 0, plane * sizeof(float));
+    if (l.sw == 1) {  // NCHW rows: 8 x 8 register transposes
+      for (int64_t h = 0; h < l.h; ++h)
+        transpose(src + c * l.sc + h * l.sh, l.sb, plane_dst + ((h + l.top) * wp + l.left) * l.lanes, l.lanes, l.b,
+                  l.w);
+      return;
+    }
+    for (int64_t b0 = 0; b0 < l.b; b0 += 8) {
+      const int64_t b1 = std::min(l.b, b0 + 8);
+      for (int64_t h = 0; h < l.h; ++h) {
+        float* row = plane_dst + ((h + l.top) * wp + l.left) * l.lanes;
+        const float* s = src + c * l.sc + h * l.sh;
+        for (int64_t w = 0; w < l.w; ++w)
+          for (int64_t b = b0; b < b1; ++b) row[w * l.lanes + b] = s[b * l.sb + w * l.sw];
+      }
+    }
+  });
+}
+
+void from_lanes(const LanesLayout& l, const float* src, float* dst, int threads) {
+  const int64_t hp = l.h + l.top + l.bottom, wp = l.w + l.left + l.right, plane = hp * wp * l.lanes;
+  const int nt = threads_for(threads, l.b * l.c * l.h * l.w);
+  if (l.h == 1 && l.w == 1 && !l.top && !l.left) {  // a linear's [C][lanes] -> [B, C]: 16 x 16 tiles in L1
+    parallel_for((l.c + kTile - 1) / kTile, nt, [&](int64_t item) {
+      const int64_t c0 = item * kTile, c1 = std::min(l.c, c0 + kTile);
+      for (int64_t b0 = 0; b0 < l.b; b0 += kTile) {
+        const int64_t b1 = std::min(l.b, b0 + kTile);
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t c = c0; c < c1; ++c) dst[b * l.sb + c * l.sc] = src[c * plane + b];
+      }
+    });
+    return;
+  }
+  parallel_for(l.c, nt, [&](int64_t c) {
+    if (l.sw == 1) {  // NCHW rows: 8 x 8 register transposes
+      for (int64_t h = 0; h < l.h; ++h)
+        transpose(src + c * plane + ((h + l.top) * wp + l.left) * l.lanes, l.lanes, dst + c * l.sc + h * l.sh, l.sb,
+                  l.w, l.b);
+      return;
+    }
+    for (int64_t b0 = 0; b0 < l.b; b0 += 8) {
+      const int64_t b1 = std::min(l.b, b0 + 8);
+      for (int64_t h = 0; h < l.h; ++h) {
+        const float* row = src + c * plane + ((h + l.top) * wp + l.left) * l.lanes;
+        float* d = dst + c * l.sc + h * l.sh;
+        for (int64_t w = 0; w < l.w; ++w)
+          for (int64_t b = b0; b < b1; ++b) d[b * l.sb + w * l.sw] = row[w * l.lanes + b];
+      }
+    }
+  });
+}
 
 bool sparse_vector_isa(int* lanes) {
   *lanes = width();
@@ -292,6 +422,27 @@ void sparse_conv_py(int kind, uintptr_t x, int64_t h, int64_t w, uintptr_t y, in
   if (kind == 2) lthfast::sparse_conv_grad_weight(p, ptr_of<const float>(y), ptr_of<float>(out), threads);
 }
 
+void lanes_py(bool to, uintptr_t src, uintptr_t dst, std::vector<int64_t> dims, std::vector<int64_t> strides,
+              std::vector<int64_t> pads, int64_t lanes, int threads) {
+  check_lanes(to ? "to_lanes" : "from_lanes", lanes);
+  if (dims.size() != 4 || strides.size() != 4 || pads.size() != 4 || dims[0] > lanes || !src || !dst)
+    throw std::invalid_argument("lthfast._C.lanes: dims, strides and pads take 4 values each, B <= lanes");
+  for (int64_t v : dims)
+    if (v < 0) throw std::invalid_argument("lthfast._C.lanes: negative size");
+  for (int64_t v : pads)
+    if (v < 0) throw std::invalid_argument("lthfast._C.lanes: negative padding");
+  lthfast::LanesLayout l;
+  l.b = dims[0], l.c = dims[1], l.h = dims[2], l.w = dims[3];
+  l.sb = strides[0], l.sc = strides[1], l.sh = strides[2], l.sw = strides[3];
+  l.top = pads[0], l.bottom = pads[1], l.left = pads[2], l.right = pads[3];
+  l.lanes = lanes;
+  py::gil_scoped_release release;
+  if (to)
+    lthfast::to_lanes(l, ptr_of<const float>(src), ptr_of<float>(dst), threads);
+  else
+    lthfast::from_lanes(l, ptr_of<const float>(src), ptr_of<float>(dst), threads);
+}
+
 int sparse_isa_py() {
   int lanes = 0;
   lthfast::sparse_vector_isa(&lanes);
@@ -316,6 +467,10 @@ void bind_sparse_matmul(py::module_& m) {
         py::arg("weight"), py::arg("bias"), py::arg("lanes"), py::arg("out"), py::arg("threads"),
         "fp32 sparse conv in the lanes-last layout [C][H][W][lanes] (sparse_matmul.h): kind 0 forward, 1 dX "
         "(accumulated into out), 2 dW (written at alive entries of out).");
+  m.def("lanes", &lanes_py, py::arg("to"), py::arg("src"), py::arg("dst"), py::arg("dims"), py::arg("strides"),
+        py::arg("pads"), py::arg("lanes"), py::arg("threads"),
+        "fp32 layout change (sparse_matmul.h LanesLayout): to=True, a tensor [B, C, H, W] (strides in elements) into the "
+        "zero-padded lanes buffer [C][H+pads][W+pads][lanes]; to=False, a crop of such a buffer into the tensor.");
   m.def("sparse_isa", &sparse_isa_py, "Lanes per vector of the sparse kernels in use: 16 AVX-512, 8 AVX2, 4 baseline.");
   m.def("sparse_force_isa", &lthfast::sparse_force_isa, py::arg("lanes"),
         "Cap the sparse kernels' vector width (4, 8, 16; 0 = auto), for tests. Returns the previous setting.");

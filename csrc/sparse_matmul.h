@@ -68,6 +68,20 @@ struct SparseConv {
 // dW of SparseConv: dW[co][q] = sum over (oh, ow, lanes) of dY[co][oh][ow] * X[ci][oh*sh + i*dh][ow*sw + j*dw]
 // at alive (co, q) (CSR), other entries untouched.
 
+// Layout changes between torch tensors (any strides, float32) and the lanes-last buffers, with zero padding.
+// to_lanes: dst [C][H + top + bottom][W + left + right][lanes] from src[b, c, h, w] (strides sb, sc, sh, sw),
+// b < B <= lanes, every other entry of dst (padding, lanes past B) zero. A linear's X [M, K] is B = M, C = K, H = W = 1.
+struct LanesLayout {
+  int64_t b = 0, c = 0, h = 0, w = 0;
+  int64_t sb = 0, sc = 0, sh = 0, sw = 0;  // the torch tensor's strides, in elements
+  int64_t top = 0, bottom = 0, left = 0, right = 0;
+  int64_t lanes = 0;
+};
+void to_lanes(const LanesLayout& l, const float* src, float* dst, int threads);
+// from_lanes: dst[b, c, h, w] (strides as given) = src[c][h + top][w + left][b] for the b, c, h, w of `l`, where src
+// is [C][H + top + bottom][W + left + right][lanes] (a crop of the padded buffer: a conv's dX).
+void from_lanes(const LanesLayout& l, const float* src, float* dst, int threads);
+
 bool sparse_vector_isa(int* width);  // the lanes per vector of the kernels chosen at run time (4 scalar, 8, 16)
 int sparse_force_isa(int width);      // 0: auto; 4 / 8 / 16 force (tests); returns the previous setting
 

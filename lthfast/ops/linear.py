@@ -77,6 +77,7 @@ def _kernel_index(mask: torch.Tensor):
 
 _UNSET = object()  # "the route is not decided yet" (None: the torch path)
 SPARSE = "sparse"  # the CPU unstructured sparse kernels (lthfast.ops.sparse_cpu)
+FULL, PARTIAL = "full", "partial"  # the native dense route on CPU, with every weight alive or not
 
 
 def _route(x: torch.Tensor, mask: torch.Tensor, index=_UNSET):
@@ -226,7 +227,7 @@ def _cpu_route(x: torch.Tensor, mask: torch.Tensor):
         return False, None  # the CPU block route
     if sparse_cpu.use_linear(x, mask):
         return False, SPARSE
-    return True, None  # off CPU, and dense CPU layers
+    return True, FULL if linear_torch.all_alive(mask) else PARTIAL  # the dense route, W itself when nothing is pruned
 
 
 def _check(x, weight, mask, bias, where: str) -> None:
@@ -275,11 +276,13 @@ def masked_linear(
     ``where`` names the caller (e.g. the layer) in error messages.
     """
     _check(x, weight, mask, bias, where)
-    x2d = x.flatten(0, -2) if x.dim() > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
+    dim = x.dim()
+    x2d = x if dim == 2 else x.flatten(0, -2) if dim > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
     if eager_ok(x2d, weight, mask, bias):
         native, index = _eager_route(x2d, mask)
         if native:
-            w = weight if linear_torch.all_alive(mask) else masked(weight, mask)  # differentiable in the weight
+            full = index is FULL or (index is None and linear_torch.all_alive(mask))
+            w = weight if full else masked(weight, mask)  # differentiable in the weight
             y = torch.nn.functional.linear(x2d, w, bias)
         else:
             y = _Eager.apply(x2d, weight, mask, bias, index)

@@ -63,20 +63,33 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _lanes(to: bool, src: torch.Tensor, dst: torch.Tensor, tensor: torch.Tensor, pads=(0, 0, 0, 0)) -> None:
+    """lthfast._C.lanes between ``tensor`` (a float32 [B, C, H, W] or [B, C] view) and a lanes buffer."""
+    dims, strides = list(tensor.shape), list(tensor.stride())
+    if len(dims) == 2:
+        dims, strides = dims + [1, 1], strides + [0, 0]
+    _backend.ext().lanes(to, src.data_ptr(), dst.data_ptr(), dims, strides, list(pads), (dst if to else src).shape[-1],
+                         torch.get_num_threads())  # fmt: skip
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def to_lanes(t: torch.Tensor) -> torch.Tensor:
     """t [M, C] -> [C, lanes] float32 contiguous, columns M.. zero."""
+    t = _float32(t)
     m, c = t.shape
     out = torch.empty(c, lanes_for(m), dtype=torch.float32)
-    out[:, :m].copy_(t.t())
-    out[:, m:].zero_()
+    _lanes(True, t, out, t)
     return out
 
 
 def from_lanes(t: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
     """[C, lanes] -> [m, C] contiguous in ``dtype``."""
-    out = torch.empty(m, t.shape[0], dtype=dtype)
-    out.copy_(t[:, :m].t())
-    return out
+    out = torch.empty(m, t.shape[0], dtype=torch.float32)
+    _lanes(False, t, out, out)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:
@@ -133,12 +146,12 @@ def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool, xt: torch
 # ------------------------------------------------------------------------------------------------------ conv
 
 
-def _copy_out(t: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
-    """A copy of the lanes layout's view ``t`` in ``dtype`` and ``memory_format`` (``Tensor.to`` would return the
-    view itself when nothing changes)."""
-    out = torch.empty(t.shape, dtype=dtype, memory_format=memory_format)
-    out.copy_(t)
-    return out
+def _conv_out(t: torch.Tensor, shape, dtype: torch.dtype, memory_format: torch.memory_format, pads=(0, 0, 0, 0)):
+    """A new [B, C, H, W] tensor in ``dtype`` and ``memory_format`` from the lanes buffer ``t`` [C][H + pads][W +
+    pads][lanes] (its crop at ``pads``: a conv's dX)."""
+    out = torch.empty(shape, dtype=torch.float32, memory_format=memory_format)
+    _lanes(False, t, out, out, pads)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def conv_geometry(x_shape, weight_shape, stride, padding, dilation):
@@ -154,10 +167,11 @@ def conv_geometry(x_shape, weight_shape, stride, padding, dilation):
 
 def conv_to_lanes(x: torch.Tensor, padding) -> torch.Tensor:
     """x [B, C, H, W] (any memory format) -> [C, H + top + bottom, W + left + right, lanes] float32, zero-padded."""
+    x = _float32(x)
     b, c, h, w = x.shape
     top, bottom, left, right = padding
-    out = torch.zeros(c, h + top + bottom, w + left + right, lanes_for(b), dtype=torch.float32)
-    out[:, top : top + h, left : left + w, :b].copy_(x.permute(1, 2, 3, 0))
+    out = torch.empty(c, h + top + bottom, w + left + right, lanes_for(b), dtype=torch.float32)
+    _lanes(True, x, out, x, padding)
     return out
 
 
@@ -180,7 +194,7 @@ def conv_forward(x, weight, mask, bias, stride, padding, dilation, groups, memor
                                stride[0], stride[1], dilation[0], dilation[1], index.row_ptr.data_ptr(),
                                index.cols.data_ptr(), w.data_ptr(), _ptr(bias), lanes, 0,
                                torch.get_num_threads())  # fmt: skip
-    y = _copy_out(yl[..., :b].permute(3, 0, 1, 2), x.dtype, memory_format)
+    y = _conv_out(yl, (b, cout, oh, ow), x.dtype, memory_format)
     return (y, xl) if keep_lanes else y
 
 
@@ -208,7 +222,7 @@ def conv_backward(grad, x, weight, mask, stride, padding, dilation, groups, need
         top, _, left, _ = padding
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
             else torch.contiguous_format  # fmt: skip
-        grad_x = _copy_out(dxl[:, top : top + h, left : left + w_in, :b].permute(3, 0, 1, 2), x.dtype, fmt)
+        grad_x = _conv_out(dxl, x.shape, x.dtype, fmt, padding)
     if need_w:
         xl = conv_to_lanes(x, padding) if xl is None else xl
         grad_w = torch.zeros(weight.shape, dtype=torch.float32)
