@@ -5,6 +5,9 @@ __version__ = "0.1.0"
 from lthfast import functional, nn, prune  # noqa: E402
 from lthfast._backend import backend, get_backend, set_backend  # noqa: E402
 from lthfast.pruning import (  # noqa: E402
+    MaskedAdam,
+    MaskedAdamW,
+    MaskedSGD,
     Masks,
     Snapshot,
     dense_state_dict,
@@ -19,6 +22,9 @@ from lthfast.pruning import (  # noqa: E402
 
 __all__ = [
     "__version__",
+    "MaskedAdam",
+    "MaskedAdamW",
+    "MaskedSGD",
     "Masks",
     "Snapshot",
     "backend",

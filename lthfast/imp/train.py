@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from lthfast.imp import rundir
 from lthfast.imp.config import Config, Steps
 from lthfast.imp.errors import CheckpointError
 from lthfast.nn import MaskedConv2d, MaskedLinear
-from lthfast.pruning import mask_optimizer
+from lthfast.pruning import MaskedAdam, MaskedAdamW, MaskedSGD, mask_optimizer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,16 +51,33 @@ class Unit:
     seed: int  # seeds dropout and augmentation
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """SGD, SGD with momentum, Adam or AdamW at ``cfg.lr`` (the schedule rescales it every iteration)."""
+def use_fused_optimizer(model: nn.Module) -> bool:
+    """Whether ``model`` trains with lthfast's fused masked optimizers: float32 weights on the CPU, unless
+    ``LTHFAST_FUSED_OPTIMIZER=0``. They give torch's numbers bit for bit (a run is the same experiment either way)
+    and step only the alive weights."""
+    if os.environ.get("LTHFAST_FUSED_OPTIMIZER", "1").strip() == "0":
+        return False
+    params = list(model.parameters())
+    return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+
+
+def make_optimizer(cfg: Config, params, model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD, SGD with momentum, Adam or AdamW at ``cfg.lr`` (the schedule rescales it every iteration): torch's, or,
+    given the ``model`` the parameters belong to, lthfast's fused masked equivalents (MaskedSGD / MaskedAdam /
+    MaskedAdamW) that step only its alive weights and keep its pruned ones and their state at zero."""
     params = list(params)
+    fused = model is not None
+    sgd, adam, adamw = (
+        (MaskedSGD, MaskedAdam, MaskedAdamW) if fused else (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+    )
+    extra = {"model": model} if fused else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return sgd(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
     if cfg.optimizer == "momentum":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return sgd(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **extra)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    return adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
 
 
 def lr_at(iteration: int, cfg: Config, steps: Steps) -> float:
@@ -164,8 +182,10 @@ def train_unit(
     """
     world = world or World(device=data.x_train.device)
     device = data.x_train.device
-    optimizer = make_optimizer(cfg, model.parameters())
-    guard = mask_optimizer(optimizer, model)
+    # The fused optimizers keep pruned weights and their state at zero themselves; torch's get the guard.
+    fused = use_fused_optimizer(model)
+    optimizer = make_optimizer(cfg, model.parameters(), model if fused else None)
+    guard = None if fused else mask_optimizer(optimizer, model)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     aug = torch.Generator().manual_seed(unit.seed + 1)
     torch.manual_seed(unit.seed + 1_000_003 * world.rank)  # dropout: rank 0 draws as a single process would
@@ -237,7 +257,8 @@ def train_unit(
                 _checkpoint(ckpt_path, model, optimizer, aug, scaler, state, world)
                 last_ckpt = it
             t_train = time.perf_counter()
-    guard.remove()
+    if guard is not None:
+        guard.remove()
     state["wall_s"] = wall_before + time.perf_counter() - t_wall
     return _result(state, unit, device, cfg)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from prune_models import ConvNet, image_batch, tie_free_
+from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import lthfast
@@ -112,3 +113,88 @@ def test_bad_masks_are_rejected():
     with pytest.raises(ValueError, match="out.weight"):
         lthfast.mask_optimizer(optimizer, model, {"out.weight": torch.ones(2, dtype=torch.bool)})
     assert not optimizer._optimizer_step_post_hooks
+
+
+def _guard_of(optimizer, handle):
+    return optimizer._optimizer_step_post_hooks[handle.id]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "masked-adam"])
+def test_gradient_on_pruned_weights_is_still_zeroed(name):
+    """A loss on the stored weights themselves gives pruned entries a gradient: the guard must see it."""
+    model = lthfast.sparsify(tie_free_(ConvNet()))
+    if name == "masked-adam":
+        optimizer = lthfast.MaskedAdam(model.parameters(), lr=1e-2, model=model)
+    else:
+        optimizer = OPTIMIZERS[name](model.parameters())
+    masks = random_masks(model, 0.3)
+    masks.apply_(model)
+    lthfast.mask_optimizer(optimizer, model)
+    for step in range(6):
+        optimizer.zero_grad()
+        loss = model(image_batch()).square().mean()
+        if step >= 2:  # after steps that let the guard take its cheap path
+            loss = loss + sum(p.sum() for p in lthfast.prunable(model).values())
+        loss.backward()
+        optimizer.step()
+        assert_pruned_zero(model, optimizer, masks)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd-nesterov"])
+def test_guard_skips_the_zeroing_while_nothing_can_move_pruned_weights(name, monkeypatch):
+    model = lthfast.sparsify(nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10)))
+    masks = random_masks(model, 0.02)
+    masks.apply_(model)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    handle = lthfast.mask_optimizer(optimizer, model)
+    calls = []
+    real = lthfast.pruning.optim.zero_pruned_
+    monkeypatch.setattr(lthfast.pruning.optim, "zero_pruned_", lambda t, m: calls.append(t.shape) or real(t, m))
+
+    def step():
+        optimizer.zero_grad()
+        model(torch.randn(7, 300)).square().mean().backward()
+        optimizer.step()
+
+    step()
+    assert len(calls) > 0  # the first step zeroes weights and the state it created
+    calls.clear()
+    for _ in range(4):
+        step()
+    expect_cheap = lthfast._backend.ext_loaded() and hasattr(lthfast._backend.ext(), "pruned_grads_zero")
+    assert (calls == []) == expect_cheap
+    assert _guard_of(optimizer, handle).skipped == (8 if expect_cheap else 0)
+    assert_pruned_zero(model, optimizer, masks)
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)  # written outside the optimizer: the next step zeroes it again
+    calls.clear()
+    step()
+    assert model[0].weight.shape in calls
+    assert_pruned_zero(model, optimizer, masks)
+
+
+def test_guard_always_zeroes_for_other_optimizers(monkeypatch):
+    class MyAdam(torch.optim.Adam):  # a subclass may step pruned weights however it likes
+        pass
+
+    model = lthfast.sparsify(tie_free_(ConvNet()))
+    random_masks(model, 0.2).apply_(model)
+    optimizer = MyAdam(model.parameters(), lr=1e-2)
+    handle = lthfast.mask_optimizer(optimizer, model)
+    for _ in train(model, optimizer, 3):
+        pass
+    assert _guard_of(optimizer, handle).skipped == 0
+
+
+def test_optimizer_of_another_model_is_refused():
+    model, other = lthfast.sparsify(tie_free_(ConvNet())), lthfast.sparsify(tie_free_(ConvNet()))
+    optimizer = OPTIMIZERS["adam"](other.parameters())
+    with pytest.raises(ValueError, match="none of the model's masked weights .*conv1.weight.*out.weight"):
+        lthfast.mask_optimizer(optimizer, model)
+    plain = tie_free_(ConvNet())
+    with pytest.raises(ValueError, match="none of the model's nn.Linear/nn.Conv2d weights"):
+        lthfast.mask_optimizer(optimizer, plain)
+    assert not optimizer._optimizer_step_post_hooks and not optimizer._optimizer_step_pre_hooks
+    handle = lthfast.mask_optimizer(optimizer, other)
+    handle.remove()
+    assert not optimizer._optimizer_step_post_hooks and not optimizer._optimizer_step_pre_hooks
