@@ -29,21 +29,13 @@ from lthfast.reference import masked_weight, transforms_active
 
 # "auto" backend on CUDA: above this tile density cuBLAS on W ⊙ M beats the sparse kernels, so it is used
 # instead (the "triton" backend always runs the kernels, so tests and benchmarks measure them). Measured on an
-# H200 (bf16, Linear 4096x4096, 8192 tokens, train step; benchmarks/results/masked_linear-h200.json and
-# h200-notes.md): at 2% alive 32x32 tiles the kernel step beat mask-multiply (1.107 vs 1.139 ms), at 10% it lost
-# to dense in two runs out of two (1.177 and 1.430 ms against ~1.1 ms), the step being bound by host time.
+# H200, where the step is bound by host time: the figures are in docs/performance.md.
 CUDA_DENSE_ABOVE = 0.05
 
 # Plain eager calls on the dense route run as torch's own autograd ops, F.linear on W ⊙ M made by
-# lthfast.ops.masking.masked (torch.where, or from 16384 weights on on CPU an integer multiply by the mask's cached
-# bits in a small autograd.Function), rather than through lthfast's autograd.Function for the whole op: on a layer
-# small enough for the step to be host time, the Function's Python (validation, routing, forward and backward in
-# Python) made it 2.2x the mask-multiply step; with torch's ops 1.6x (`python benchmarks/host_overhead.py --what
-# layers --repeat 7`, 64x64 layer, 4 rows, 1 thread of the 2-core dev box: 278 -> 200 us against 125 us; conv 16->32
-# 3x3: 670 -> 495 us against 400 us). On large CPU layers the two are the same products, the native route with one
-# mask multiply fewer (autograd keeps W ⊙ M for dX): train step, 50% random mask, 11 interleaved rounds (ms, native
-# / Function): Linear 2048x2048 at 512 rows, 2 threads, 79.0 / 79.9; conv 64->64 3x3 on 128x64x8x8, 1 thread,
-# 22.6 / 24.2; conv 128->128 on 64x128x16x16, 2 threads, 81.3 / 87.4.
+# lthfast.ops.masking.masked, rather than through lthfast's autograd.Function for the whole op: on small layers the
+# Function's Python was most of the step's host time, and on large ones the two cost the same (figures in
+# docs/performance.md).
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 runs on the torch path only (gradcheck, references)

@@ -31,17 +31,10 @@ from lthfast.ops import sparse_cpu
 from lthfast.ops.masking import mask_, masked
 from lthfast.reference import SAME_WIDTH_INT, masked_weight
 
-# Tile sizes tried on CPU, and the tile density below which each beats dense MKL, measured with
-# `benchmarks/bench_masked_linear.py --sections crossover` on the 2-core EPYC VM, Linear(2048, 2048), batch 512,
-# fp32, 2 threads. CPU_CROSSOVER is for the C++ kernels (fp32 / fp16 / bf16 compute when lthfast._C has them;
-# benchmarks/results/masked_linear-crossover-cpu-ext.json): sparse/dense (train / forward) at tile density 0.5, 0.6
-# and 0.8: 1.40x / 1.21x, 1.22x / 1.15x and 0.90x / 0.88x with 32x32 tiles; 1.49x / 1.34x, 1.33x / 1.33x and
-# 1.09x / 1.16x with 64x64 tiles (0.96x / 0.91x at 0.8 in an earlier run). So 0.5 for 32x32 and 0.6 for 64x64,
-# where the margin is still clear of the shared VM's noise.
-# CPU_CROSSOVER_TORCH is for the torch block products (float64, or no kernels), measured the same way
-# (benchmarks/results/masked_linear-crossover-cpu.json): train step sparse/dense 1.65x / 1.31x / 0.39x at tile
-# density 0.1 / 0.2 / 0.3 with 32x32 tiles, 2.24x / 1.63x / 0.83x with 64x64 tiles; so 0.25 for both (16x16
-# tiles make products ~4x slower per flop than 32x32: never worth it).
+# Tile sizes tried on CPU, and the tile density below which each beats dense MKL: CPU_CROSSOVER for the C++ kernels
+# (benchmarks/results/masked_linear-crossover-cpu-ext.json), CPU_CROSSOVER_TORCH for the torch block products
+# (float64, or no kernels; masked_linear-crossover-cpu.json), each the last density still clearly faster on the
+# 2-core AMD EPYC VM (figures in docs/performance.md). 16x16 tiles were never worth it.
 CPU_CROSSOVER = {64: 0.6, 32: 0.5}
 CPU_CROSSOVER_TORCH = {64: 0.25, 32: 0.25}
 # Below this many dense multiply-adds (M * N * K) the extra small ops of the block path cost more than the GEMM
@@ -49,8 +42,8 @@ CPU_CROSSOVER_TORCH = {64: 0.25, 32: 0.25}
 CPU_MIN_MACS = 2**23
 # Python worker threads that split the groups, each on one intra-op thread (ATen releases the GIL in its products),
 # at most torch's thread count. Not one loop with every product on all intra-op threads: each small product is an
-# OpenMP region that waits for every thread, and on the shared 2-vCPU VM, while another process held a core, the
-# 95%-sparse 2048x2048 training step took 417 ms that way against 172 ms with 2 workers (dense: 479 ms).
+# OpenMP region that waits for every thread, which on a shared machine made the step 2.4x slower
+# (docs/performance.md).
 MAX_WORKERS = 8
 # The C++ block kernels (csrc/block_matmul.cpp) for fp32 compute when lthfast._C has them and the CPU has AVX2 +
 # FMA; tests turn this off to run the torch block path on the same cases.
