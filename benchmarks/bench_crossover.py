@@ -5,7 +5,9 @@ For every grid point (a linear layer's rows x shape, or a conv's batch x channel
 public op's training step (forward, dX, dW through ``lthfast.functional``) is timed on the dense route once and
 on the sparse route at each density (uniform random masks), interleaved over rounds; a point's limit is the
 largest density at which sparse was at least ``--margin`` times faster than dense, at that density and every
-smaller one measured. Times are wall-clock medians of the rounds' medians.
+smaller one measured. Times are medians of the rounds' medians: with 1 thread the calling thread's CPU time
+(``time.thread_time``: every product then runs on it, and the figure holds up when other processes share the
+machine), wall-clock time otherwise.
 
     python benchmarks/bench_crossover.py --threads 1,2 --force      # rewrites lthfast/ops/crossover_cpu.json
 """
@@ -58,14 +60,15 @@ def _step(kind: str, shape: tuple, density: float, gen: torch.Generator):
 
 def _time(step, route: str, budget_s: float) -> float:
     """Median ms of ``step`` on ``route`` over at least 3 calls and ``budget_s`` seconds."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     with crossover.force(route):
         step()
         times = []
-        start = time.perf_counter()
-        while len(times) < 3 or time.perf_counter() - start < budget_s:
-            t0 = time.perf_counter()
+        start = clock()
+        while len(times) < 3 or clock() - start < budget_s:
+            t0 = clock()
             step()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return statistics.median(times) * 1e3
 
 

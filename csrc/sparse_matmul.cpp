@@ -242,6 +242,64 @@ void from_lanes(const LanesLayout& l, const float* src, float* dst, int threads)
   });
 }
 
+namespace {
+
+// Per-thread scratch for the lanes buffers of sparse_linear_*: grown, never shrunk, reused from call to call.
+float* scratch(int slot, size_t floats) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[slot];
+  if (b.size() < floats) b.resize(floats);
+  return b.data();
+}
+
+int64_t lanes_of(int64_t m) { return std::max<int64_t>(1, (m + kSparseLaneMultiple - 1) / kSparseLaneMultiple) * kSparseLaneMultiple; }
+
+LanesLayout matrix_layout(int64_t rows, int64_t cols, int64_t s0, int64_t s1, int64_t lanes) {
+  LanesLayout l;
+  l.b = rows, l.c = cols, l.h = 1, l.w = 1;
+  l.sb = s0, l.sc = s1;
+  l.lanes = lanes;
+  return l;
+}
+
+}  // namespace
+
+void sparse_linear_forward(const SparseLinear& p, const float* bias, float* y, int threads) {
+  const int64_t lanes = lanes_of(p.m);
+  float* xt = scratch(0, static_cast<size_t>(p.k * lanes));
+  float* yt = scratch(1, static_cast<size_t>(p.n * lanes));
+  to_lanes(matrix_layout(p.m, p.k, p.sx0, p.sx1, lanes), p.x, xt, threads);
+  SparseRows r;
+  r.a = xt, r.lda = lanes, r.rows = p.n, r.ptr = p.row_ptr, r.idx = p.cols, r.w = p.w, r.w_outer = p.k, r.w_inner = 1;
+  r.bias = bias, r.c = yt, r.ldc = lanes, r.lanes = lanes;
+  sparse_rows(r, threads);
+  from_lanes(matrix_layout(p.m, p.n, p.n, 1, lanes), yt, y, threads);
+}
+
+void sparse_linear_backward(const SparseLinear& p, const float* g, int64_t sg0, int64_t sg1, float* dx, float* dw,
+                            int threads) {
+  const int64_t lanes = lanes_of(p.m);
+  float* gt = scratch(0, static_cast<size_t>(p.n * lanes));
+  to_lanes(matrix_layout(p.m, p.n, sg0, sg1, lanes), g, gt, threads);
+  if (dx) {
+    float* dxt = scratch(1, static_cast<size_t>(p.k * lanes));
+    SparseRows r;
+    r.a = gt, r.lda = lanes, r.rows = p.k, r.ptr = p.col_ptr, r.idx = p.col_rows, r.w = p.w, r.w_outer = 1;
+    r.w_inner = p.k, r.c = dxt, r.ldc = lanes, r.lanes = lanes;
+    sparse_rows(r, threads);
+    from_lanes(matrix_layout(p.m, p.k, p.k, 1, lanes), dxt, dx, threads);
+  }
+  if (dw) {
+    float* xt = scratch(2, static_cast<size_t>(p.k * lanes));
+    to_lanes(matrix_layout(p.m, p.k, p.sx0, p.sx1, lanes), p.x, xt, threads);
+    std::memset(dw, 0, static_cast<size_t>(p.n * p.k) * sizeof(float));
+    SparseGradWeight q;
+    q.dy = gt, q.ldd = lanes, q.x = xt, q.ldx = lanes, q.rows = p.n, q.ptr = p.row_ptr, q.idx = p.cols, q.dw = dw;
+    q.ldw = p.k, q.lanes = lanes;
+    sparse_grad_weight(q, threads);
+  }
+}
+
 bool sparse_vector_isa(int* lanes) {
   *lanes = width();
   return true;
@@ -443,6 +501,33 @@ void lanes_py(bool to, uintptr_t src, uintptr_t dst, std::vector<int64_t> dims, 
     lthfast::from_lanes(l, ptr_of<const float>(src), ptr_of<float>(dst), threads);
 }
 
+lthfast::SparseLinear linear_args(uintptr_t x, int64_t sx0, int64_t sx1, int64_t m, int64_t n, int64_t k, uintptr_t w,
+                                  uintptr_t row_ptr, uintptr_t cols, uintptr_t col_ptr, uintptr_t col_rows) {
+  if (m < 0 || n < 0 || k < 0 || !row_ptr || !col_ptr)
+    throw std::invalid_argument("lthfast._C.sparse_linear: bad sizes or null index");
+  lthfast::SparseLinear p;
+  p.x = ptr_of<const float>(x), p.sx0 = sx0, p.sx1 = sx1, p.m = m, p.n = n, p.k = k, p.w = ptr_of<const float>(w);
+  p.row_ptr = ptr_of<const int64_t>(row_ptr), p.cols = ptr_of<const int32_t>(cols);
+  p.col_ptr = ptr_of<const int64_t>(col_ptr), p.col_rows = ptr_of<const int32_t>(col_rows);
+  return p;
+}
+
+void sparse_linear_forward_py(uintptr_t x, int64_t sx0, int64_t sx1, int64_t m, int64_t n, int64_t k, uintptr_t w,
+                              uintptr_t row_ptr, uintptr_t cols, uintptr_t bias, uintptr_t y, int threads) {
+  const lthfast::SparseLinear p = linear_args(x, sx0, sx1, m, n, k, w, row_ptr, cols, row_ptr, cols);
+  if (m * n && !y) throw std::invalid_argument("lthfast._C.sparse_linear_forward: null output");
+  py::gil_scoped_release release;
+  lthfast::sparse_linear_forward(p, ptr_of<const float>(bias), ptr_of<float>(y), threads);
+}
+
+void sparse_linear_backward_py(uintptr_t x, int64_t sx0, int64_t sx1, int64_t m, int64_t n, int64_t k, uintptr_t w,
+                               uintptr_t row_ptr, uintptr_t cols, uintptr_t col_ptr, uintptr_t col_rows, uintptr_t g,
+                               int64_t sg0, int64_t sg1, uintptr_t dx, uintptr_t dw, int threads) {
+  const lthfast::SparseLinear p = linear_args(x, sx0, sx1, m, n, k, w, row_ptr, cols, col_ptr, col_rows);
+  py::gil_scoped_release release;
+  lthfast::sparse_linear_backward(p, ptr_of<const float>(g), sg0, sg1, ptr_of<float>(dx), ptr_of<float>(dw), threads);
+}
+
 int sparse_isa_py() {
   int lanes = 0;
   lthfast::sparse_vector_isa(&lanes);
@@ -471,6 +556,17 @@ void bind_sparse_matmul(py::module_& m) {
         py::arg("pads"), py::arg("lanes"), py::arg("threads"),
         "fp32 layout change (sparse_matmul.h LanesLayout): to=True, a tensor [B, C, H, W] (strides in elements) into the "
         "zero-padded lanes buffer [C][H+pads][W+pads][lanes]; to=False, a crop of such a buffer into the tensor.");
+  m.def("sparse_linear_forward", &sparse_linear_forward_py, py::arg("x"), py::arg("sx0"), py::arg("sx1"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("w"), py::arg("row_ptr"), py::arg("cols"), py::arg("bias"),
+        py::arg("y"), py::arg("threads"),
+        "fp32 Y [m, n] (contiguous) = X (W ⊙ M)^T + bias through the mask's CSR, X [m, k] of strides (sx0, sx1), "
+        "W [n, k] contiguous; lanes buffers in reused per-thread scratch.");
+  m.def("sparse_linear_backward", &sparse_linear_backward_py, py::arg("x"), py::arg("sx0"), py::arg("sx1"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("w"), py::arg("row_ptr"), py::arg("cols"),
+        py::arg("col_ptr"), py::arg("col_rows"), py::arg("g"), py::arg("sg0"), py::arg("sg1"), py::arg("dx"),
+        py::arg("dw"), py::arg("threads"),
+        "fp32 dX [m, k] (0 = not wanted) and dW [n, k] (zeroed, then written at alive entries; 0 = not wanted), "
+        "both contiguous, from dY [m, n] of strides (sg0, sg1).");
   m.def("sparse_isa", &sparse_isa_py, "Lanes per vector of the sparse kernels in use: 16 AVX-512, 8 AVX2, 4 baseline.");
   m.def("sparse_force_isa", &lthfast::sparse_force_isa, py::arg("lanes"),
         "Cap the sparse kernels' vector width (4, 8, 16; 0 = auto), for tests. Returns the previous setting.");

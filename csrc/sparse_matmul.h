@@ -82,6 +82,26 @@ void to_lanes(const LanesLayout& l, const float* src, float* dst, int threads);
 // is [C][H + top + bottom][W + left + right][lanes] (a crop of the padded buffer: a conv's dX).
 void from_lanes(const LanesLayout& l, const float* src, float* dst, int threads);
 
+// A whole masked linear on torch tensors: X [m, k] (strides sx0, sx1), W [n, k] contiguous, the mask's CSR
+// (row_ptr, cols) and CSC (col_ptr, col_rows). The lanes buffers live in per-thread scratch that is reused from
+// call to call (no allocation or page faults per step).
+struct SparseLinear {
+  const float* x = nullptr;
+  int64_t sx0 = 0, sx1 = 0;
+  int64_t m = 0, n = 0, k = 0;
+  const float* w = nullptr;
+  const int64_t* row_ptr = nullptr;
+  const int32_t* cols = nullptr;
+  const int64_t* col_ptr = nullptr;
+  const int32_t* col_rows = nullptr;
+};
+// Y [m, n] contiguous = X (W ⊙ M)^T + bias (bias may be null).
+void sparse_linear_forward(const SparseLinear& p, const float* bias, float* y, int threads);
+// dX [m, k] contiguous (null: not wanted) and dW [n, k] contiguous, zero where pruned (null: not wanted), from
+// dY [m, n] (strides sg0, sg1).
+void sparse_linear_backward(const SparseLinear& p, const float* g, int64_t sg0, int64_t sg1, float* dx, float* dw,
+                            int threads);
+
 bool sparse_vector_isa(int* width);  // the lanes per vector of the kernels chosen at run time (4 scalar, 8, 16)
 int sparse_force_isa(int width);      // 0: auto; 4 / 8 / 16 force (tests); returns the previous setting
 

@@ -435,3 +435,20 @@ def test_cli_command_reruns_the_same_layer(tmp_path):
     (second,) = (tmp_path / "b").glob("*.json")
     assert json.loads(second.read_text())["config"] == doc["config"]
     assert doc["config"]["groups"] == 2 and doc["config"]["buffers"] == 2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_train_steps_lthfast_with_its_fused_optimizer(optimizer):
+    """The lthfast variant steps with lthfast's fused masked optimizer (alive weights only), the others with torch's."""
+    cfg = train.TrainConfig(model="lenet300", batch=8, sparsities=[0.9], blocks=[1], optimizer=optimizer, **FAST)
+    body = train.run_train(cfg, log=quiet)
+    entries = {e["provider"]: e for e in body["rows"][0]["results"]}
+    assert all(e["status"] == "ok" for e in entries.values()), entries
+    expected = {"sgd": ("SGD", "MaskedSGD"), "adam": ("Adam", "MaskedAdam")}[optimizer]
+    assert entries["dense"]["optimizer"] == expected[0]
+    assert entries["lthfast"]["optimizer"] == expected[1]
+
+
+def test_train_config_refuses_an_unknown_optimizer():
+    with pytest.raises(ValueError, match="optimizer"):
+        train.TrainConfig(optimizer="lbfgs")

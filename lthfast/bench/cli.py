@@ -156,7 +156,7 @@ def _command(kind: str, args: argparse.Namespace, cfg) -> str:
         if cfg.peak_tflops and cfg.peak_gbps:
             parts += ["--peak-tflops", f"{cfg.peak_tflops:g}", "--peak-gbps", f"{cfg.peak_gbps:g}"]
     else:
-        parts += ["--model", cfg.model, "--batch", str(cfg.batch)]
+        parts += ["--model", cfg.model, "--batch", str(cfg.batch), "--optimizer", cfg.optimizer]
     parts += ["--sparsity", ",".join(f"{s:g}" for s in cfg.sparsities), "--block", ",".join(map(str, cfg.blocks))]
     parts += ["--dtype", cfg.dtype, "--providers", ",".join(cfg.providers), "--device", cfg.device]
     parts += ["--tile", "x".join(map(str, cfg.tile))] if cfg.tile else []
@@ -281,7 +281,7 @@ def _cmd_train(args: argparse.Namespace):
     providers = list(VARIANTS) if args.providers == "all" else [p.strip() for p in args.providers.split(",")]
     cfg = TrainConfig(
         model=args.model, batch=args.batch, device=device, providers=providers, seed=args.seed,
-        **{k: v for k, v in overrides.items() if v is not None},
+        optimizer=args.optimizer, **{k: v for k, v in overrides.items() if v is not None},
     )  # fmt: skip
     if cfg.blocks is None:
         cfg.blocks = default_blocks(cfg.model)
@@ -376,6 +376,10 @@ def register(subparsers) -> None:
         "--model", default="lenet300", choices=("lenet300", "resnet20", "vgg16"), help="(default: lenet300)"
     )
     train.add_argument("--batch", type=_at_least(1), default=128, help="(default: 128)")
+    train.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
+                       help="sgd: momentum 0.9, weight decay 5e-4, lr 0.01; adam: lr 1e-3. The lthfast variant steps "
+                       "with lthfast's fused masked optimizer (MaskedSGD / MaskedAdam: alive weights only), the others "
+                       "with torch's (default: sgd)")  # fmt: skip
     train.add_argument("--providers", default="all",
                        help="dense, torch-prune, lthfast, sparseprop, comma-separated, or all = the first three; "
                        "dense is always included (default: all)")  # fmt: skip

@@ -18,7 +18,7 @@ from lthfast._backend import use_triton
 from lthfast.bench import check, floor, timing
 from lthfast.bench.masks import block_mask, check_sweep, conv_block_mask
 from lthfast.bench.providers import PREPARE, PROVIDERS, Problem, Unsupported
-from lthfast.kernels.tile_index import build_tile_index
+from lthfast.indexing.tiles import build_tile_index
 
 # Providers that compute the dense product whatever the mask: their floor is the dense one.
 DENSE_WORK = ("dense", "mask-multiply")

@@ -29,7 +29,7 @@ from lthfast.bench.check import CheckFailed
 from lthfast.bench.layer import classify_failure, parse_dtype, report_failures, time_interleaved
 from lthfast.bench.masks import block_mask, check_sweep, conv_block_mask
 from lthfast.bench.providers import Unsupported
-from lthfast.kernels.tile_index import build_tile_index
+from lthfast.indexing.tiles import build_tile_index
 from lthfast.nn import MaskedConv2d, MaskedLinear
 
 VARIANTS = ("dense", "torch-prune", "lthfast")
@@ -49,6 +49,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "cpu"
     lr: float = 0.01
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, weight decay 5e-4, lr) or "adam" (lr 1e-3)
     tile: tuple[int, int] | None = None  # tile index timed after a prune; None = (64, 64) linear, (64, 32) conv
     min_run_time: float = 0.3  # CPU: seconds per variant, per round
     repeats: int = 3  # rounds per variant, interleaved with the other variants' rounds
@@ -64,6 +65,8 @@ class TrainConfig:
         unknown = [p for p in self.providers if p not in known]
         if unknown:
             raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(known)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"TrainConfig: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if "dense" not in self.providers:
             self.providers = ["dense", *self.providers]  # every ratio is to dense measured in the same run
 
@@ -183,6 +186,19 @@ def check_variant(model, variant, reference, masks, x, y, dtype) -> float:
     return err
 
 
+def make_optimizer(cfg: TrainConfig, name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """The step's optimizer: torch's for every variant but lthfast's, which steps with lthfast's fused masked
+    optimizer (alive weights only; pruned weights and their state stay exactly zero without a guard)."""
+    import lthfast
+
+    fused = name == "lthfast" and next(model.parameters()).device.type == "cpu"
+    if cfg.optimizer == "adam":
+        cls = lthfast.MaskedAdam if fused else torch.optim.Adam
+        return cls(model.parameters(), lr=1e-3, **({"model": model} if fused else {}))
+    cls = lthfast.MaskedSGD if fused else torch.optim.SGD
+    return cls(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, **({"model": model} if fused else {}))
+
+
 def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, rotation: timing.Rotation) -> Callable[[], None]:
     def step() -> None:
         x, y = next(rotation)
@@ -206,8 +222,8 @@ def prepare_variant(name, base, masks, reference, rotation, cfg: TrainConfig, dt
     except Exception as exc:  # noqa: BLE001 - reported per variant, the others still run
         status, text = classify_failure(exc)
         return {"provider": name, "status": status, "reason": text}, None
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
-    entry = {"provider": name, "status": "ok", "reason": None, "max_err": err}
+    opt = make_optimizer(cfg, name, model)
+    entry = {"provider": name, "status": "ok", "reason": None, "max_err": err, "optimizer": type(opt).__name__}
     if name == "sparseprop":
         _sparseprop_conversion(entry, model, base, masks, cfg)
     return entry, (model, _step_fn(model, opt, rotation))

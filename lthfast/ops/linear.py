@@ -108,18 +108,15 @@ def _(x, weight, mask, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _grads(
-    grad, x, weight, mask, need_x: bool, need_w: bool, index=_UNSET, xt=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _grads(grad, x, weight, mask, need_x: bool, need_w: bool, index=_UNSET) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX [M, K], dW [N, K]) for grad [M, N]; dW exactly zero where the mask is False.
 
     An output that is not needed (``need_x`` / ``need_w`` False) is returned as an empty [0] tensor.
-    ``index`` as ``_route`` returns it, when the caller has it; ``xt``: x in the sparse route's lanes layout, kept
-    from its forward.
+    ``index`` as ``_route`` returns it, when the caller has it.
     """
     index = _route(x, mask, index)
     if index is SPARSE:
-        grad_x, grad_w = sparse_cpu.linear_backward(grad, x, weight, mask, need_x, need_w, xt)
+        grad_x, grad_w = sparse_cpu.linear_backward(grad, x, weight, mask, need_x, need_w)
     elif index is not None:
         kernels = _kernels()
         grad_x = kernels.masked_linear_grad_input(grad, weight, mask, index) if need_x else None
@@ -163,7 +160,7 @@ def _backward(ctx, grad, eager=False):
         grad_x, grad_w = differentiable_grads(ctx, grad, torch.nn.functional.linear)
     elif need_x or need_w:
         if eager:  # the forward's route, still the mask's
-            grad_x, grad_w = _grads(grad, x, weight, mask, need_x, need_w, ctx.index, ctx.xt)
+            grad_x, grad_w = _grads(grad, x, weight, mask, need_x, need_w, ctx.index)
         else:
             grad_x, grad_w = torch.ops.lthfast.masked_linear_bwd(grad, x, weight, mask, need_x, need_w)
     if need_b and ctx.has_bias:
@@ -181,10 +178,6 @@ class _Eager(torch.autograd.Function):
     def forward(ctx, x, weight, mask, bias, index=_UNSET):
         _setup_context(ctx, (x, weight, mask, bias), None)
         ctx.index = _route(x, mask, index)  # one route decision per call, forward and backward
-        ctx.xt = None
-        if ctx.index is SPARSE and weight.requires_grad:  # dW reads x in the lanes layout the forward made
-            y, ctx.xt = sparse_cpu.linear_forward(x, weight, mask, bias, keep_lanes=True)
-            return y
         return _forward(x, weight, mask, bias, ctx.index)
 
     @staticmethod

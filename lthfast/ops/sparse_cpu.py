@@ -100,46 +100,35 @@ def _dense(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
-                   keep_lanes: bool = False):  # fmt: skip
-    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, float32 CPU, contiguous; with ``keep_lanes``, (Y, X^T) where X^T
-    [K, lanes] is what ``linear_backward`` takes as ``xt``."""
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None):
+    """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, float32 CPU, contiguous: one lthfast._C call (the lanes layouts in its
+    reused scratch)."""
     index = alive_index(mask)
-    m, (n, k) = x.shape[0], weight.shape
-    xt = to_lanes(x)
-    lanes = xt.shape[1]
-    yt = torch.empty(n, lanes, dtype=torch.float32)
-    w = _dense(weight.float())
-    b = None if bias is None else bias.float().contiguous()
-    _backend.ext().sparse_rows(xt.data_ptr(), lanes, n, index.row_ptr.data_ptr(), index.cols.data_ptr(),
-                               w.data_ptr(), k, 1, _ptr(b), yt.data_ptr(), lanes, lanes,
-                               torch.get_num_threads())  # fmt: skip
-    y = from_lanes(yt, m, x.dtype)
-    return (y, xt) if keep_lanes else y
+    x = _float32(x)
+    (m, k), n = x.shape, weight.shape[0]
+    w = _dense(_float32(weight))
+    b = None if bias is None else _float32(bias).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    _backend.ext().sparse_linear_forward(x.data_ptr(), x.stride(0), x.stride(1), m, n, k, w.data_ptr(),
+                                         index.row_ptr.data_ptr(), index.cols.data_ptr(), _ptr(b), y.data_ptr(),
+                                         torch.get_num_threads())  # fmt: skip
+    return y
 
 
 @torch.no_grad()
-def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool, xt: torch.Tensor | None = None):
+def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool):
     """(dX [M, K], dW [N, K]) of ``linear_forward`` for grad [M, N]; None where not needed; dW exactly 0 where
-    the mask is False. ``xt``: x in the lanes layout, when the forward kept it."""
+    the mask is False."""
     index = alive_index(mask)
-    m, (n, k) = x.shape[0], weight.shape
-    gt = to_lanes(grad)
-    lanes = gt.shape[1]
-    threads = torch.get_num_threads()
-    ext = _backend.ext()
-    grad_x = grad_w = None
-    if need_x:
-        w = _dense(weight.float())
-        dxt = torch.empty(k, lanes, dtype=torch.float32)
-        ext.sparse_rows(gt.data_ptr(), lanes, k, index.col_ptr.data_ptr(), index.col_rows.data_ptr(), w.data_ptr(),
-                        1, k, 0, dxt.data_ptr(), lanes, lanes, threads)  # fmt: skip
-        grad_x = from_lanes(dxt, m, x.dtype)
-    if need_w:
-        xt = to_lanes(x) if xt is None else xt
-        grad_w = torch.zeros(n, k, dtype=torch.float32)
-        ext.sparse_grad_weight(gt.data_ptr(), lanes, xt.data_ptr(), lanes, n, index.row_ptr.data_ptr(),
-                               index.cols.data_ptr(), grad_w.data_ptr(), k, lanes, threads)  # fmt: skip
+    x, grad = _float32(x), _float32(grad)
+    (m, k), n = x.shape, weight.shape[0]
+    w = _dense(_float32(weight))
+    grad_x = torch.empty(m, k, dtype=torch.float32) if need_x else None
+    grad_w = torch.empty(n, k, dtype=torch.float32) if need_w else None
+    _backend.ext().sparse_linear_backward(x.data_ptr(), x.stride(0), x.stride(1), m, n, k, w.data_ptr(),
+                                          index.row_ptr.data_ptr(), index.cols.data_ptr(), index.col_ptr.data_ptr(),
+                                          index.col_rows.data_ptr(), grad.data_ptr(), grad.stride(0), grad.stride(1),
+                                          _ptr(grad_x), _ptr(grad_w), torch.get_num_threads())  # fmt: skip
     return grad_x, grad_w
 
 
