@@ -243,8 +243,8 @@ void adam_step_py(const std::vector<uintptr_t>& ptrs, const std::vector<uintptr_
 template <class U>
 bool pruned_zero(const U* g, const uint8_t* mask, int64_t n) {
   constexpr U kMagnitude = static_cast<U>(~(U{1} << (8 * sizeof(U) - 1)));
-  U acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc |= mask[i] ? U{0} : static_cast<U>(g[i] & kMagnitude);
+  U acc = 0;  // branch-free, so that the compiler vectorizes it
+  for (int64_t i = 0; i < n; ++i) acc |= g[i] & kMagnitude & static_cast<U>(static_cast<U>(mask[i]) - U{1});
   return acc == 0;
 }
 
@@ -273,7 +273,9 @@ std::vector<bool> pruned_grads_zero_py(const std::vector<uintptr_t>& grads, cons
     const uint8_t* mask = reinterpret_cast<const uint8_t*>(masks[t]) + it.begin;
     const int64_t k = it.end - it.begin;
     bool ok;
-    if (esizes[t] == 4) {
+    if (esizes[t] == 4 && use_vector()) {
+      ok = pruned_zero32_avx2(reinterpret_cast<const uint32_t*>(grads[t]) + it.begin, mask, k);
+    } else if (esizes[t] == 4) {
       ok = pruned_zero(reinterpret_cast<const uint32_t*>(grads[t]) + it.begin, mask, k);
     } else if (esizes[t] == 2) {
       ok = pruned_zero(reinterpret_cast<const uint16_t*>(grads[t]) + it.begin, mask, k);

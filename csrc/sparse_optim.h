@@ -216,6 +216,26 @@ inline void adam_avx2(const AdamScalars& s, float* p, const float* g, float* m, 
   for (int64_t i = body; i < n; ++i) p[i] = adam_update(s, p[i], m[i], root[i]);
 }
 
+// Whether the float32 bits g are +-0 wherever the mask byte is 0 (mask_optimizer's check of the gradients).
+inline bool pruned_zero32_avx2(const uint32_t* g, const uint8_t* mask, int64_t n) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), zero = _mm256_setzero_si256();
+  __m256i acc = zero;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask + i));
+    const __m128i lo = _mm256_castsi256_si128(bytes), hi = _mm256_extracti128_si256(bytes, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int q = 0; q < 4; ++q) {
+      const __m256i dead = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(parts[q]), zero);
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i + 8 * q));
+      acc = _mm256_or_si256(acc, _mm256_and_si256(x, dead));
+    }
+  }
+  bool ok = _mm256_testz_si256(acc, magnitude);
+  for (; i < n; ++i) ok &= mask[i] || !(g[i] & 0x7fffffffu);
+  return ok;
+}
+
 #pragma GCC pop_options
 #endif
 

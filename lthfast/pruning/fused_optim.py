@@ -173,6 +173,21 @@ class _FusedMasked:
                 f"({', '.join(layer.name for layer in masked)}): build it from this model's parameters"
             )
 
+    def __getstate__(self):
+        # torch's keeps defaults, state and param_groups only; the masks' sources go along (as pairs: ids change)
+        out = super().__getstate__()
+        out["_model"] = self._model
+        out["_explicit_pairs"] = list(self._explicit.values())
+        return out
+
+    def __setstate__(self, state):
+        model, pairs = state.pop("_model", None), state.pop("_explicit_pairs", [])
+        super().__setstate__(state)
+        self._model = model
+        self._explicit = {id(p): (p, m) for p, m in pairs}
+        self._records, self._alive_cache, self._layers = {}, {}, {}
+        self.refresh_masks()
+
     def refresh_masks(self) -> None:
         """Look the model's masked weights up again. Needed only after ``sparsify`` / ``from_torch_prune`` converted
         modules of the model once the optimizer was built (new masks, torch.nn.utils.prune applied later and masks

@@ -93,6 +93,8 @@ class _Guard:
         ext = _backend.ext()
         if type(optimizer) not in _ZERO_PRESERVING or ext is None or not hasattr(ext, "pruned_grads_zero"):
             return
+        if isinstance(optimizer, _FusedMasked):  # never reads pruned gradients: ``guards`` decides after the step
+            return
         todo = []
         self._pending = self._guarded()
         for param, mask in self._pending:

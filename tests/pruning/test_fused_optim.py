@@ -345,6 +345,15 @@ def test_lr_schedule_param_groups_and_float64_step_counter():
     assert_same(*runs)
 
 
+def test_deepcopy_keeps_the_masks():
+    fused, ref = pair("adam-wd-amsgrad")
+    train(fused, ref, steps=2)
+    copied = copy.deepcopy(fused)  # model and optimizer together: the copy's parameters and masks
+    train(copied, ref, steps=2, seed=1)
+    assert_same(copied, ref)
+    assert_pruned_plus_zero(*copied)
+
+
 def test_bad_arguments_are_refused():
     model = masked_convnet(0.5)
     with pytest.raises(TypeError, match="model=.*masks="):

@@ -142,7 +142,7 @@ def test_gradient_on_pruned_weights_is_still_zeroed(name):
 
 @pytest.mark.parametrize("name", ["adam", "sgd-nesterov"])
 def test_guard_skips_the_zeroing_while_nothing_can_move_pruned_weights(name, monkeypatch):
-    model = lthfast.sparsify(nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10)))
+    model = lthfast.sparsify(nn.Sequential(nn.Linear(400, 200), nn.ReLU(), nn.Linear(200, 10)))
     masks = random_masks(model, 0.02)
     masks.apply_(model)
     optimizer = OPTIMIZERS[name](model.parameters())
@@ -153,7 +153,7 @@ def test_guard_skips_the_zeroing_while_nothing_can_move_pruned_weights(name, mon
 
     def step():
         optimizer.zero_grad()
-        model(torch.randn(7, 300)).square().mean().backward()
+        model(torch.randn(7, 400)).square().mean().backward()
         optimizer.step()
 
     step()
@@ -198,3 +198,31 @@ def test_optimizer_of_another_model_is_refused():
     handle = lthfast.mask_optimizer(optimizer, other)
     handle.remove()
     assert not optimizer._optimizer_step_post_hooks and not optimizer._optimizer_step_pre_hooks
+
+
+@pytest.mark.skipif(not hasattr(lthfast._backend.ext(), "pruned_grads_zero"), reason="lthfast._C without the check")
+@pytest.mark.parametrize("vector", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_pruned_gradient_check(dtype, vector):
+    """The guard's read-only check: +-0 everywhere pruned passes; one tiny value at a pruned entry fails, in the
+    vector body and the tail of any length."""
+    ext = lthfast._backend.ext()
+    previous = ext.optim_vector_kernels(vector)
+    try:
+        for n in (1, 31, 33, 70001):
+            mask = torch.rand(n) < 0.5
+            mask[-1] = False
+            grad = torch.randn(n).to(dtype) * mask
+            grad[~mask & (torch.arange(n) % 3 == 0)] = -0.0
+            tiny = torch.finfo(dtype).tiny / 4  # a subnormal: nonzero bits
+            bad = grad.clone()
+            bad[-1] = tiny
+            bad_body = grad.clone()
+            bad_body[int(torch.nonzero(~mask)[0])] = -tiny
+            buffers = [grad, bad, bad_body]
+            got = ext.pruned_grads_zero(
+                [b.data_ptr() for b in buffers], [mask.data_ptr()] * 3, [n] * 3, [b.element_size() for b in buffers], 2
+            )
+            assert got == [True, False, False], n
+    finally:
+        ext.optim_vector_kernels(previous)
