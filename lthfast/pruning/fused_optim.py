@@ -85,10 +85,10 @@ def _state_ok(t, p: torch.Tensor) -> bool:
 
 
 def stamp(t: torch.Tensor) -> tuple:
-    """ "The contents of ``t`` did not change" as the mask caches take it (``contents_stamp``: version and address),
-    with the storage compared by identity too (a weak reference): two ``t.data = new`` swaps can hand the second
-    storage the freed address of the first without moving the version. Writes through ``t.data[...]`` or a NumPy
-    view move none of these (see MaskedLinear's docstring)."""
+    """What stays equal while the contents of ``t`` do not change: ``contents_stamp`` (version and address) and the
+    storage by identity (a weak reference), since two ``t.data = new`` swaps can hand the second storage the freed
+    address of the first without moving the version. Writes through ``t.data[...]`` or a NumPy view change none of
+    these (see MaskedLinear's docstring)."""
     return t._version, t.data_ptr(), weakref.ref(t.untyped_storage())
 
 
