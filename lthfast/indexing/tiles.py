@@ -277,6 +277,8 @@ def keep_if_capturing(t: torch.Tensor, obj) -> None:
 
 
 def _forget(ref: weakref.ref) -> None:
+    if _cache is None:  # interpreter shutdown: the module's globals are already cleared
+        return
     for owner_id, entry in list(_cache.items()):
         if entry[0] is ref:
             del _cache[owner_id]
