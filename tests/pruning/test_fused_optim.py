@@ -63,7 +63,7 @@ def pair(case: str, density: float = 0.3):
     ref = copy.deepcopy(model)
     ref_opt = torch_cls(ref.parameters(), foreach=False, **kwargs)
     lthfast.mask_optimizer(ref_opt, ref)
-    return (model, fused_cls(model.parameters(), model=model, **kwargs)), (ref, ref_opt)
+    return (model, fused_cls(model.parameters(), model=model, foreach=False, **kwargs)), (ref, ref_opt)
 
 
 def train(*runs, steps: int = 1, seed: int = 0, extra=None) -> None:
@@ -73,7 +73,7 @@ def train(*runs, steps: int = 1, seed: int = 0, extra=None) -> None:
         x = image_batch()
         for model, opt in runs:
             opt.zero_grad()
-            loss = model(x.to(next(model.parameters()).dtype)).square().mean()
+            loss = model(x.to(next(model.parameters()))).square().mean()
             if extra is not None:
                 loss = loss + extra(model)
             loss.backward()
@@ -322,6 +322,16 @@ def test_falls_back_to_torch_step_and_zeroing(why, monkeypatch):
     assert_same(fused, ref)
     for m in (fused[0].conv1, fused[0].out):
         assert torch.count_nonzero(m.weight.detach()[~m.mask]) == 0
+
+
+@pytest.mark.gpu
+def test_cuda_parameters_step_through_torch():
+    fused, ref = pair("adam-wd-amsgrad")
+    for model, _ in (fused, ref):
+        model.cuda()
+    train(fused, ref, steps=3, extra=lambda m: m.out.weight.sum())
+    assert_same(fused, ref)
+    assert_pruned_plus_zero(*fused)
 
 
 def test_lr_schedule_param_groups_and_float64_step_counter():
