@@ -10,15 +10,16 @@ PY=${PY:-.venv/bin/python}
 OUT=benchmarks/results/unstructured
 mkdir -p "$OUT"
 threads=("$@"); [ ${#threads[@]} -eq 0 ] && threads=(1 2)
-common=(--mode train --block 1 --repeats 5 --min-run-time 0.2 --device cpu --out "$OUT" --force)
+common=(--mode train --repeats 5 --min-run-time 0.2 --device cpu --out "$OUT" --force)
 for t in "${threads[@]}"; do
-  $PY -m lthfast bench layer --kind linear --shape 1024x1024 --tokens 256 --sparsity 0,0.5,0.9,0.95,0.98,0.99 \
+  $PY -m lthfast bench layer --kind linear --shape 1024x1024 --tokens 256 --sparsity 0,0.5,0.9,0.95,0.98,0.99 --block 1,32 \
       --providers dense,lthfast,sparseprop --threads "$t" --tag "1024-${t}thread" "${common[@]}"
-  $PY -m lthfast bench layer --kind linear --shape 300x784 --tokens 60 --sparsity 0,0.5,0.9,0.95,0.98,0.99 \
+  $PY -m lthfast bench layer --kind linear --shape 300x784 --tokens 60 --sparsity 0,0.5,0.9,0.95,0.98,0.99 --block 1 \
       --providers dense,lthfast,sparseprop --threads "$t" --tag "lenet-${t}thread" "${common[@]}"
   for hw in 8x8 16x16; do
     $PY -m lthfast bench layer --kind conv --shape 64x64x3x3 --batch 64 --image "$hw" \
-        --sparsity 0,0.5,0.9,0.95,0.98,0.99 --providers dense,lthfast,sparseprop,sparseprop-width --threads "$t" \
+        --sparsity 0,0.5,0.9,0.95,0.98,0.99 --block 1 --providers dense,lthfast,sparseprop,sparseprop-width \
+        --threads "$t" \
         --tag "$hw-${t}thread" "${common[@]}"
   done
   for opt in sgd adam; do

@@ -175,6 +175,14 @@ void to_lanes(const LanesLayout& l, const float* src, float* dst, int threads) {
   const int64_t hp = l.h + l.top + l.bottom, wp = l.w + l.left + l.right, plane = hp * wp * l.lanes;
   const int nt = threads_for(threads, l.b * l.c * l.h * l.w);
   const bool padded = l.top || l.bottom || l.left || l.right || l.b < l.lanes;
+  if (l.h == 1 && l.w == 1 && !l.top && !l.left && l.sc == 1) {  // a row-major X [B, C]: 8 x 8 register transposes
+    parallel_for((l.c + 63) / 64, nt, [&](int64_t item) {
+      const int64_t c0 = item * 64, c1 = std::min(l.c, c0 + 64);
+      transpose(src + c0, l.sb, dst + c0 * plane, plane, l.b, c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) std::memset(dst + c * plane + l.b, 0, (plane - l.b) * sizeof(float));
+    });
+    return;
+  }
   if (l.h == 1 && l.w == 1 && !l.top && !l.left) {  // a linear's X [B, C] -> [C][lanes]: 16 x 16 tiles in L1
     parallel_for((l.c + kTile - 1) / kTile, nt, [&](int64_t item) {
       const int64_t c0 = item * kTile, c1 = std::min(l.c, c0 + kTile);
@@ -212,6 +220,13 @@ void to_lanes(const LanesLayout& l, const float* src, float* dst, int threads) {
 void from_lanes(const LanesLayout& l, const float* src, float* dst, int threads) {
   const int64_t hp = l.h + l.top + l.bottom, wp = l.w + l.left + l.right, plane = hp * wp * l.lanes;
   const int nt = threads_for(threads, l.b * l.c * l.h * l.w);
+  if (l.h == 1 && l.w == 1 && !l.top && !l.left && l.sc == 1) {  // into a row-major [B, C]: register transposes
+    parallel_for((l.c + 63) / 64, nt, [&](int64_t item) {
+      const int64_t c0 = item * 64, c1 = std::min(l.c, c0 + 64);
+      transpose(src + c0 * plane, plane, dst + c0, l.sb, c1 - c0, l.b);
+    });
+    return;
+  }
   if (l.h == 1 && l.w == 1 && !l.top && !l.left) {  // a linear's [C][lanes] -> [B, C]: 16 x 16 tiles in L1
     parallel_for((l.c + kTile - 1) / kTile, nt, [&](int64_t item) {
       const int64_t c0 = item * kTile, c1 = std::min(l.c, c0 + kTile);
