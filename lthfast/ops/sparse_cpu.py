@@ -76,22 +76,6 @@ def _float32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def to_lanes(t: torch.Tensor) -> torch.Tensor:
-    """t [M, C] -> [C, lanes] float32 contiguous, columns M.. zero."""
-    t = _float32(t)
-    m, c = t.shape
-    out = torch.empty(c, lanes_for(m), dtype=torch.float32)
-    _lanes(True, t, out, t)
-    return out
-
-
-def from_lanes(t: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
-    """[C, lanes] -> [m, C] contiguous in ``dtype``."""
-    out = torch.empty(m, t.shape[0], dtype=torch.float32)
-    _lanes(False, t, out, out)
-    return out if dtype == torch.float32 else out.to(dtype)
-
-
 def _dense(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.is_contiguous() else weight.contiguous()
 
