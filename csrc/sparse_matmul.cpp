@@ -292,10 +292,18 @@ void sparse_linear_forward(const SparseLinear& p, const float* bias, float* y, i
 }
 
 void sparse_linear_backward(const SparseLinear& p, const float* g, int64_t sg0, int64_t sg1, float* dx, float* dw,
-                            int threads) {
+                            float* db, int threads) {
   const int64_t lanes = lanes_of(p.m);
   float* gt = scratch(0, static_cast<size_t>(p.n * lanes));
   to_lanes(matrix_layout(p.m, p.n, sg0, sg1, lanes), g, gt, threads);
+  if (db) {  // the rows of dY^T, summed in order (the padded lanes are zero and are not read)
+    for (int64_t r = 0; r < p.n; ++r) {
+      const float* row = gt + r * lanes;
+      float s = 0.f;
+      for (int64_t l = 0; l < p.m; ++l) s += row[l];
+      db[r] = s;
+    }
+  }
   if (dx) {
     float* dxt = scratch(1, static_cast<size_t>(p.k * lanes));
     SparseRows r;
@@ -537,10 +545,11 @@ void sparse_linear_forward_py(uintptr_t x, int64_t sx0, int64_t sx1, int64_t m, 
 
 void sparse_linear_backward_py(uintptr_t x, int64_t sx0, int64_t sx1, int64_t m, int64_t n, int64_t k, uintptr_t w,
                                uintptr_t row_ptr, uintptr_t cols, uintptr_t col_ptr, uintptr_t col_rows, uintptr_t g,
-                               int64_t sg0, int64_t sg1, uintptr_t dx, uintptr_t dw, int threads) {
+                               int64_t sg0, int64_t sg1, uintptr_t dx, uintptr_t dw, uintptr_t db, int threads) {
   const lthfast::SparseLinear p = linear_args(x, sx0, sx1, m, n, k, w, row_ptr, cols, col_ptr, col_rows);
   py::gil_scoped_release release;
-  lthfast::sparse_linear_backward(p, ptr_of<const float>(g), sg0, sg1, ptr_of<float>(dx), ptr_of<float>(dw), threads);
+  lthfast::sparse_linear_backward(p, ptr_of<const float>(g), sg0, sg1, ptr_of<float>(dx), ptr_of<float>(dw),
+                                  ptr_of<float>(db), threads);
 }
 
 int sparse_isa_py() {
@@ -579,9 +588,9 @@ void bind_sparse_matmul(py::module_& m) {
   m.def("sparse_linear_backward", &sparse_linear_backward_py, py::arg("x"), py::arg("sx0"), py::arg("sx1"),
         py::arg("m"), py::arg("n"), py::arg("k"), py::arg("w"), py::arg("row_ptr"), py::arg("cols"),
         py::arg("col_ptr"), py::arg("col_rows"), py::arg("g"), py::arg("sg0"), py::arg("sg1"), py::arg("dx"),
-        py::arg("dw"), py::arg("threads"),
-        "fp32 dX [m, k] (0 = not wanted) and dW [n, k] (zeroed, then written at alive entries; 0 = not wanted), "
-        "both contiguous, from dY [m, n] of strides (sg0, sg1).");
+        py::arg("dw"), py::arg("db"), py::arg("threads"),
+        "fp32 dX [m, k] (0 = not wanted), dW [n, k] (zeroed, then written at alive entries; 0 = not wanted), both "
+        "contiguous, and db [n] = dY summed over rows (0 = not wanted), from dY [m, n] of strides (sg0, sg1).");
   m.def("sparse_isa", &sparse_isa_py, "Lanes per vector of the sparse kernels in use: 16 AVX-512, 8 AVX2, 4 baseline.");
   m.def("sparse_force_isa", &lthfast::sparse_force_isa, py::arg("lanes"),
         "Cap the sparse kernels' vector width (4, 8, 16; 0 = auto), for tests. Returns the previous setting.");

@@ -97,10 +97,10 @@ struct SparseLinear {
 };
 // Y [m, n] contiguous = X (W ⊙ M)^T + bias (bias may be null).
 void sparse_linear_forward(const SparseLinear& p, const float* bias, float* y, int threads);
-// dX [m, k] contiguous (null: not wanted) and dW [n, k] contiguous, zero where pruned (null: not wanted), from
-// dY [m, n] (strides sg0, sg1).
+// dX [m, k] contiguous (null: not wanted), dW [n, k] contiguous, zero where pruned (null: not wanted), and the
+// bias gradient db [n] = sum of dY over its m rows (null: not wanted), from dY [m, n] (strides sg0, sg1).
 void sparse_linear_backward(const SparseLinear& p, const float* g, int64_t sg0, int64_t sg1, float* dx, float* dw,
-                            int threads);
+                            float* db, int threads);
 
 bool sparse_vector_isa(int* width);  // the lanes per vector of the kernels chosen at run time (4 scalar, 8, 16)
 int sparse_force_isa(int width);      // 0: auto; 4 / 8 / 16 force (tests); returns the previous setting

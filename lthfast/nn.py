@@ -45,6 +45,12 @@ class _Masked:
             text = self._where_text = self._describe()
         return text
 
+    def __getstate__(self):
+        # copies and pickles plan again on their first call (a plan holds the mask's index and storage)
+        state = super().__getstate__()
+        state.pop(_linear_op.PLAN_ATTR, None)
+        return state
+
     def _init_mask(self, mask: torch.Tensor | None) -> None:
         full = torch.ones_like(self.weight, dtype=torch.bool, requires_grad=False)
         self.register_buffer("mask", full)
@@ -87,8 +93,12 @@ class MaskedLinear(_Masked, nn.Linear):
         self._init_mask(mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The op itself (what functional.masked_linear calls), so that errors name this layer.
-        return _linear_op.masked_linear(x, self.weight, self.mask, self.bias, where=self._where())
+        # The layer's plan when it holds (the route of its last call, ops.linear.planned); else the op itself (what
+        # functional.masked_linear calls, so that errors name this layer), which plans again.
+        y = _linear_op.planned(self, x)
+        if y is None:
+            y = _linear_op.masked_linear(x, self.weight, self.mask, self.bias, where=self._where(), plan_for=self)
+        return y
 
     def _describe(self) -> str:
         return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"

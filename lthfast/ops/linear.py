@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lthfast import _backend
+from lthfast.indexing.alive import alive_index
 from lthfast.indexing.tiles import cached_on_mask
 from lthfast.ops import autocast, crossover, linear_torch, sparse_cpu
 from lthfast.ops.eager import differentiable_grads, eager_ok
@@ -203,7 +205,8 @@ def _eager_route(x: torch.Tensor, mask: torch.Tensor):
         index = _kernel_index(mask)
         return index is None, index
     # one lookup per call: the CPU decision cached on the mask with what it depends on besides the mask
-    key = ("eager-route", x.shape[0], x.dtype, x.device.type, torch.get_num_threads(), crossover.state())
+    key = ("eager-route", x.shape[0], x.dtype, x.device.type, torch.get_num_threads(), crossover.state(),
+           sparse_cpu.ENABLED)  # fmt: skip
     return cached_on_mask(mask, key, lambda: _cpu_route(x, mask))
 
 
@@ -250,6 +253,7 @@ def masked_linear(
     mask: torch.Tensor,
     bias: torch.Tensor | None = None,
     where: str = "masked_linear",
+    plan_for: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Y = x (W ⊙ M)^T + b, differentiable in x, weight and bias; dW is exactly zero where M is False.
 
@@ -258,13 +262,16 @@ def masked_linear(
     Under ``torch.autocast`` x, weight and bias may differ in dtype (float32/float16/bfloat16): all three are
     cast to the autocast dtype, which the result has (see ``lthfast.ops.autocast``).
     The tile index of ``mask`` is cached on the mask and rebuilt after any in-place change to it.
-    ``where`` names the caller (e.g. the layer) in error messages.
+    ``where`` names the caller (e.g. the layer) in error messages. ``plan_for``: the MaskedLinear calling, which
+    keeps this call's CPU route as its plan for the next calls (``planned``).
     """
     _check(x, weight, mask, bias, where)
     dim = x.dim()
     x2d = x if dim == 2 else x.flatten(0, -2) if dim > 1 else x.unsqueeze(0)  # not reshape(-1, K): K may be 0
     if eager_ok(x2d, weight, mask, bias):
         native, index = _eager_route(x2d, mask)
+        if plan_for is not None and (index is FULL or index is PARTIAL or index is SPARSE):
+            plan_for.__dict__[PLAN_ATTR] = _Plan(x, weight, mask, bias, index)
         if native:
             full = index is FULL or (index is None and linear_torch.all_alive(mask))
             w = weight if full else masked(weight, mask)  # differentiable in the weight
@@ -276,3 +283,110 @@ def masked_linear(
     else:
         y = torch.ops.lthfast.masked_linear_fwd(x2d, weight, mask, bias)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------- per-module plans
+#
+# A MaskedLinear keeps the CPU route of its last plain eager call as a plan and, while what the route was decided on
+# still holds, runs it without the op's validation and route lookup: on LeNet-300-100's small layers those were as
+# long as the layer's products. The sparse route then runs as one lean autograd.Function (bias gradient included in
+# the kernel call).
+
+PLAN_ATTR = "_lthfast_plan"
+
+
+def _plan_state() -> tuple:
+    """What a CPU route depends on besides the tensors: threads, the crossover table, the sparse route's switch, the
+    backend and Triton's interpreter flag."""
+    return (
+        torch.get_num_threads(), crossover.state(), sparse_cpu.ENABLED, _backend.get_backend(),
+        _backend.interpreter_enabled(),
+    )  # fmt: skip
+
+
+class _Plan:
+    """The route of one MaskedLinear call and what it was decided on. The plan holds the mask's storage, so that no
+    new storage can take its address while the plan compares it (a mask swapped by ``mask.data = new``)."""
+
+    __slots__ = ("mask", "storage", "version", "address", "x_shape", "w_shape", "b_shape", "dtype", "state", "route",
+                 "index")  # fmt: skip
+
+    def __init__(self, x, weight, mask, bias, route) -> None:
+        self.mask, self.storage = mask, mask.untyped_storage()
+        self.version, self.address = mask._version, mask.data_ptr()
+        self.x_shape, self.w_shape, self.dtype = x.shape, weight.shape, x.dtype
+        self.b_shape = None if bias is None else bias.shape
+        self.state, self.route = _plan_state(), route
+        self.index = alive_index(mask) if route is SPARSE else None
+
+
+def _plain_eager() -> bool:
+    """``eager_ok``'s conditions that do not depend on the tensors, with autocast asked for the CPU."""
+    return not (
+        torch.compiler.is_compiling() or transforms_active() or _get_current_dispatch_mode() is not None
+        or torch._C._is_torch_function_mode_enabled() or torch.is_autocast_enabled("cpu")
+    )  # fmt: skip
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def planned(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``module``'s forward through its plan, or None when it has none or the plan no longer holds (then the caller
+    runs ``masked_linear``, which validates, decides and plans again)."""
+    plan = module.__dict__.get(PLAN_ATTR)
+    if plan is None or type(x) is not torch.Tensor or x.shape != plan.x_shape or x.dtype is not plan.dtype:
+        return None
+    weight = module._parameters.get("weight")
+    bias = module._parameters.get("bias")
+    mask = module._buffers.get("mask")
+    if (
+        mask is not plan.mask or mask._version != plan.version or mask.data_ptr() != plan.address
+        or type(weight) not in _PLAIN_TYPES or weight.dtype is not plan.dtype or weight.shape != plan.w_shape
+        or not x.is_cpu or not weight.is_cpu
+    ):  # fmt: skip
+        return None
+    if bias is None:
+        if plan.b_shape is not None:
+            return None
+    elif (
+        type(bias) not in _PLAIN_TYPES or bias.dtype is not plan.dtype or bias.shape != plan.b_shape
+        or not bias.is_cpu
+    ):  # fmt: skip
+        return None
+    if not _plain_eager() or _plan_state() != plan.state:
+        return None
+    dim = x.dim()
+    x2d = x if dim == 2 else x.flatten(0, -2) if dim > 1 else x.unsqueeze(0)
+    route = plan.route
+    if route is FULL:
+        y = torch.nn.functional.linear(x2d, weight, bias)
+    elif route is PARTIAL:
+        y = torch.nn.functional.linear(x2d, masked(weight, mask), bias)
+    elif torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        y = _SparseLinear.apply(x2d, weight, bias, mask, plan.index)
+    else:
+        y = sparse_cpu.linear_forward(x2d, weight, mask, bias, plan.index)
+    return y if dim == 2 else y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _SparseLinear(torch.autograd.Function):
+    """The sparse CPU route of a planned call: ``sparse_cpu``'s forward and one backward call for dX, dW and db."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, index):
+        ctx.save_for_backward(x, weight, mask)  # the mask too: changed before backward is an error, as elsewhere
+        ctx.index = index
+        return sparse_cpu.linear_forward(x, weight, mask, bias, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() and (need_x or need_w):  # create_graph=True: differentiable gradients
+            grad_x, grad_w = differentiable_grads(ctx, grad, torch.nn.functional.linear)
+            return grad_x, grad_w, grad.sum(0) if need_b else None, None, None
+        x, weight, mask = ctx.saved_tensors
+        grad_x, grad_w, grad_b = sparse_cpu.linear_backward(grad, x, weight, mask, need_x, need_w, True, ctx.index)
+        return grad_x, grad_w, grad_b if need_b else None, None, None

@@ -83,11 +83,11 @@ def _dense(weight: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ linear
 
 
-@torch.no_grad()
-def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None):
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, index=None):
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, float32 CPU, contiguous: one lthfast._C call (the lanes layouts in its
-    reused scratch)."""
-    index = alive_index(mask)
+    reused scratch). ``index``: the mask's ``AliveIndex`` when the caller has it. Called outside autograd (no
+    tensor op here records a graph)."""
+    index = alive_index(mask) if index is None else index
     x = _float32(x)
     (m, k), n = x.shape, weight.shape[0]
     w = _dense(_float32(weight))
@@ -99,21 +99,22 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bi
     return y
 
 
-@torch.no_grad()
-def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool):
-    """(dX [M, K], dW [N, K]) of ``linear_forward`` for grad [M, N]; None where not needed; dW exactly 0 where
-    the mask is False."""
-    index = alive_index(mask)
+def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool, need_b: bool = False, index=None):
+    """(dX [M, K], dW [N, K]) of ``linear_forward`` for grad [M, N], and with ``need_b`` the bias gradient [N] (the
+    sum of grad over its rows) as a third item; None where not needed; dW exactly 0 where the mask is False."""
+    index = alive_index(mask) if index is None else index
     x, grad = _float32(x), _float32(grad)
     (m, k), n = x.shape, weight.shape[0]
     w = _dense(_float32(weight))
     grad_x = torch.empty(m, k, dtype=torch.float32) if need_x else None
     grad_w = torch.empty(n, k, dtype=torch.float32) if need_w else None
+    grad_b = torch.empty(n, dtype=torch.float32) if need_b else None
     _backend.ext().sparse_linear_backward(x.data_ptr(), x.stride(0), x.stride(1), m, n, k, w.data_ptr(),
                                           index.row_ptr.data_ptr(), index.cols.data_ptr(), index.col_ptr.data_ptr(),
                                           index.col_rows.data_ptr(), grad.data_ptr(), grad.stride(0), grad.stride(1),
-                                          _ptr(grad_x), _ptr(grad_w), torch.get_num_threads())  # fmt: skip
-    return grad_x, grad_w
+                                          _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
+                                          torch.get_num_threads())  # fmt: skip
+    return (grad_x, grad_w, grad_b) if need_b else (grad_x, grad_w)
 
 
 # ------------------------------------------------------------------------------------------------------ conv
