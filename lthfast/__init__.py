@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+import sys
+
 from lthfast import functional, nn, prune  # noqa: E402
 from lthfast._backend import backend, get_backend, set_backend  # noqa: E402
 from lthfast.pruning import (  # noqa: E402
@@ -19,6 +21,9 @@ from lthfast.pruning import (  # noqa: E402
     strategies,
     to_torch_prune,
 )
+
+# ``import lthfast.strategies`` / ``from lthfast.strategies import magnitude_``: the attribute is also a submodule.
+sys.modules[f"{__name__}.strategies"] = strategies
 
 __all__ = [
     "__version__",
