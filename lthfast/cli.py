@@ -1,4 +1,4 @@
-"""The ``lthfast`` command line: argparse subcommands (info, imp, report, demo, bench)."""
+"""The ``lthfast`` command line: argparse subcommands (info, imp, ablate, report, demo, bench)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ PyTorch layers, and the benchmarks that measure them.
 
   lthfast demo                      the embedded lottery-ticket demo (an MLP on MNIST-1D)
   lthfast imp --levels 5 ...        your own run; the same command again resumes it
+  lthfast ablate --block 1,16,32    one run per pruning granularity: accuracy against speed
   lthfast report RUN_DIR            a run's table and plots
   lthfast bench layer|train         sparsity-vs-speed benchmarks
 

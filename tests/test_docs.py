@@ -21,7 +21,7 @@ from lthfast.imp.cli import config_from_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
-COMMAND = re.compile(r"(?:-m lthfast|^lthfast) (imp|bench|report|demo|info)\b(.*)")
+COMMAND = re.compile(r"(?:-m lthfast|^lthfast) (imp|ablate|bench|report|demo|info)\b(.*)")
 
 
 def python_block(after: str) -> str:
@@ -112,5 +112,10 @@ def test_documented_command_is_accepted(file, line):
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         pytest.fail(f"{file}: `{line}` is refused by the parser (exit {exc.code})")
-    if argv[0] == "imp":
-        config_from_args(args)
+    if argv[0] in ("imp", "ablate"):
+        cfg = config_from_args(args)
+    if argv[0] == "ablate":  # (a newer command: its examples are held to the whole validation)
+        from lthfast.imp.ablate import parse_granularities
+
+        for g in parse_granularities(args.granularities):
+            cfg.replace(block=g.block, nm=g.nm).validate()

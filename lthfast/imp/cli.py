@@ -1,4 +1,4 @@
-"""`lthfast imp`, `lthfast report` and `lthfast demo` subcommands.
+"""`lthfast imp`, `lthfast ablate`, `lthfast report` and `lthfast demo` subcommands.
 
 ``lthfast imp`` has one flag per ``Config`` option (``--prune-fraction``, ``--one-shot/--no-one-shot``, ``--amp``,
 ``--compile``, ...); ``--config FILE`` (YAML or JSON) sets any option and flags override it. Bad input ends with one
@@ -17,6 +17,7 @@ import typing
 
 from lthfast._threads import THREADS_HELP
 from lthfast.imp.config import Config
+from lthfast.imp.errors import ConfigError
 
 # Hidden spellings that set the same option (not listed in --help).
 ALIASES = {"replicates": ["--replicate"]}
@@ -38,6 +39,19 @@ option by its name (YAML or JSON).
 example: lthfast imp --model lenet --dataset mnist1d --levels 5 --controls all --replicates 3"""
 
 
+ABLATE_DESCRIPTION = """\
+One lthfast imp run per pruning granularity (--block), with the same options and seeds, into sibling run
+directories OUT_DIR/<name>-b<B> (N:M: <name>-nm<N>-<M>); the same command again resumes them. Then a table
+(ablation.md, ablation.json) and two plots (accuracy.png, speed.png) in OUT_DIR/<name>-ablation/: per level,
+the ticket's test accuracy, the accuracy lost against unstructured (paired by replicate, 95% CI), the training
+speed-up against the dense level 0, and which granularities are on the accuracy/speed Pareto front. <name> is
+--name, else <model>-<dataset>-<hash of the options>. Blocks are ranked by the L1 norm of their weights divided
+by their number of elements (see docs/ablation.md)."""
+
+ABLATE_EPILOG = """\
+example: lthfast ablate --block 1,16,32,64 --levels 14 --replicates 3 --train-steps 1000it --threads 1"""
+
+
 def _shown(default) -> str | None:
     """How --help shows a default (None: the option's own text says it)."""
     if isinstance(default, bool):
@@ -50,6 +64,8 @@ def _shown(default) -> str | None:
 
 
 def _metavar(name: str, hint) -> str:
+    if name in ("nm", "block"):
+        return {"nm": "N:M", "block": "B"}[name]
     if name in DURATIONS:
         return "DURATION"
     if hint in (int, int | None):
@@ -63,10 +79,12 @@ def _metavar(name: str, hint) -> str:
     return name.upper()
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(Config)
     group = parser.add_argument_group("options (each may also be set in --config)")
     for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = HELP.get(f.name, f.metadata.get("help", ""))
@@ -128,6 +146,22 @@ def _cmd_imp(args: argparse.Namespace) -> int:
 
 
 @_guarded
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from lthfast.distributed import env_rank
+    from lthfast.imp.ablate import parse_granularities, run_ablation
+
+    granularities = parse_granularities(args.granularities)
+    cfg = config_from_args(args)
+    if cfg.block != 1 or cfg.nm is not None:
+        raise ConfigError("lthfast ablate sets block / nm itself: list the granularities in --block, e.g. 1,16,2:4")
+    result = run_ablation(cfg, granularities, layer_bench=args.layer_bench)
+    if env_rank() == 0:
+        print(result.table())
+        print(f"ablation: {result.path} (ablation.md, ablation.json, accuracy.png, speed.png)")
+    return 0
+
+
+@_guarded
 def _cmd_report(args: argparse.Namespace) -> int:
     from lthfast.imp.report import NO_ROWS, report
 
@@ -171,6 +205,28 @@ def register(subparsers) -> None:
     imp.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags override it")
     _add_config_flags(imp)
     imp.set_defaults(func=_cmd_imp)
+
+    ablate = subparsers.add_parser(
+        "ablate",
+        help="the same imp run at several pruning granularities: accuracy against speed (resumable)",
+        usage="%(prog)s --block 1,16,32,64 [--layer-bench] [--config FILE] [OPTIONS]",
+        description=ABLATE_DESCRIPTION,
+        epilog=ABLATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ablate.add_argument(
+        "--block", dest="granularities", default="1,16,32,64", metavar="G,G,...",
+        help="granularities: block sizes (1 = unstructured, 4, 8, 16, 32, 64, 128) and N:M (e.g. 2:4) "
+        "(default: 1,16,32,64)",
+    )  # fmt: skip
+    ablate.add_argument(
+        "--layer-bench", action=argparse.BooleanOptionalAction, default=False,
+        help="also time every prunable layer (dense and lthfast, forward + both gradients) at each level's masks "
+        "of replicate 0 (default: off; a few seconds per level)",
+    )  # fmt: skip
+    ablate.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags override it")
+    _add_config_flags(ablate, skip=("block", "nm"))
+    ablate.set_defaults(func=_cmd_ablate)
 
     rep = subparsers.add_parser("report", help="print a run's table and redraw its plots")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/mlp-mnist1d-1a2b3c4d")

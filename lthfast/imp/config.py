@@ -23,6 +23,8 @@ CONTROLS = ("random_reinit", "random_prune", "rearrange")
 DEVICES = ("auto", "cpu", "cuda")
 AMP = ("none", "bf16", "fp16")
 EARLY_STOP = ("val_loss", "val_acc")
+# --block sizes: the kernels' tile sizes (lthfast.kernels, lthfast.ops), and 1 for unstructured pruning.
+BLOCKS = (1, 4, 8, 16, 32, 64, 128)
 # Options that say where and how loudly a run happens, not what it computes: they may change on resume. (compile
 # changes the rounding of fused elementwise ops only, like threads, so a run may be resumed with or without it.)
 NOT_IDENTITY = (
@@ -32,7 +34,8 @@ NOT_IDENTITY = (
 # before keep their names and can be resumed.
 # early_stop: best validation accuracy was the only criterion before the option existed, so the runs made then hash
 # as "val_acc" runs and resume under the rule they were made with; the default (Frankle & Carbin's) is new.
-LATE_OPTIONS = {"amp": "none", "early_stop": "val_acc"}
+# block / nm: a run made before them pruned single weights (block 1, no N:M).
+LATE_OPTIONS = {"amp": "none", "early_stop": "val_acc", "block": 1, "nm": None}
 # How far a run goes, not what any unit of it computes (a unit's seeds and inputs do not depend on them): running
 # again with more levels or replicates extends the run directory and keeps its finished units. Runs made before
 # were named with them in the hash (``legacy_identity``); the driver still finds those under their old name.
@@ -76,6 +79,20 @@ class Config:
     leave_dense: tuple[str, ...] = field(default=(), metadata={"help": "layer name patterns never pruned"})
     one_shot: bool = field(default=False, metadata={"help": "prune the trained dense network to each density"})
     rewind: str = field(default="0it", metadata={"help": "rewind point: 0it (init), 500it, 2ep"})
+    block: int = field(
+        default=1,
+        metadata={"help": "prune whole B x B blocks, B in 1 (single weights), 4, 8, 16, 32, 64, 128: a Linear weight "
+                  "[out, in] in B x B tiles from (0, 0), a Conv2d in B Cout x B Cin channel tiles across the kh x kw "
+                  "window; blocks ranked by the L1 norm of their weights divided by their number of elements (edge "
+                  "blocks: their own size), levels remove as many blocks as bring the weights remaining nearest the "
+                  "usual schedule"},
+    )  # fmt: skip
+    nm: str | None = field(
+        default=None,
+        metadata={"help": "prune towards N:M (e.g. 2:4): each level prunes by magnitude only weights outside the N "
+                  "largest of their group of M consecutive inputs; the level whose schedule reaches N/M leaves exactly "
+                  "N alive per group, and is the last level allowed"},
+    )  # fmt: skip
     # controls and replicates
     controls: tuple[str, ...] = field(
         default=(),
@@ -176,6 +193,10 @@ class Config:
             raise ConfigError(f"controls {list(self.controls)} lists a control twice")
         if not 0 < self.prune_fraction < 1:
             raise ConfigError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
+        if self.block not in BLOCKS:
+            raise ConfigError(f"block must be one of {', '.join(map(str, BLOCKS))}, got {self.block}")
+        if self.nm is not None:
+            self._check_nm()
         for name, rate in self.layer_fractions.items():
             _check_rate(name, rate, self.prune_fraction)
         if not 0 <= self.dropout < 1:
@@ -199,6 +220,34 @@ class Config:
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"name {self.name!r} must be a plain folder name")
         return self
+
+    def nm_pair(self) -> tuple[int, int] | None:
+        """(N, M) of ``nm`` ("2:4" -> (2, 4)), or None. Raises ConfigError when it is not N:M with 1 <= N < M."""
+        if self.nm is None:
+            return None
+        parts = str(self.nm).strip().split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"nm must be N:M with whole numbers, like 2:4, got {self.nm!r}")
+        n, m = (int(p) for p in parts)
+        if not 1 <= n < m:
+            raise ConfigError(f"nm {self.nm}: need 1 <= N < M (N of every M weights kept)")
+        return n, m
+
+    def nm_level(self) -> int:
+        """The first level whose weights remaining, (1 - prune_fraction)^level, is at most N/M: there the masks
+        become N:M, and no later level can prune more."""
+        n, m = self.nm_pair()
+        return math.ceil(math.log(n / m) / math.log(1 - self.prune_fraction) - 1e-9)
+
+    def _check_nm(self) -> None:
+        self.nm_pair()
+        if self.block != 1:
+            raise ConfigError(f"block {self.block} and nm {self.nm} are two granularities: choose one")
+        if self.levels > self.nm_level():
+            raise ConfigError(
+                f"nm {self.nm} reaches its N:M mask at level {self.nm_level()} with prune_fraction "
+                f"{self.prune_fraction:g}: later levels cannot prune more; ask for levels <= {self.nm_level()}"
+            )
 
     def controls_at(self) -> list[int]:
         """Levels at which the controls run (every pruned level unless ``control_levels`` names some)."""

@@ -6,6 +6,8 @@ Per replicate r (its own seeds for init, data order and pruning):
            ``one_shot`` from the dense level's straight to density (1 - f)^k), rewind the weights, train;
   controls at chosen levels, as branches beside the ticket: random reinitialization (same mask, fresh init),
   random pruning (same per-layer counts, random positions), rearranged mask (each layer's mask permuted).
+With ``block`` > 1 or ``nm``, levels prune whole blocks or towards N:M and the controls keep that granularity
+(``lthfast.imp.granularity``).
 Every step reads its inputs from the run directory and skips finished units, so running again resumes.
 
 Started by ``torchrun --nproc-per-node N -m lthfast imp ...``, every level trains with DistributedDataParallel
@@ -154,13 +156,18 @@ def _check_extent(rd: rundir.RunDir, cfg: Config) -> None:
             )
 
 
-def _load_data(cfg: Config, world: distributed.World) -> Dataset:
-    """The configured dataset; under DDP rank 0 loads first (generating the cache), then the others read it."""
+def load_data(cfg: Config) -> Dataset:
+    """The configured dataset (generated data cached in ``cache_dir``, default OUT_DIR/.cache)."""
     cache = cfg.cache_dir or os.path.join(cfg.out_dir, ".cache")
-    load = lambda: load_dataset(
+    return load_dataset(
         cfg.dataset, data_dir=cfg.data_dir, cache_dir=cache, val_size=cfg.val_size,
         num_samples=cfg.num_samples, input_shape=cfg.synthetic_shape,
     )  # fmt: skip
+
+
+def _load_data(cfg: Config, world: distributed.World) -> Dataset:
+    """The configured dataset; under DDP rank 0 loads first (generating the cache), then the others read it."""
+    load = lambda: load_data(cfg)  # noqa: E731
     data, error = None, None
     if world.is_main:
         try:

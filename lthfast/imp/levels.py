@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lthfast.distributed import World
-from lthfast.imp import rundir
+from lthfast.imp import granularity, rundir
 from lthfast.imp.config import Config, Steps
 from lthfast.imp.errors import CheckpointError
 from lthfast.imp.train import Unit, train_unit
@@ -102,7 +102,9 @@ class Replicate:
             ticket.apply_(model)
         else:
             model = self._fresh_model(self.seeds["init"])
-            if control == "random_prune":
+            if granularity.is_structured(self.cfg):
+                masks = granularity.control_masks(self.cfg, ticket, control, generator)
+            elif control == "random_prune":
                 masks = strategies.random_like(ticket, generator=generator)
             else:
                 masks = strategies.rearrange(ticket, generator=generator)
@@ -127,6 +129,9 @@ class Replicate:
     def _prune(self, model: nn.Module, level: int) -> Masks:
         """The masks of ``level``: from level-1's trained weights (iterative) or level 0's (one-shot)."""
         cfg = self.cfg
+        if granularity.is_structured(cfg):
+            self._load_trained(model, 0 if cfg.one_shot else level - 1)
+            return granularity.level_masks(cfg, model, Masks.from_model(model), level)
         if cfg.one_shot:
             self._load_trained(model, 0)
             density = (1 - cfg.prune_fraction) ** level

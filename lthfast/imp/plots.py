@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 from pathlib import Path
 
 from lthfast.imp.config import CONTROLS
-from lthfast.imp.report import early_stop_rule
+from lthfast.imp.report import early_stop_rule, granularity_text
 
 STYLE = {
     "ticket": ("C0", "o", "winning ticket"),
@@ -28,6 +29,7 @@ def describe_run(name: str, config: dict) -> str:
     method = "one-shot pruning" if config.get("one_shot") else "iterative pruning"
     if config.get("prune_fraction") is not None:
         method += f" ({100 * float(config['prune_fraction']):g}% per level)"
+    method += granularity_text(config)
     rewind = re.sub(r"^0(it|ep)$", "init", str(config.get("rewind", "0it")))
     return f"{name}: {config.get('model', '?')} on {config.get('dataset', '?')}, {method}, {rewind} rewind"
 
@@ -78,13 +80,14 @@ def level_ticks(values) -> list[float]:
     return picked
 
 
-def _weights_axis(ax, values) -> None:
+def _weights_axis(ax, values, labelled=None) -> None:
+    """Log weights-remaining axis over ``values``, labelled at ``labelled`` (default: every value, thinned)."""
     from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
-    ticks = level_ticks(values)
+    ticks = level_ticks(values if labelled is None else labelled)
     ax.set_xscale("log")
     if ticks:
-        ax.set_xlim(ticks[0] * 1.12, ticks[-1] / 1.12)  # largest on the left: weights fall as pruning goes on
+        ax.set_xlim(max(values) * 1.12, min(values) / 1.12)  # largest on the left: weights fall as pruning goes on
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FixedFormatter([tick_label(t) for t in ticks]))
     ax.xaxis.set_minor_locator(FixedLocator(sorted({round(v, 6) for v in values})))  # every level, labelled or not
@@ -172,3 +175,70 @@ def draw_all(folder: Path, rows: list[dict], agg: dict, config: dict | None = No
         early_stop_plot(folder / "early_stop.png", agg, early_stop_rule(rows), config, run),
         throughput_plot(folder / "throughput.png", rows, run),
     ]
+
+
+# ---- lthfast ablate: one line per granularity ---------------------------------------------------------------
+GRANULARITY_COLORS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")
+CONTROL_MARKERS = {"random_reinit": "s", "random_prune": "^", "rearrange": "v"}
+
+
+def _by_granularity(rows: list[dict], label: str) -> list[dict]:
+    return sorted((r for r in rows if r["granularity"] == label), key=lambda r: r["level"])
+
+
+def ablation_accuracy_plot(path: Path, rows: list[dict], controls: list[dict], labels: list[str], name: str) -> Path:
+    """Ticket test accuracy against weights remaining (log), one line per granularity (error bars: std over
+    replicates), the dense level 0 as a dashed line, the controls where run as dotted lines in the granularity's
+    colour."""
+    fig, ax = _figure()
+    xs_all = []
+    for color, label in zip(GRANULARITY_COLORS * 3, labels):
+        pts = [r for r in _by_granularity(rows, label) if r["level"] > 0]
+        if pts:
+            ax.errorbar([r["weights_remaining_pct"] for r in pts], [100 * r["test_acc"] for r in pts],
+                        yerr=[100 * r["test_acc_std"] for r in pts], color=color, marker="o", ms=4, capsize=3,
+                        label=label)  # fmt: skip
+            xs_all += [r["weights_remaining_pct"] for r in pts]
+        for control, marker in CONTROL_MARKERS.items():
+            cs = sorted((c for c in controls if c["granularity"] == label and c["branch"] == control),
+                        key=lambda c: c["level"])  # fmt: skip
+            if cs:
+                ax.plot([c["weights_remaining_pct"] for c in cs], [100 * c["test_acc"] for c in cs], ls=":",
+                        marker=marker, color=color, ms=4, label=f"{label}: {control.replace('_', ' ')}")  # fmt: skip
+                xs_all += [c["weights_remaining_pct"] for c in cs]
+    dense = [r for r in rows if r["level"] == 0]
+    if dense:
+        ax.axhline(100 * statistics.fmean(r["test_acc"] for r in dense), color="k", ls="--", lw=1,
+                   label="dense network (level 0)")  # fmt: skip
+    _weights_axis(ax, xs_all or [100.0], [r["weights_remaining_pct"] for r in _by_granularity(rows, labels[0])])
+    ax.set_ylabel("ticket test accuracy (%)")
+    n = max((r["n"] for r in rows), default=1)
+    _title(ax, "Accuracy by pruning granularity", name)
+    ax.legend(fontsize=7, title=f"mean ± std over {n} replicates" if n > 1 else "1 replicate", title_fontsize=7)
+    return _save(fig, path)
+
+
+def ablation_speed_plot(path: Path, rows: list[dict], labels: list[str], name: str) -> Path:
+    """Training speed-up against dense (= 1) by weights remaining (log), one line per granularity: the run's own
+    samples/s over its level 0 (solid, error bars: std over replicates) and the layer benchmark where measured
+    (dashed)."""
+    fig, ax = _figure()
+    xs_all = []
+    for color, label in zip(GRANULARITY_COLORS * 3, labels):
+        pts = _by_granularity(rows, label)
+        if not pts:
+            continue
+        xs = [r["weights_remaining_pct"] for r in pts]
+        ax.errorbar(xs, [r["run_speedup"] for r in pts], yerr=[r["run_speedup_std"] for r in pts], color=color,
+                    marker="o", ms=4, capsize=3, label=f"{label}: run samples/s")  # fmt: skip
+        bench = [r for r in pts if r["layer_speedup"] is not None]
+        if bench:
+            ax.plot([r["weights_remaining_pct"] for r in bench], [r["layer_speedup"] for r in bench], ls="--",
+                    marker="x", color=color, ms=5, label=f"{label}: layer benchmark")  # fmt: skip
+        xs_all += xs
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="dense = 1")
+    _weights_axis(ax, xs_all or [100.0], [r["weights_remaining_pct"] for r in _by_granularity(rows, labels[0])])
+    ax.set_ylabel("training speed-up over dense")
+    _title(ax, "Training speed by pruning granularity", name)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

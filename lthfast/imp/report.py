@@ -143,6 +143,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def granularity_text(config: dict) -> str:
+    """ ", in 16x16 blocks" / ", towards N:M 2:4" for a structured run's titles; "" for unstructured runs."""
+    if config.get("nm"):
+        return f", towards N:M {config['nm']}"
+    block = int(config.get("block") or 1)
+    return f", in {block}x{block} blocks" if block != 1 else ""
+
+
 def plot(root: str | Path, rows: list[dict]) -> list[Path]:
     """Redraw ``plots/*.png`` from ``rows``; returns the files written."""
     from lthfast.imp.plots import draw_all
@@ -213,6 +221,7 @@ def report(root: str | Path, plots: bool = True) -> str:
     title = f"{root}: {config.get('model')} on {config.get('dataset')}"
     if config.get("one_shot"):
         title += ", one-shot"
+    title += granularity_text(config)
     title += f", {re.sub(r'^0(it|ep)$', 'init', str(config.get('rewind', '0it')))} rewind"
     stopped = where_stopped(root, config)
     return title + "\n" + (stopped + "\n" if stopped else "") + format_table(rows)

@@ -38,9 +38,20 @@ from lthfast.pruning._common import (
 )
 from lthfast.pruning.layers import all_layers, check_fraction
 from lthfast.pruning.masks import Masks
-from lthfast.pruning.structured import block_magnitude, n_m
+from lthfast.pruning.structured import (
+    block_magnitude,
+    block_prune,
+    block_random_like,
+    block_rearrange,
+    n_m,
+    n_m_prune,
+    n_m_random_like,
+)
 
-__all__ = ["magnitude", "magnitude_", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m"]
+__all__ = [
+    "magnitude", "magnitude_", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m",
+    "block_prune", "block_random_like", "block_rearrange", "n_m_prune", "n_m_random_like",
+]  # fmt: skip
 
 
 def __dir__() -> list[str]:

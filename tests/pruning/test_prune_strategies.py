@@ -203,7 +203,8 @@ def test_float64_models_rank_too():
 
 def test_the_module_shows_only_its_strategies():
     """``lthfast.strategies`` lists its strategy functions, not the torch / typing / check helpers it imports."""
-    public = {"magnitude", "magnitude_", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m"}
+    public = {"magnitude", "magnitude_", "one_shot", "random", "random_like", "rearrange", "block_magnitude", "n_m",
+              "block_prune", "block_random_like", "block_rearrange", "n_m_prune", "n_m_random_like"}  # fmt: skip
     assert set(S.__all__) == public and set(dir(lthfast.strategies)) == public
     namespace: dict = {}
     exec("from lthfast.pruning.strategies import *", namespace)
