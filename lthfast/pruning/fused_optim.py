@@ -54,6 +54,16 @@ class _Alive(NamedTuple):
     count: int
 
 
+class _StepPlan(NamedTuple):
+    """A fused step's sorted parameters and what they were sorted from (``_FusedMasked._planned``)."""
+
+    groups: tuple  # (group dict, its params, its state signature) per param group
+    idle: tuple  # parameters that had no gradient
+    entries: list  # per fused parameter: [p, version, address, storage, mask, its version, address, storage,
+    #                state items, state tensors, their versions]
+    fused: list
+
+
 def _build_alive(raw: torch.Tensor) -> _Alive:
     mask = _as_bool(raw).contiguous()
     flat = mask.numpy().reshape(-1)
@@ -154,6 +164,7 @@ class _FusedMasked:
         self._layers: dict[int, Layer] = {}
         self._records: dict[int, tuple] = {}
         self._alive_cache: dict[int, tuple] = {}
+        self._plan: _StepPlan | None = None
         ours = {p for group in self.param_groups for p in group["params"]}
         if masks is not None:
             if not isinstance(masks, Mapping):
@@ -186,12 +197,14 @@ class _FusedMasked:
         self._model = model
         self._explicit = {id(p): (p, m) for p, m in pairs}
         self._records, self._alive_cache, self._layers = {}, {}, {}
+        self._plan = None
         self.refresh_masks()
 
     def refresh_masks(self) -> None:
         """Look the model's masked weights up again. Needed only after ``sparsify`` / ``from_torch_prune`` converted
         modules of the model once the optimizer was built (new masks, torch.nn.utils.prune applied later and masks
         written or replaced are followed without it)."""
+        self._plan = None
         if self._model is not None:
             self._layers = {id(layer.param): layer for layer in all_layers(self._model)}
 
@@ -244,10 +257,6 @@ class _FusedMasked:
                     zero_pruned_(t, alive.mask)
         return True
 
-    def _record(self, fused: list) -> None:
-        for _, p, alive, state in fused:
-            self._records[id(p)] = (p, alive, stamp(p), state, _stamps(state))
-
     def guards(self, p: torch.Tensor, mask: torch.Tensor) -> bool:
         """Whether the last step stepped ``p`` here under ``mask``'s current contents and nothing has written ``p``
         or its state since: its pruned entries are zero (``mask_optimizer``'s guard skips it)."""
@@ -265,7 +274,12 @@ class _FusedMasked:
 
     def _collect(self, group_ok, state_of) -> tuple[list, list, list]:
         """Sort the parameters with a gradient: (fused: [(group index, p, _Alive or None, state)], copies of the
-        param groups restricted to what torch steps, [(p, mask)] of the masked ones among those)."""
+        param groups restricted to what torch steps, [(p, mask)] of the masked ones among those). The last step's
+        list when its plan still holds (``_planned``)."""
+        planned = self._planned(group_ok)
+        if planned is not None:
+            return planned, [], []
+        self._plan = None
         ext = _backend.ext()
         fused_ok = ext is not None and hasattr(ext, "adam_step") and getattr(self, "grad_scale", None) is None
         fused, torch_groups, masked = [], [], []
@@ -327,6 +341,88 @@ class _FusedMasked:
         counts = [p.numel() if a is None else a.count for _, p, a, _ in fused]
         return index, kinds, counts, [gi for gi, _, _, _ in fused]
 
+    # -------------------------------------------------------------------------------- the step plan
+    # After a step that fused every parameter with a gradient, the sorted list is kept with what it was built from;
+    # the next step checks that (parameters, gradients' layout, masks, state, groups) and reuses the list instead of
+    # sorting again: the Python of a step was several times its kernel call on small models.
+
+    def _state_signature(self, group: dict) -> tuple:
+        """The group settings that decide which state tensors a parameter has (overridden per optimizer)."""
+        return ()
+
+    def _make_plan(self, fused: list, torch_groups: list) -> None:
+        """Keep ``fused`` as the plan of the next step, after a step that ran it (records written)."""
+        if torch_groups or not fused:
+            self._plan = None
+            return
+        groups = tuple((g, tuple(g["params"]), self._state_signature(g)) for g in self.param_groups)
+        stepped = {id(p) for _, p, _, _ in fused}
+        idle = tuple(p for _, params, _ in groups for p in params if id(p) not in stepped)
+        entries = []
+        for _, p, alive, state in fused:
+            raw = None if alive is None else self._alive_cache[id(p)][1]
+            items = tuple(self.state[p].items())
+            entries.append([
+                p, p._version, p.data_ptr(), p.untyped_storage(),  # the storage held: no other can take its address
+                raw, *((raw._version, raw.data_ptr(), raw.untyped_storage()) if raw is not None else (0, 0, None)),
+                items, state, tuple(t._version for t in state),
+            ])  # fmt: skip
+        self._plan = _StepPlan(groups, idle, entries, fused)
+
+    def _replan(self, fused: list, torch_groups: list) -> None:
+        """After a step: a sorted (unplanned) list becomes the next step's plan."""
+        plan = self._plan
+        if plan is None or plan.fused is not fused:
+            self._make_plan(fused, torch_groups)
+
+    def _planned(self, group_ok) -> list | None:
+        """The last step's fused list when nothing it was built from changed, else None."""
+        plan = self._plan
+        if plan is None or getattr(self, "grad_scale", None) is not None:
+            return None
+        param_groups = self.param_groups
+        if len(param_groups) != len(plan.groups):
+            return None
+        for g, (g0, params0, signature) in zip(param_groups, plan.groups):
+            params = g["params"]
+            if (
+                g is not g0 or len(params) != len(params0) or not group_ok(g)
+                or self._state_signature(g) != signature or any(a is not b for a, b in zip(params, params0))
+            ):  # fmt: skip
+                return None
+        for p in plan.idle:
+            if p.grad is not None:
+                return None
+        state = self.state
+        for p, version, address, _, raw, mask_version, mask_address, _, items, tensors, versions in plan.entries:
+            g = p.grad
+            if (
+                g is None or g.layout is not _STRIDED or not g.is_contiguous() or p._version != version
+                or p.data_ptr() != address or self._mask_of(p) is not raw
+            ):  # fmt: skip
+                return None
+            if raw is not None and (raw._version != mask_version or raw.data_ptr() != mask_address):
+                return None
+            st = state.get(p)
+            if st is None or len(st) != len(items) or any(st.get(k) is not v for k, v in items):
+                return None
+            if any(t._version != v for t, v in zip(tensors, versions)):
+                return None
+        return plan.fused
+
+    def _record(self, fused: list) -> None:
+        plan = self._plan
+        if plan is None or plan.fused is not fused:
+            for _, p, alive, state in fused:
+                self._records[id(p)] = (p, alive, stamp(p), state, _stamps(state))
+            return
+        # a planned step: only the weights' versions moved (their records otherwise hold, as the plan checked)
+        for entry in plan.entries:
+            p = entry[0]
+            rec = self._records[id(p)]
+            entry[1] = p._version
+            self._records[id(p)] = (p, rec[1], (p._version, *rec[2][1:]), rec[3], rec[4])
+
 
 class MaskedSGD(_FusedMasked, torch.optim.SGD):
     """torch.optim.SGD (same arguments, state and state_dict) that steps only the alive entries of masked weights.
@@ -378,7 +474,11 @@ class MaskedSGD(_FusedMasked, torch.optim.SGD):
             )
             torch.autograd.graph.increment_version([p for _, p, _, _ in fused])
             self._record(fused)
+        self._replan(fused, torch_groups)
         return loss
+
+    def _state_signature(self, group: dict) -> tuple:
+        return (group["momentum"] != 0,)
 
 
 class MaskedAdam(_FusedMasked, torch.optim.Adam):
@@ -443,7 +543,11 @@ class MaskedAdam(_FusedMasked, torch.optim.Adam):
             ext.adam_step(ptrs, steps, index, kinds, counts, groups, list(map(float, hyper)), torch.get_num_threads())
             torch.autograd.graph.increment_version([p for _, p, _, _ in fused])
             self._record(fused)
+        self._replan(fused, torch_groups)
         return loss
+
+    def _state_signature(self, group: dict) -> tuple:
+        return (bool(group["amsgrad"]),)
 
 
 class MaskedAdamW(MaskedAdam, torch.optim.AdamW):
