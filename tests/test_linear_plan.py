@@ -246,3 +246,17 @@ def test_mask_changed_between_forward_and_backward_is_an_error():
         layer.mask[0, 0] = False
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("route", ["sparse", "dense"])
+def test_a_non_finite_pruned_weight_never_leaks(route, poison):
+    """The planned dense route multiplies W by the mask as floats (poison * 0 is NaN): a non-finite result is
+    recomputed with the exact product, so the planned call still equals the oracle (exact zeros where pruned)."""
+    layer = _layer(density=0.5)
+    with crossover.force(route):
+        layer(torch.randn(9, 70))  # plans
+        with torch.no_grad():
+            layer.weight[~layer.mask] = poison
+        _check(layer, torch.randn(9, 70))
+        assert _plan(layer) is not None
