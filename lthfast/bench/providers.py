@@ -9,7 +9,7 @@ this device, dtype or op raises ``Unsupported`` with the reason; it is reported 
   mask-multiply    W * M recomputed every forward, as torch.nn.utils.prune does (mask stored in the weight dtype)
   torch-bsr        W ⊙ M as a torch BSR tensor (CSR for block 1), F.linear; linear only
   semi-structured  torch.sparse.to_sparse_semi_structured with a 2:4 mask (50% sparse only; CUDA sm80+, forward)
-  lthfast          lthfast.functional.masked_linear / masked_conv2d
+  lthfast          lthfast.nn.MaskedLinear / MaskedConv2d (the layers sparsify installs)
   sparseprop       SparseProp's SparseLinear / SparseConv2d built from W ⊙ M (optional package; named, not in "all")
   sparseprop-width SparseProp's conv kernel vectorized over the output width instead of the batch (conv only)
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lthfast import functional, reference
+from lthfast import reference
 from lthfast.bench.masks import two_four_mask
 
 PROVIDERS = ("dense", "mask-multiply", "torch-bsr", "semi-structured", "lthfast")
@@ -145,15 +145,26 @@ def _semi_structured(p: Problem) -> Prepared:
 
 
 def _lthfast(p: Problem) -> Prepared:
+    """The layer users train: lthfast.nn.MaskedLinear / MaskedConv2d (what ``sparsify`` installs), holding the row's
+    weight, bias and mask; called the same way every step, as a training loop calls it."""
+    from torch import nn
+
+    from lthfast.nn import MaskedConv2d, MaskedLinear
+
     train = p.mode == "train"
-    w, b = _leaf(p.weight, train), _leaf(p.bias, train)
-    mask = p.mask
     if p.op == "linear":
-        fn = lambda x: functional.masked_linear(x, w, mask, b)
+        n, k = p.weight.shape
+        layer = MaskedLinear(k, n, bias=p.bias is not None, device=p.weight.device, dtype=p.weight.dtype)
     else:
         c = p.conv
-        fn = lambda x: functional.masked_conv2d(x, w, mask, b, c["stride"], c["padding"], c["dilation"], c["groups"])
-    return Prepared(_wrap(fn, (w, b), train), mask)
+        cout, cin_g, kh, kw = p.weight.shape
+        layer = MaskedConv2d(cin_g * c["groups"], cout, (kh, kw), c["stride"], c["padding"], c["dilation"],
+                             c["groups"], bias=p.bias is not None, device=p.weight.device,
+                             dtype=p.weight.dtype)  # fmt: skip
+    layer.weight = nn.Parameter(p.weight.detach().clone(), requires_grad=train)
+    layer.bias = None if p.bias is None else nn.Parameter(p.bias.detach().clone(), requires_grad=train)
+    layer.set_mask_(p.mask)
+    return Prepared(_wrap(layer, (layer.weight, layer.bias), train), p.mask)
 
 
 def _sparseprop(p: Problem, over_width: bool = False) -> Prepared:
