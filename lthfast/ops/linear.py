@@ -335,6 +335,8 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 def planned(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``module``'s forward through its plan, or None when it has none or the plan no longer holds (then the caller
     runs ``masked_linear``, which validates, decides and plans again)."""
+    if torch.compiler.is_compiling():  # traced: the op's custom ops, never a plan's checks on addresses
+        return None
     plan = module.__dict__.get(PLAN_ATTR)
     if plan is None or type(x) is not torch.Tensor or x.shape != plan.x_shape or x.dtype is not plan.dtype:
         return None
