@@ -145,6 +145,14 @@ def _match_torch_sqrt(ext) -> None:
     _sqrt_ready = True
 
 
+def _closure_loss(closure):
+    """The loss of ``closure`` evaluated with gradients enabled (torch's step prologue), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _FusedMasked:
     """What MaskedSGD / MaskedAdam share: where each weight's mask is, the once-per-change zeroing, the torch path.
 
@@ -154,6 +162,10 @@ class _FusedMasked:
     """
 
     _torch_class: type
+
+    def __init__(self, params, *args, model: nn.Module | None = None, masks: Mapping | None = None, **kwargs):
+        super().__init__(params, *args, **kwargs)  # torch's SGD / Adam / AdamW, next in the subclasses' MRO
+        self._init_masks(model, masks)
 
     def _init_masks(self, model: nn.Module | None, masks: Mapping | None) -> None:
         name = type(self).__name__
@@ -434,16 +446,9 @@ class MaskedSGD(_FusedMasked, torch.optim.SGD):
 
     _torch_class = torch.optim.SGD
 
-    def __init__(self, params, *args, model: nn.Module | None = None, masks: Mapping | None = None, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        self._init_masks(model, masks)
-
     @_use_grad_for_differentiable
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         fresh = set()
 
         def group_ok(g):
@@ -489,16 +494,9 @@ class MaskedAdam(_FusedMasked, torch.optim.Adam):
 
     _torch_class = torch.optim.Adam
 
-    def __init__(self, params, *args, model: nn.Module | None = None, masks: Mapping | None = None, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        self._init_masks(model, masks)
-
     @_use_grad_for_differentiable
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
 
         def group_ok(g):
             return (
@@ -557,7 +555,3 @@ class MaskedAdamW(MaskedAdam, torch.optim.AdamW):
     """
 
     _torch_class = torch.optim.AdamW
-
-    def __init__(self, params, *args, model: nn.Module | None = None, masks: Mapping | None = None, **kwargs):
-        torch.optim.AdamW.__init__(self, params, *args, **kwargs)
-        self._init_masks(model, masks)
