@@ -30,6 +30,13 @@ class AliveIndex:
     col_ptr: torch.Tensor
     col_rows: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # The four arrays' addresses, read by every kernel call (the arrays are never written after the build).
+        object.__setattr__(
+            self, "addresses",
+            (self.row_ptr.data_ptr(), self.cols.data_ptr(), self.col_ptr.data_ptr(), self.col_rows.data_ptr()),
+        )  # fmt: skip
+
     @property
     def nnz(self) -> int:
         return int(self.cols.numel())

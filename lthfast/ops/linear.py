@@ -408,5 +408,5 @@ class _SparseLinear(torch.autograd.Function):
             grad_x, grad_w = differentiable_grads(ctx, grad, torch.nn.functional.linear)
             return grad_x, grad_w, grad.sum(0) if need_b else None, None, None
         x, weight, mask = ctx.saved_tensors
-        grad_x, grad_w, grad_b = sparse_cpu.linear_backward(grad, x, weight, mask, need_x, need_w, True, ctx.index)
-        return grad_x, grad_w, grad_b if need_b else None, None, None
+        grads = sparse_cpu.linear_backward(grad, x, weight, mask, need_x, need_w, need_b, ctx.index)
+        return grads[0], grads[1], grads[2] if need_b else None, None, None

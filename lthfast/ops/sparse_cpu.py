@@ -72,8 +72,11 @@ def _lanes(to: bool, src: torch.Tensor, dst: torch.Tensor, tensor: torch.Tensor,
                          torch.get_num_threads())  # fmt: skip
 
 
+_F32 = torch.float32
+
+
 def _float32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.float()
+    return t if t.dtype is _F32 else t.float()
 
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:
@@ -86,15 +89,20 @@ def _dense(weight: torch.Tensor) -> torch.Tensor:
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, index=None):
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias, float32 CPU, contiguous: one lthfast._C call (the lanes layouts in its
     reused scratch). ``index``: the mask's ``AliveIndex`` when the caller has it. Called outside autograd (no
-    tensor op here records a graph)."""
+    tensor op here records a graph); written lean, since on small layers its Python was as long as the product."""
     index = alive_index(mask) if index is None else index
-    x = _float32(x)
+    if x.dtype is not _F32:
+        x = x.float()
+    if weight.dtype is not _F32 or not weight.is_contiguous():
+        weight = _dense(_float32(weight))
+    if bias is not None and (bias.dtype is not _F32 or not bias.is_contiguous()):
+        bias = _float32(bias).contiguous()
     (m, k), n = x.shape, weight.shape[0]
-    w = _dense(_float32(weight))
-    b = None if bias is None else _float32(bias).contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    _backend.ext().sparse_linear_forward(x.data_ptr(), x.stride(0), x.stride(1), m, n, k, w.data_ptr(),
-                                         index.row_ptr.data_ptr(), index.cols.data_ptr(), _ptr(b), y.data_ptr(),
+    y = torch.empty(m, n, dtype=_F32)
+    sx0, sx1 = x.stride()
+    rows, cols, _, _ = index.addresses
+    _backend.ext().sparse_linear_forward(x.data_ptr(), sx0, sx1, m, n, k, weight.data_ptr(), rows, cols,
+                                         0 if bias is None else bias.data_ptr(), y.data_ptr(),
                                          torch.get_num_threads())  # fmt: skip
     return y
 
@@ -103,16 +111,19 @@ def linear_backward(grad, x, weight, mask, need_x: bool, need_w: bool, need_b: b
     """(dX [M, K], dW [N, K]) of ``linear_forward`` for grad [M, N], and with ``need_b`` the bias gradient [N] (the
     sum of grad over its rows) as a third item; None where not needed; dW exactly 0 where the mask is False."""
     index = alive_index(mask) if index is None else index
-    x, grad = _float32(x), _float32(grad)
+    if x.dtype is not _F32:
+        x = x.float()
+    if grad.dtype is not _F32:
+        grad = grad.float()
+    if weight.dtype is not _F32 or not weight.is_contiguous():
+        weight = _dense(_float32(weight))
     (m, k), n = x.shape, weight.shape[0]
-    w = _dense(_float32(weight))
-    grad_x = torch.empty(m, k, dtype=torch.float32) if need_x else None
-    grad_w = torch.empty(n, k, dtype=torch.float32) if need_w else None
-    grad_b = torch.empty(n, dtype=torch.float32) if need_b else None
-    _backend.ext().sparse_linear_backward(x.data_ptr(), x.stride(0), x.stride(1), m, n, k, w.data_ptr(),
-                                          index.row_ptr.data_ptr(), index.cols.data_ptr(), index.col_ptr.data_ptr(),
-                                          index.col_rows.data_ptr(), grad.data_ptr(), grad.stride(0), grad.stride(1),
-                                          _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
+    grad_x = torch.empty(m, k, dtype=_F32) if need_x else None
+    grad_w = torch.empty(n, k, dtype=_F32) if need_w else None
+    grad_b = torch.empty(n, dtype=_F32) if need_b else None
+    (sx0, sx1), (sg0, sg1) = x.stride(), grad.stride()
+    _backend.ext().sparse_linear_backward(x.data_ptr(), sx0, sx1, m, n, k, weight.data_ptr(), *index.addresses,
+                                          grad.data_ptr(), sg0, sg1, _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
                                           torch.get_num_threads())  # fmt: skip
     return (grad_x, grad_w, grad_b) if need_b else (grad_x, grad_w)
 

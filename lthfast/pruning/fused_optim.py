@@ -59,9 +59,10 @@ class _StepPlan(NamedTuple):
 
     groups: tuple  # (group dict, its params, its state signature) per param group
     idle: tuple  # parameters that had no gradient
-    entries: list  # per fused parameter: [p, version, address, storage, mask, its version, address, storage,
-    #                state items, state tensors, their versions]
+    entries: list  # per fused parameter: [p, version, address, storage, where its mask is found (_mask_source),
+    #                mask, its version, address, storage, state dict, its items, state tensors, their versions]
     fused: list
+    where: tuple  # _where(fused): the kernel's index, kind, count and group lists
 
 
 def _build_alive(raw: torch.Tensor) -> _Alive:
@@ -119,6 +120,17 @@ def _held_mask(layer: Layer, p: torch.Tensor) -> tuple[bool, torch.Tensor | None
     if module._parameters.get("weight") is p:
         return True, module._buffers.get("mask") if layer.layout == "masked" else None
     return False, None
+
+
+def _mask_source(layer: Layer | None, p: torch.Tensor) -> tuple | None:
+    """Where ``_held_mask`` found the mask of ``p``: (module, parameter name, buffer name or None), checked by identity
+    in a planned step; None for a parameter whose mask cannot move (explicit, or no layer)."""
+    if layer is None:
+        return None
+    module = layer.module
+    if module._parameters.get("weight_orig") is p and "weight_mask" in module._buffers:
+        return module, "weight_orig", "weight_mask"
+    return module, "weight", "mask" if layer.layout == "masked" else None
 
 
 def _plain_number(*values) -> bool:
@@ -290,7 +302,7 @@ class _FusedMasked:
         list when its plan still holds (``_planned``)."""
         planned = self._planned(group_ok)
         if planned is not None:
-            return planned, [], []
+            return planned.fused, [], []
         self._plan = None
         ext = _backend.ext()
         fused_ok = ext is not None and hasattr(ext, "adam_step") and getattr(self, "grad_scale", None) is None
@@ -345,6 +357,11 @@ class _FusedMasked:
                 zero_pruned_(t, mask)
             self._records.pop(id(p), None)
 
+    def _where_of(self, fused: list) -> tuple:
+        """``_where(fused)``, kept in the plan when ``fused`` is the planned list."""
+        plan = self._plan
+        return plan.where if plan is not None and plan.fused is fused else self._where(fused)
+
     @staticmethod
     def _where(fused: list) -> tuple[list, list, list, list]:
         """The kernel's index, kind, count and group lists of the fused parameters."""
@@ -373,13 +390,15 @@ class _FusedMasked:
         entries = []
         for _, p, alive, state in fused:
             raw = None if alive is None else self._alive_cache[id(p)][1]
-            items = tuple(self.state[p].items())
+            source = None if id(p) in self._explicit else _mask_source(self._layers.get(id(p)), p)
+            st = self.state[p]
             entries.append([
                 p, p._version, p.data_ptr(), p.untyped_storage(),  # the storage held: no other can take its address
-                raw, *((raw._version, raw.data_ptr(), raw.untyped_storage()) if raw is not None else (0, 0, None)),
-                items, state, tuple(t._version for t in state),
+                source, raw, *((raw._version, raw.data_ptr(), raw.untyped_storage()) if raw is not None
+                               else (0, 0, None)),
+                st, tuple(st.items()), state, tuple(t._version for t in state),
             ])  # fmt: skip
-        self._plan = _StepPlan(groups, idle, entries, fused)
+        self._plan = _StepPlan(groups, idle, entries, fused, self._where(fused))
 
     def _replan(self, fused: list, torch_groups: list) -> None:
         """After a step: a sorted (unplanned) list becomes the next step's plan."""
@@ -387,8 +406,9 @@ class _FusedMasked:
         if plan is None or plan.fused is not fused:
             self._make_plan(fused, torch_groups)
 
-    def _planned(self, group_ok) -> list | None:
-        """The last step's fused list when nothing it was built from changed, else None."""
+    def _planned(self, group_ok) -> _StepPlan | None:
+        """The last step's plan when nothing it was built from changed, else None. Written as flat loops: this runs
+        every step, and on small models its Python was as long as the kernel call."""
         plan = self._plan
         if plan is None or getattr(self, "grad_scale", None) is not None:
             return None
@@ -397,30 +417,40 @@ class _FusedMasked:
             return None
         for g, (g0, params0, signature) in zip(param_groups, plan.groups):
             params = g["params"]
-            if (
-                g is not g0 or len(params) != len(params0) or not group_ok(g)
-                or self._state_signature(g) != signature or any(a is not b for a, b in zip(params, params0))
-            ):  # fmt: skip
+            if g is not g0 or len(params) != len(params0) or not group_ok(g) or self._state_signature(g) != signature:
                 return None
+            for a, b in zip(params, params0):
+                if a is not b:
+                    return None
         for p in plan.idle:
             if p.grad is not None:
                 return None
         state = self.state
-        for p, version, address, _, raw, mask_version, mask_address, _, items, tensors, versions in plan.entries:
+        for entry in plan.entries:
+            p, version, address, _, source, raw, mask_version, mask_address, _, st, items, tensors, versions = entry
             g = p.grad
             if (
                 g is None or g.layout is not _STRIDED or not g.is_contiguous() or p._version != version
-                or p.data_ptr() != address or self._mask_of(p) is not raw
+                or p.data_ptr() != address
             ):  # fmt: skip
                 return None
+            if source is not None:
+                module, pname, bname = source
+                if module._parameters.get(pname) is not p:
+                    return None
+                if bname is not None and module._buffers.get(bname) is not raw:
+                    return None
             if raw is not None and (raw._version != mask_version or raw.data_ptr() != mask_address):
                 return None
-            st = state.get(p)
-            if st is None or len(st) != len(items) or any(st.get(k) is not v for k, v in items):
+            if state.get(p) is not st or len(st) != len(items):
                 return None
-            if any(t._version != v for t, v in zip(tensors, versions)):
-                return None
-        return plan.fused
+            for k, v in items:
+                if st.get(k) is not v:
+                    return None
+            for t, v in zip(tensors, versions):
+                if t._version != v:
+                    return None
+        return plan
 
     def _record(self, fused: list) -> None:
         plan = self._plan
@@ -429,11 +459,12 @@ class _FusedMasked:
                 self._records[id(p)] = (p, alive, stamp(p), state, _stamps(state))
             return
         # a planned step: only the weights' versions moved (their records otherwise hold, as the plan checked)
+        records = self._records
         for entry in plan.entries:
             p = entry[0]
-            rec = self._records[id(p)]
-            entry[1] = p._version
-            self._records[id(p)] = (p, rec[1], (p._version, *rec[2][1:]), rec[3], rec[4])
+            rec = records[id(p)]
+            entry[1] = version = p._version
+            records[id(p)] = (p, rec[1], (version, *rec[2][1:]), rec[3], rec[4])
 
 
 class MaskedSGD(_FusedMasked, torch.optim.SGD):
@@ -466,8 +497,9 @@ class MaskedSGD(_FusedMasked, torch.optim.SGD):
         fused, torch_groups, masked = self._collect(group_ok, state_of)
         self._torch_step(torch_groups, masked)
         if fused:
-            index, kinds, counts, groups = self._where(fused)
-            kinds = [k | (_FLAG if p in fresh else 0) for k, (_, p, _, _) in zip(kinds, fused)]
+            index, kinds, counts, groups = self._where_of(fused)
+            if fresh:
+                kinds = [k | (_FLAG if p in fresh else 0) for k, (_, p, _, _) in zip(kinds, fused)]
             ptrs = []
             for _, p, _, state in fused:
                 ptrs += (p.data_ptr(), p.grad.data_ptr(), state[0].data_ptr() if state else 0)
@@ -522,7 +554,7 @@ class MaskedAdam(_FusedMasked, torch.optim.Adam):
         if fused:
             ext = _backend.ext()
             _match_torch_sqrt(ext)
-            index, kinds, counts, groups = self._where(fused)
+            index, kinds, counts, groups = self._where_of(fused)
             kinds = [k | (_FLAG if s[0].dtype == torch.float64 else 0) for k, (_, _, _, s) in zip(kinds, fused)]
             ptrs = []
             for _, p, _, s in fused:

@@ -415,6 +415,17 @@ def _weight_data_swapped(model, opt):
     model.conv1.weight.data = model.conv1.weight.data + 0.5  # pruned entries no longer zero
 
 
+def _state_tensor_swapped(model, opt):  # a new tensor under a state key, nonzero at pruned entries
+    state = opt.state[model.conv1.weight]
+    key = "momentum_buffer" if "momentum_buffer" in state else "exp_avg"
+    if state.get(key) is not None:
+        state[key] = state[key] + 0.25
+
+
+def _state_reloaded(model, opt):
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
 def _mask_in_place(model, opt):
     model.conv1.mask[:2] = False
 
@@ -432,7 +443,7 @@ def _weight_written(model, opt):
 @pytest.mark.parametrize(
     "change",
     [_freeze_grad, _momentum_on, _new_group, _state_cleared, _weight_data_swapped, _mask_in_place, _mask_replaced,
-     _weight_written],
+     _weight_written, _state_tensor_swapped, _state_reloaded],
     ids=lambda f: f.__name__.strip("_"),
 )  # fmt: skip
 @pytest.mark.parametrize("case", ["sgd", "momentum", "adam-wd-amsgrad"])
