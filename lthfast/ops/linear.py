@@ -318,7 +318,10 @@ class _Plan:
         self.x_shape, self.w_shape, self.dtype = x.shape, weight.shape, x.dtype
         self.b_shape = None if bias is None else bias.shape
         self.state, self.route = _plan_state(), route
-        self.index = alive_index(mask) if route is SPARSE else None
+        # what the route reads besides the tensors: the alive index, or the mask as 0 / 1 of the weight's dtype
+        self.index = (
+            alive_index(mask) if route is SPARSE else _mask_as(mask, weight.dtype) if route is PARTIAL else None
+        )
 
 
 def _plain_eager() -> bool:
@@ -365,7 +368,7 @@ def planned(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if route is FULL:
         y = torch.nn.functional.linear(x2d, weight, bias)
     elif route is PARTIAL:
-        y = _partial(x2d, weight, mask, bias)
+        y = _partial(x2d, weight, mask, bias, plan.index)
     elif torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
@@ -375,13 +378,16 @@ def planned(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return y if dim == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _partial(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear on W ⊙ M for a planned dense-route call: W times the mask as floats (cached), native autograd both ways
-    (on an IMP MLP's 256x256 layer a third of the exact product's cost: no Python Function, no integer views). It
-    equals the exact product wherever the pruned weights are finite (w * 0 is a signed zero), and a non-finite pruned
-    weight makes the result non-finite (NaN * 0 and inf * 0 are NaN): then the call is made again with the exact
-    product, so a NaN stored under a pruned entry still never leaks. dW = (dY^T X) ⊙ M is a signed zero where pruned."""
-    y = torch.nn.functional.linear(x, weight * _mask_as(mask, weight.dtype), bias)
+def _partial(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, mask_as: torch.Tensor
+) -> torch.Tensor:
+    """F.linear on W ⊙ M for a planned dense-route call: W times ``mask_as`` (the mask as floats, held by the plan),
+    native autograd both ways (on an IMP MLP's 256x256 layer a third of the exact product's cost: no Python Function,
+    no integer views). It equals the exact product wherever the pruned weights are finite (w * 0 is a signed zero),
+    and a non-finite pruned weight makes the result non-finite (NaN * 0 and inf * 0 are NaN): then the call is made
+    again with the exact product, so a NaN stored under a pruned entry still never leaks. dW = (dY^T X) ⊙ M is a
+    signed zero where pruned."""
+    y = torch.nn.functional.linear(x, weight * mask_as, bias)
     if math.isfinite(float(y.detach().sum())):
         return y
     return torch.nn.functional.linear(x, masked(weight, mask), bias)
