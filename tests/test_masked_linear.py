@@ -479,3 +479,57 @@ def test_dw_split_count_fills_the_gpu(monkeypatch):
     assert dw_split.split_count(8192, 64, cuda) == 4  # capped: at least 2048 rows per split
     assert dw_split.split_count(8192, 4096, cuda) == 1  # enough tiles already
     assert dw_split.split_count(1000, 8, cuda) == 1  # too few rows to split
+
+
+def _tile_mix_mask(n, k, tile, seed=0):
+    """Per kernel tile: empty, full or partial at random; odd shapes leave partial-size edge tiles."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    for i in range(0, n, tile):
+        for j in range(0, k, tile):
+            kind = int(torch.randint(0, 3, (), generator=g))
+            part = mask[i : i + tile, j : j + tile]
+            if kind < 2:
+                part.fill_(kind == 1)
+            else:
+                part.copy_(torch.rand(part.shape, generator=g) < 0.4)
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(48, 64), (45, 71)])
+def test_kernels_on_full_partial_and_empty_tiles(triton_backend, dtype, n, k):
+    """Masks mixing full, partial and empty kernel tiles (the full ones take the mask-free loops), NaN stored under
+    every pruned weight: y, dX, dW and db against the float64 reference, dW exactly zero where pruned."""
+    from lthfast.indexing.tiles import full_partial
+    from lthfast.kernels.masked_matmul import INTERPRETER_TILE, mask_tile_index
+
+    mask = _tile_mix_mask(n, k, INTERPRETER_TILE if not torch.cuda.is_available() else 64)
+    lists = full_partial(mask_tile_index(mask), mask)
+    assert lists.full_tiles > 0 and lists.partial_tiles > 0
+    _check((19,), mask, dtype=dtype, poison=True)
+
+
+def test_full_tiles_do_not_read_the_mask(triton_backend):
+    """The mechanism itself: with tile lists that call every tile full, the kernels never read the mask, so a
+    pruned entry passed in the mask (but not in the lists' mask) reaches y, dX and dW; with lists built from that
+    mask they do not."""
+    from lthfast.indexing.tiles import build_tile_index, full_partial, group_full
+    from lthfast.kernels import masked_matmul as mm
+
+    n = k = 2 * mm.INTERPRETER_TILE if not torch.cuda.is_available() else 128
+    full = torch.ones(n, k, dtype=torch.bool)
+    pruned = full.clone()
+    pruned[1, 2] = False
+    x, w, g = torch.randn(8, k), torch.randn(n, k), torch.randn(8, n)
+    for lists_from, reaches in ((full, True), (pruned, False)):
+        index = build_tile_index(full, *mm.pick_tile_shape(full))
+        full_partial(index, lists_from)
+        group_full(index, lists_from, mm.DW_GROUP_ALIGN)
+        y = mm.masked_linear_forward(x, w, pruned, None, index)
+        dx = mm.masked_linear_grad_input(g, w, pruned, index)
+        dw = mm.masked_linear_grad_weight(g, x, pruned, index, split=1)
+        w_used = w if reaches else w * pruned
+        torch.testing.assert_close(y, x @ w_used.t(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(dx, g @ w_used, atol=1e-4, rtol=1e-5)
+        assert (float(dw[1, 2]) != 0.0) == reaches

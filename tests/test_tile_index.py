@@ -198,3 +198,68 @@ def test_tile_indices_of_weight_shaped_masks_are_the_2d_views():
     assert again is not got[0] and not bool(again.tile_alive[0, 0])
     want = build_tile_index(conv.reshape(40, -1), 16, 36)
     assert all(torch.equal(a, b) for a, b in zip(_index_fields(again), _index_fields(want)))
+
+
+def _full_partial_brute(mask, bn, bk):
+    """{(tile row, tile col): full?} over the alive tiles; an edge tile is full when its in-bounds entries are."""
+    n, k = mask.shape
+    out = {}
+    for i in range(0, n, bn):
+        for j in range(0, k, bk):
+            tile = mask[i : i + bn, j : j + bk]
+            if tile.any():
+                out[(i // bn, j // bk)] = bool(tile.all())
+    return out
+
+
+def _mixed_tiles_mask(n, k, bn, bk, seed=0):
+    """Per tile: empty, full or partial at random (odd shapes leave partial-size edge tiles)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    for i in range(0, n, bn):
+        for j in range(0, k, bk):
+            kind = int(torch.randint(0, 3, (), generator=g))
+            tile = mask[i : i + bn, j : j + bk]
+            if kind == 1:
+                tile.fill_(True)
+            elif kind == 2:
+                tile.copy_(torch.rand(tile.shape, generator=g) < 0.5)
+    return mask
+
+
+@pytest.mark.parametrize("shape, bn, bk", [((64, 48), 16, 16), ((37, 53), 16, 8), ((5, 70), 32, 16)])
+def test_full_partial_lists_put_full_tiles_first(shape, bn, bk):
+    from lthfast.indexing.tiles import full_partial, group_full
+
+    mask = _mixed_tiles_mask(*shape, bn, bk)
+    mask[-1, -1] = True  # the corner edge tile alive; full only if every in-bounds entry is
+    idx = build_tile_index(mask, bn, bk)
+    lists = full_partial(idx, mask)
+    want = _full_partial_brute(mask, bn, bk)
+    assert lists.full_tiles == sum(want.values()) and lists.partial_tiles == len(want) - lists.full_tiles
+    assert 0 < lists.full_tiles < len(want), "the case must mix full and partial tiles"
+    for r in range(idx.tiles_n):
+        start, mid, end = int(idx.row_ptr[r]), int(lists.row_mid[r]), int(idx.row_ptr[r + 1])
+        cols = lists.row_cols[start:end].tolist()
+        assert sorted(cols) == idx.row_cols[start:end].tolist()
+        assert [want[(r, c)] for c in cols] == [True] * (mid - start) + [False] * (end - mid)
+    for c in range(idx.tiles_k):
+        start, mid, end = int(idx.col_ptr[c]), int(lists.col_mid[c]), int(idx.col_ptr[c + 1])
+        rows = lists.col_rows[start:end].tolist()
+        assert sorted(rows) == idx.col_rows[start:end].tolist()
+        assert [want[(r, c)] for r in rows] == [True] * (mid - start) + [False] * (end - mid)
+    rows, cols = column_groups(idx, 4)
+    flags = group_full(idx, mask, 4)
+    for r, c, f in zip(rows.tolist(), cols.tolist(), flags.tolist()):
+        assert f == (1 if r < 0 else int(want[(r, c)]))
+    assert full_partial(idx, mask) is lists  # cached on the index
+
+
+def test_full_partial_follow_a_mask_change():
+    from lthfast.indexing.tiles import full_partial
+
+    mask = torch.ones(32, 32, dtype=torch.bool)
+    assert full_partial(tile_index(mask, 16, 16), mask).full_tiles == 4
+    mask[3, 3] = False  # a new index (the cache follows the version), so new lists
+    lists = full_partial(tile_index(mask, 16, 16), mask)
+    assert (lists.full_tiles, lists.partial_tiles) == (3, 1)

@@ -240,11 +240,7 @@ def column_groups(index: TileIndex, group: int) -> tuple[torch.Tensor, torch.Ten
     key = ("column groups", group)
     if key in index.derived:
         return index.derived[key]
-    if index.col_ptr.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"lthfast: the dW column groups of a tile index {index.shape} are built at their first use, which cannot "
-            "happen inside a CUDA graph capture: run one eager step with this mask before capturing"
-        )
+    _host_build_check(index, "dW column groups")
     col_ptr, col_rows = index.col_ptr.cpu().numpy().astype(np.int64), index.col_rows.cpu().numpy()
     counts = np.diff(col_ptr)
     padded = -(-counts // group) * group
@@ -255,6 +251,93 @@ def column_groups(index: TileIndex, group: int) -> tuple[torch.Tensor, torch.Ten
     cols = np.repeat(np.arange(counts.size, dtype=np.int32), padded)
     device = index.col_ptr.device
     index.derived[key] = (torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device))
+    return index.derived[key]
+
+
+def _host_build_check(index: TileIndex, what: str) -> None:
+    if index.col_ptr.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"lthfast: the {what} of a tile index {index.shape} are built at their first use, which cannot happen "
+            "inside a CUDA graph capture: run one eager step with this mask before capturing"
+        )
+
+
+def tile_full(mask: torch.Tensor, block_n: int, block_k: int) -> np.ndarray:
+    """[ceil(N / block_n), ceil(K / block_k)] bool on the host: the tiles whose every entry inside the mask is
+    alive (an edge tile counts only its entries inside [N, K])."""
+    m = mask.detach().cpu().numpy()
+    n, k = m.shape
+    tiles_n, tiles_k = -(-n // block_n), -(-k // block_k)
+    if n % block_n or k % block_k:
+        padded = np.ones((tiles_n * block_n, tiles_k * block_k), dtype=bool)
+        padded[:n, :k] = m
+        m = padded
+    return m.reshape(tiles_n, block_n, tiles_k, block_k).all(axis=(1, 3))
+
+
+@dataclass(frozen=True)
+class FullPartial:
+    """The alive tiles of a ``TileIndex`` split into full tiles (every entry alive: the kernels skip the mask) and
+    partial ones (the mask applied), int32 on the index's device:
+      row_cols [nnz], row_mid [Tn]: each tile row's alive k-tiles, the full ones first; row n's full tiles are
+        ``row_cols[row_ptr[n]:row_mid[n]]`` and its partial ones ``row_cols[row_mid[n]:row_ptr[n + 1]]``;
+      col_rows [nnz], col_mid [Tk]: the same per tile column (dX);
+      ``full_tiles`` / ``partial_tiles``: the counts.
+    """
+
+    row_cols: torch.Tensor
+    row_mid: torch.Tensor
+    col_rows: torch.Tensor
+    col_mid: torch.Tensor
+    full_tiles: int
+    partial_tiles: int
+
+
+def _full_first(ptr: np.ndarray, items: np.ndarray, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each run ``items[ptr[i]:ptr[i + 1]]`` reordered full entries first (stable), and the run's full end."""
+    run = np.repeat(np.arange(ptr.size - 1), np.diff(ptr))
+    order = np.lexsort((~full, run))  # by run, then full before partial, then the original order
+    mid = ptr[:-1] + np.bincount(run, weights=full, minlength=ptr.size - 1).astype(np.int64)
+    return items[order], mid
+
+
+def full_partial(index: TileIndex, mask: torch.Tensor) -> FullPartial:
+    """The full / partial split of ``index`` (built from ``mask``), cached on the index; built on the host at
+    first use (one copy of the mask from the device)."""
+    key = ("full partial",)
+    if key in index.derived:
+        return index.derived[key]
+    _host_build_check(index, "full / partial tile lists")
+    full = tile_full(mask.reshape(index.shape), index.block_n, index.block_k)
+    row_ptr, row_cols = index.row_ptr.cpu().numpy().astype(np.int64), index.row_cols.cpu().numpy()
+    col_ptr, col_rows = index.col_ptr.cpu().numpy().astype(np.int64), index.col_rows.cpu().numpy()
+    row_run = np.repeat(np.arange(row_ptr.size - 1), np.diff(row_ptr))
+    col_run = np.repeat(np.arange(col_ptr.size - 1), np.diff(col_ptr))
+    cols, row_mid = _full_first(row_ptr, row_cols, full[row_run, row_cols])
+    rows, col_mid = _full_first(col_ptr, col_rows, full[col_rows, col_run])
+    count = int(full[row_run, row_cols].sum())
+    device = index.row_ptr.device
+    out = FullPartial(
+        torch.from_numpy(cols.astype(np.int32)).to(device), torch.from_numpy(row_mid.astype(np.int32)).to(device),
+        torch.from_numpy(rows.astype(np.int32)).to(device), torch.from_numpy(col_mid.astype(np.int32)).to(device),
+        count, index.alive_tiles - count,
+    )  # fmt: skip
+    index.derived[key] = out
+    return out
+
+
+def group_full(index: TileIndex, mask: torch.Tensor, group: int) -> torch.Tensor:
+    """int8 [L], aligned with ``column_groups(index, group)``: 1 where the entry is a full tile or padding (the dW
+    kernels store a group of full tiles without reading the mask), 0 for a partial tile. Cached on the index."""
+    key = ("group full", group)
+    if key in index.derived:
+        return index.derived[key]
+    rows, cols = column_groups(index, group)
+    _host_build_check(index, "dW full-tile flags")
+    full = tile_full(mask.reshape(index.shape), index.block_n, index.block_k)
+    r, c = rows.cpu().numpy(), cols.cpu().numpy()
+    flags = np.where(r < 0, True, full[np.maximum(r, 0), c])
+    index.derived[key] = torch.from_numpy(flags.astype(np.int8)).to(index.row_ptr.device)
     return index.derived[key]
 
 

@@ -5,8 +5,10 @@ Weight W [N, K] is stored dense, mask M [N, K] is bool; X [M, K] and dY [M, N] a
   dX       dX = dY (W ⊙ M)          per (m, k) output tile, loop over the alive n-tiles of k-tile column (CSC)
   dW       dW = (dY^T X) ⊙ M        per GROUP alive tiles of one k-tile column (an SDDMM over the column-ordered
                                     tile list) and M-split; dead tiles stay zero
-Inside a live tile the mask is applied elementwise with ``tl.where``, so a value stored under a pruned entry
-(even NaN) never reaches the result. Accumulation is fp32; inputs fp32/fp16/bf16; fp32 uses IEEE products
+Each row's (column's) alive tiles come full ones first (``tile_index.full_partial``): a full tile, every entry
+alive, runs with no mask load and no select, so a mask pruned in blocks of the tile size or coarser runs mask-free
+loops; inside a partial tile the mask is applied elementwise with ``tl.where``, so a value stored under a pruned
+entry (even NaN) never reaches the result. dW stores a program's tiles without reading the mask when all are full. Accumulation is fp32; inputs fp32/fp16/bf16; fp32 uses IEEE products
 unless ``torch.backends.cuda.matmul.allow_tf32`` is set, matching torch's default numerics.
 
 Tile granularity: the weight tile [BLOCK_N, BLOCK_K] is *fixed per call* and the tile index is built (and cached
@@ -23,7 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lthfast.indexing.tiles import TileIndex, cached_on_mask, column_groups, keep_if_capturing, tile_index
+from lthfast.indexing.tiles import (
+    TileIndex,
+    cached_on_mask,
+    column_groups,
+    full_partial,
+    group_full,
+    keep_if_capturing,
+    tile_index,
+)
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import partial_sum, store_masked
@@ -93,10 +103,54 @@ def _operand(t, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _forward_tile(
+    acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
+    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc += X [m-block, k-tile] @ (W ⊙ M)^T [k-tile, n-block] for the i-th entry of ``row_cols``; the mask is
+    read only where ``APPLY_MASK`` (a partial tile)."""
+    kt = tl.load(row_cols + i).to(IDX)
+    offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
+    nk = in_n[:, None] & in_k[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
+    if APPLY_MASK:
+        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+    return tl.dot(_operand(x, UPCAST), tl.trans(_operand(w, UPCAST)), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _grad_input_tile(
+    acc, g_ptr, w_ptr, m_ptr, col_rows, i, offs_m, offs_k, in_m, in_k, N,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
+    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """acc += dY [m-block, n-tile] @ (W ⊙ M) [n-tile, k-block] for the i-th entry of ``col_rows``; the mask is
+    read only where ``APPLY_MASK``."""
+    nt = tl.load(col_rows + i).to(IDX)
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N
+    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
+    nk = in_n[:, None] & in_k[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
+    if APPLY_MASK:
+        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+    return tl.dot(_operand(g, UPCAST), _operand(w, UPCAST), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _forward_kernel(
     # pointers
     x_ptr, w_ptr, m_ptr, b_ptr, y_ptr,
-    row_ptr, row_cols,  # CSR over weight-tile rows: alive k-tiles of each n-tile
+    row_ptr, row_cols, row_mid,  # CSR over weight-tile rows: alive k-tiles of each n-tile, full ones first
     # sizes
     M, N, K, tiles_n,
     # strides
@@ -116,18 +170,16 @@ def _forward_kernel(
     in_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = tl.load(row_ptr + pid_n)
+    mid = tl.load(row_mid + pid_n)
     end = tl.load(row_ptr + pid_n + 1)
-    for i in range(start, end):
-        kt = tl.load(row_cols + i).to(IDX)
-        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-        in_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
-        nk = in_n[:, None] & in_k[None, :]
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
-        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
-        acc = tl.dot(_operand(x, UPCAST), tl.trans(_operand(w, UPCAST)), acc, input_precision=PRECISION)
+    for i in range(start, mid):  # full tiles: no mask load, no select
+        acc = _forward_tile(acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
+                            False, PRECISION, UPCAST, IDX, BLOCK_K)  # fmt: skip
+    for i in range(mid, end):  # partial tiles: the mask applied
+        acc = _forward_tile(acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
+                            True, PRECISION, UPCAST, IDX, BLOCK_K)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -138,7 +190,7 @@ def _forward_kernel(
 def _grad_input_kernel(
     # pointers
     g_ptr, w_ptr, m_ptr, dx_ptr,
-    col_ptr, col_rows,  # CSC over weight-tile columns: alive n-tiles of each k-tile
+    col_ptr, col_rows, col_mid,  # CSC over weight-tile columns: alive n-tiles of each k-tile, full ones first
     # sizes
     M, N, K, tiles_k,
     # strides
@@ -157,18 +209,16 @@ def _grad_input_kernel(
     in_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     start = tl.load(col_ptr + pid_k)
+    mid = tl.load(col_mid + pid_k)
     end = tl.load(col_ptr + pid_k + 1)
-    for i in range(start, end):
-        nt = tl.load(col_rows + i).to(IDX)
-        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N
-        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                    mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
-        nk = in_n[:, None] & in_k[None, :]
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
-        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
-        acc = tl.dot(_operand(g, UPCAST), _operand(w, UPCAST), acc, input_precision=PRECISION)
+    for i in range(start, mid):  # full tiles: no mask load, no select
+        acc = _grad_input_tile(acc, g_ptr, w_ptr, m_ptr, col_rows, i, offs_m, offs_k, in_m, in_k, N,
+                               stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
+                               False, PRECISION, UPCAST, IDX, BLOCK_N)  # fmt: skip
+    for i in range(mid, end):  # partial tiles: the mask applied
+        acc = _grad_input_tile(acc, g_ptr, w_ptr, m_ptr, col_rows, i, offs_m, offs_k, in_m, in_k, N,
+                               stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
+                               True, PRECISION, UPCAST, IDX, BLOCK_N)  # fmt: skip
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 
@@ -178,6 +228,7 @@ def _grad_weight_kernel(
     # pointers; ws: fp32 workspace [SPLIT, L, BLOCK_N, BLOCK_K] (unused when DIRECT)
     g_ptr, x_ptr, m_ptr, dw_ptr, ws_ptr,
     group_rows, group_cols,  # alive tiles by k-tile column, runs padded with row -1 (tile_index.column_groups)
+    group_full,  # int8 per entry: 1 for a full tile or padding (tile_index.group_full)
     # sizes
     M, N, K, M_PER_SPLIT,
     # strides
@@ -215,7 +266,11 @@ def _grad_weight_kernel(
     if DIRECT:
         m_ptrs = m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk
         dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        store_masked(acc, m_ptrs, dw_ptrs, in_n[:, None] & in_k[None, :])
+        ok = in_n[:, None] & in_k[None, :]
+        if tl.min(tl.load(group_full + first + tl.arange(0, GROUP)), axis=0) != 0:  # all full: no mask read
+            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+        else:
+            store_masked(acc, m_ptrs, dw_ptrs, ok)
     else:
         tl.store(partial_sum(ws_ptr, split, pid, GROUP * BLOCK_N, BLOCK_K), acc)
 
@@ -306,11 +361,12 @@ def masked_linear_forward(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
+    lists = full_partial(index, mask)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * index.tiles_n,)
     _launch(
         _forward, x, index, m, grid,
         x, weight, mask.view(torch.uint8), bias if bias is not None else y, y,
-        index.row_ptr, index.row_cols,
+        index.row_ptr, lists.row_cols, lists.row_mid,
         m, n, k, index.tiles_n,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         y.stride(0), y.stride(1),
@@ -330,11 +386,12 @@ def masked_linear_grad_input(
     dx = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
     if m == 0 or k == 0:
         return dx
+    lists = full_partial(index, mask)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * index.tiles_k,)
     _launch(
         _grad_input, grad, index, m, grid,
         grad, weight, mask.view(torch.uint8), dx,
-        index.col_ptr, index.col_rows,
+        index.col_ptr, lists.col_rows, lists.col_mid,
         m, n, k, index.tiles_k,
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         dx.stride(0), dx.stride(1),
@@ -381,7 +438,7 @@ def masked_linear_grad_weight(
         fixed = None if group is None else {**DW_CONFIGS[0], "GROUP": group}
     _launch(
         _grad_weight, x, index, m, grid,
-        grad, x, mask.view(torch.uint8), dw, ws, rows, cols,
+        grad, x, mask.view(torch.uint8), dw, ws, rows, cols, group_full(index, mask, DW_GROUP_ALIGN),
         m, n, k, m_per_split,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
