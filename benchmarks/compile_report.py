@@ -72,7 +72,7 @@ def conv_stride2_step(dtype: torch.dtype, sparsity: float) -> None:
 
 STEPS = {"linear": linear_step, "conv": conv_step, "conv-s2": conv_stride2_step}
 COLUMNS = ("kernel", "BLOCK_M", "GROUP", "num_warps", "num_stages", "shared", "registers", "local", "wgmma", "mma",
-           "cp_async", "programs_per_sm", "loop_instructions", "loop_mma")  # fmt: skip
+           "cp_async", "programs_per_sm", "loop_instructions", "loop_mma", "full_loop_instructions")  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:

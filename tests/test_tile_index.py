@@ -229,7 +229,7 @@ def _mixed_tiles_mask(n, k, bn, bk, seed=0):
 
 @pytest.mark.parametrize("shape, bn, bk", [((64, 48), 16, 16), ((37, 53), 16, 8), ((5, 70), 32, 16)])
 def test_full_partial_lists_put_full_tiles_first(shape, bn, bk):
-    from lthfast.indexing.tiles import full_partial, group_full
+    from lthfast.indexing.tiles import full_partial, group_full, tile_full_flags
 
     mask = _mixed_tiles_mask(*shape, bn, bk)
     mask[-1, -1] = True  # the corner edge tile alive; full only if every in-bounds entry is
@@ -253,6 +253,8 @@ def test_full_partial_lists_put_full_tiles_first(shape, bn, bk):
     for r, c, f in zip(rows.tolist(), cols.tolist(), flags.tolist()):
         assert f == (1 if r < 0 else int(want[(r, c)]))
     assert full_partial(idx, mask) is lists  # cached on the index
+    tiles = zip(idx.tile_rows.tolist(), idx.tile_cols.tolist(), tile_full_flags(idx, mask).tolist())
+    assert all(f == int(want[(r, c)]) for r, c, f in tiles)
 
 
 def test_full_partial_follow_a_mask_change():

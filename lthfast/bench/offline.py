@@ -14,7 +14,9 @@ what decides its speed before any GPU is lent:
 - ``programs_per_sm``: how many programs fit on one SM by registers and shared memory (occupancy);
 - ``loop_instructions`` / ``loop_mma``: SASS instructions per warp in one step of the main loop, and how many of
   them are HGMMA / HMMA: a step issuing many times more than its matrix instructions is bound by issue, not by the
-  tensor cores (an m64n32k16 HGMMA is ~16 cycles of one SM's tensor cores at bf16, m64n64k16 ~32).
+  tensor cores (an m64n32k16 HGMMA is ~16 cycles of one SM's tensor cores at bf16, m64n64k16 ~32);
+- ``full_loop_instructions``: where a kernel has two such loops with the same matrix instructions (the full-tile
+  loop, which reads no mask, and the partial-tile one), the shorter one's instructions per step; 0 otherwise.
 
 The specialization is Triton's own (``JITFunction.warmup`` on the real arguments: 16-byte aligned pointers,
 strides equal to 1), so the code is what a launch with the same tensors on a GPU would build.
@@ -55,6 +57,7 @@ class Compiled:
     programs_per_sm: int
     loop_instructions: int
     loop_mma: int
+    full_loop_instructions: int = 0
 
     def row(self) -> dict:
         return {"kernel": self.kernel, **self.config, **{f.name: getattr(self, f.name) for f in _STATS}}
@@ -119,20 +122,33 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in usage.items()}
 
 
-def main_loop(cubin: bytes) -> tuple[int, int]:
-    """(instructions, tensor-core instructions) in the body of the kernel's main loop, the backward branch whose
-    body holds the most HGMMA / HMMA: what each loop step issues per warp next to its matrix instructions. (0, 0)
-    without such a loop."""
+def loops(cubin: bytes) -> list[tuple[int, int]]:
+    """(instructions, tensor-core instructions) of the body of every backward branch (loop) of the kernel."""
     code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump(cubin, "-sass"))]
-    best = (0, 0)
+    out = []
     for addr, op in code:
         target = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", op)
         if target is None or int(target.group(1), 16) >= addr:
             continue
         body = [o for a, o in code if int(target.group(1), 16) <= a <= addr]
-        mma = sum(bool(re.search(r"\bH(GMMA|MMA)\b", o)) for o in body)
-        best = max(best, (len(body), mma), key=lambda item: (item[1], item[0]))
-    return best
+        out.append((len(body), sum(bool(re.search(r"\bH(GMMA|MMA)\b", o)) for o in body)))
+    return out
+
+
+def main_loop(cubin: bytes) -> tuple[int, int]:
+    """(instructions, tensor-core instructions) in the body of the kernel's main loop, the backward branch whose
+    body holds the most HGMMA / HMMA (the longest of those): what each loop step issues per warp next to its matrix
+    instructions. (0, 0) without such a loop."""
+    return max(loops(cubin), key=lambda item: (item[1], item[0]), default=(0, 0))
+
+
+def full_loop(cubin: bytes) -> int:
+    """Instructions per step of the shorter of two loops with the main loop's matrix instructions (the full-tile
+    loop of a kernel with full and partial tile lists), else 0."""
+    found = loops(cubin)
+    _, mma = max(found, key=lambda item: (item[1], item[0]), default=(0, 0))
+    same = sorted(n for n, m in found if m == mma and mma > 0)
+    return same[0] if len(same) >= 2 else 0
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int, limits: dict = SM90) -> int:
@@ -164,6 +180,7 @@ def describe(kernel: str, key: tuple, config: dict, compiled) -> Compiled:
         programs_per_sm=programs_per_sm(usage.get("REG", 0), shared, warps),
         loop_instructions=loop_instructions,
         loop_mma=loop_mma,
+        full_loop_instructions=full_loop(compiled.asm["cubin"]),
     )
 
 

@@ -326,6 +326,18 @@ def full_partial(index: TileIndex, mask: torch.Tensor) -> FullPartial:
     return out
 
 
+def tile_full_flags(index: TileIndex, mask: torch.Tensor) -> torch.Tensor:
+    """int8 [nnz], aligned with ``index.tile_rows`` / ``tile_cols``: 1 for a full tile. Cached on the index."""
+    key = ("tile full",)
+    if key in index.derived:
+        return index.derived[key]
+    _host_build_check(index, "full-tile flags")
+    full = tile_full(mask.reshape(index.shape), index.block_n, index.block_k)
+    flags = full[index.tile_rows.cpu().numpy(), index.tile_cols.cpu().numpy()]
+    index.derived[key] = torch.from_numpy(flags.astype(np.int8)).to(index.row_ptr.device)
+    return index.derived[key]
+
+
 def group_full(index: TileIndex, mask: torch.Tensor, group: int) -> torch.Tensor:
     """int8 [L], aligned with ``column_groups(index, group)``: 1 where the entry is a full tile or padding (the dW
     kernels store a group of full tiles without reading the mask), 0 for a partial tile. Cached on the index."""

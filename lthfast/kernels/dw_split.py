@@ -74,12 +74,22 @@ def store_masked(acc, m_ptrs, dw_ptrs, ok):
 
 
 @triton.jit
+def store_tile(acc, full, m_ptrs, dw_ptrs, ok):
+    """``store_masked``, or a plain store when ``full`` (every entry of the tile alive: the mask is not read)."""
+    if full:
+        tl.store(dw_ptrs, acc.to(dw_ptrs.dtype.element_ty), mask=ok)
+    else:
+        store_masked(acc, m_ptrs, dw_ptrs, ok)
+
+
+@triton.jit
 def _reduce_kernel(
-    ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, SPLIT, N, C,
+    ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, tile_full, SPLIT, N, C,
     smn, smc, smh, smw, swn, swc, swh, sww,
     KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype. One program per (alive tile, tap)."""
+    """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype. One program per (alive tile, tap);
+    a full tile (``tile_full`` nonzero) is stored without reading the mask."""
     pid = tl.program_id(0)
     r, s, offs_n, offs_c = tile_tap(pid, tile_rows, tile_cols, KH, KW, BLOCK_N, BLOCK_C)
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -87,7 +97,8 @@ def _reduce_kernel(
         acc += tl.load(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C))
     nc_ok = ((offs_n >= 0) & (offs_n < N))[:, None] & (offs_c < C)[None, :]  # row -1: padding (linear dW groups)
     m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
-    store_masked(acc, m_ptrs, dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, nc_ok)
+    store_tile(acc, tl.load(tile_full + pid // (KH * KW)) != 0, m_ptrs,
+               dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, nc_ok)  # fmt: skip
 
 
 # One config: the reduce is a short streaming pass. Launched through Tuned like the other kernels (a key with one
@@ -101,17 +112,23 @@ def workspace(split: int, programs: int, block_n: int, block_c: int, device: tor
 
 
 def reduce(
-    ws: torch.Tensor, mask: torch.Tensor, grad_w: torch.Tensor, tile_rows: torch.Tensor, tile_cols: torch.Tensor
+    ws: torch.Tensor,
+    mask: torch.Tensor,
+    grad_w: torch.Tensor,
+    tile_rows: torch.Tensor,
+    tile_cols: torch.Tensor,
+    tile_full: torch.Tensor,
 ) -> torch.Tensor:
     """Sum the workspace ``ws`` [split, programs, BN, BC] over its splits into the tiles of ``grad_w`` listed by
-    ``tile_rows`` / ``tile_cols`` (int32; row -1: padding, skipped), with exact zeros where ``mask`` is False.
+    ``tile_rows`` / ``tile_cols`` (int32; row -1: padding, skipped), with exact zeros where ``mask`` is False;
+    ``tile_full`` (int8, one per listed tile) marks the full tiles, stored without reading the mask.
     ``mask`` and ``grad_w`` are [N, C, KH, KW] (a linear layer's [N, K] as [N, K, 1, 1]); ``programs`` = listed
     tiles x KH x KW, at tile [BN, BC]."""
     split, programs, block_n, block_c = ws.shape
     n, c, kh, kw = grad_w.shape
     _reduce.launch(
         (), lambda meta: (programs,),
-        ws, mask, grad_w, tile_rows, tile_cols, split, n, c,
+        ws, mask, grad_w, tile_rows, tile_cols, tile_full, split, n, c,
         *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     return grad_w

@@ -5,8 +5,8 @@ is BLOCK_N output channels x BLOCK_C input channels x all KH*KW taps, i.e. the [
 ``tile_index(mask.view(N, -1), BLOCK_N, BLOCK_C*KH*KW)``: the kernels loop over the alive tiles of that cached
 index only, and inside a tile over the taps, gathering a [BLOCK_M, BLOCK_C] slab of the input per tap (no im2col
 is materialized). Forward and dX read W ⊙ M, made by the launcher (one elementwise pass over the small weight,
-into channels_last), so a pruned weight contributes exact zeros even inside an alive tile; dW applies the mask at
-its store.
+into channels_last), so a pruned weight contributes exact zeros even inside an alive tile and their loops read no
+mask; dW applies the mask at its store, except on full tiles (every entry alive: ``tile_index.tile_full_flags``).
 
   forward  Y[m, n]  = sum_k Xcol[m, k] (W*M)[n, k]   grid: M-tiles x N-tiles, loop over the CSR row of the N-tile
   dX       dX[b, c, h, w] = sum_{n, tap} dY[b, n, p, q] (W*M)[n, c, tap] where h = p*stride - pad + r*dil:
@@ -29,10 +29,10 @@ import triton
 import triton.language as tl
 
 from lthfast import _backend
-from lthfast.indexing.tiles import TileIndex, contents_stamp, keep_if_capturing, tile_index
+from lthfast.indexing.tiles import TileIndex, contents_stamp, keep_if_capturing, tile_full_flags, tile_index
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
-from lthfast.kernels.dw_split import partial_sum, store_masked, tile_tap
+from lthfast.kernels.dw_split import partial_sum, store_tile, tile_tap
 from lthfast.reference import SAME_WIDTH_INT
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -245,7 +245,7 @@ def _conv_dx_kernel(
 @triton.jit
 def _conv_dw_kernel(
     # pointers: input, output gradient, mask, weight gradient, fp32 workspace [SPLIT, programs, BN, BC]; COO list
-    x_ptr, dy_ptr, m_ptr, dw_ptr, ws_ptr, tile_rows, tile_cols,
+    x_ptr, dy_ptr, m_ptr, dw_ptr, ws_ptr, tile_rows, tile_cols, tile_full,
     B, C, H, W, N, P, Q, M_PER_SPLIT,
     # strides of x, dy, mask, dw
     sxb, sxc, sxh, sxw, sdb, sdn, sdp, sdq, smn, smc, smh, smw, swn, swc, swh, sww,
@@ -297,7 +297,7 @@ def _conv_dw_kernel(
     if DIRECT:
         m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
         dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
-        store_masked(acc, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
+        store_tile(acc, tl.load(tile_full + pid // (KH * KW)) != 0, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
     else:
         tl.store(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C), acc)
 
@@ -415,10 +415,11 @@ def conv2d_grad_weight(
     split = cdiv(m, m_per_split)
     direct = split == 1
     ws = grad_w if direct else dw_split.workspace(split, programs, block_n, block_c, x.device)
+    full = tile_full_flags(index, mask)
     _launch(
         _dw, x, index, (size_class(batch), n, c, p, q, *stride, m_per_split, density_class(index.tile_density)),
         lambda meta: (programs, split),
-        x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols,
+        x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols, full,
         batch, c, h, w, n, p, q, m_per_split,
         *x.stride(), *grad_out.stride(), *mask.stride(), *grad_w.stride(),
         *_conv_args(stride, padding, dilation),
@@ -426,5 +427,5 @@ def conv2d_grad_weight(
         FLAT_DY=_flat_pixels(grad_out), IDX=offset_type(x, grad_out), BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
     if not direct:
-        dw_split.reduce(ws, mask, grad_w, index.tile_rows, index.tile_cols)
+        dw_split.reduce(ws, mask, grad_w, index.tile_rows, index.tile_cols, full)
     return grad_w

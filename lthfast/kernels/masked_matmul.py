@@ -8,8 +8,9 @@ Weight W [N, K] is stored dense, mask M [N, K] is bool; X [M, K] and dY [M, N] a
 Each row's (column's) alive tiles come full ones first (``tile_index.full_partial``): a full tile, every entry
 alive, runs with no mask load and no select, so a mask pruned in blocks of the tile size or coarser runs mask-free
 loops; inside a partial tile the mask is applied elementwise with ``tl.where``, so a value stored under a pruned
-entry (even NaN) never reaches the result. dW stores a program's tiles without reading the mask when all are full. Accumulation is fp32; inputs fp32/fp16/bf16; fp32 uses IEEE products
-unless ``torch.backends.cuda.matmul.allow_tf32`` is set, matching torch's default numerics.
+entry (even NaN) never reaches the result. dW stores a program's tiles without reading the mask when all are
+full. Accumulation is fp32; inputs fp32/fp16/bf16; fp32 uses IEEE products unless
+``torch.backends.cuda.matmul.allow_tf32`` is set, matching torch's default numerics.
 
 Tile granularity: the weight tile [BLOCK_N, BLOCK_K] is *fixed per call* and the tile index is built (and cached
 on the mask by ``tile_index``) at that granularity; the autotuner only varies BLOCK_M, warps and stages. The
@@ -36,7 +37,7 @@ from lthfast.indexing.tiles import (
 )
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
-from lthfast.kernels.dw_split import partial_sum, store_masked
+from lthfast.kernels.dw_split import partial_sum, store_tile
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
 # feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).
@@ -266,11 +267,8 @@ def _grad_weight_kernel(
     if DIRECT:
         m_ptrs = m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk
         dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        ok = in_n[:, None] & in_k[None, :]
-        if tl.min(tl.load(group_full + first + tl.arange(0, GROUP)), axis=0) != 0:  # all full: no mask read
-            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
-        else:
-            store_masked(acc, m_ptrs, dw_ptrs, ok)
+        full = tl.min(tl.load(group_full + first + tl.arange(0, GROUP)), axis=0) != 0  # all GROUP tiles full
+        store_tile(acc, full, m_ptrs, dw_ptrs, in_n[:, None] & in_k[None, :])
     else:
         tl.store(partial_sum(ws_ptr, split, pid, GROUP * BLOCK_N, BLOCK_K), acc)
 
@@ -425,6 +423,7 @@ def masked_linear_grad_weight(
     if m == 0 or index.alive_tiles == 0:
         return dw
     rows, cols = column_groups(index, DW_GROUP_ALIGN)
+    full = group_full(index, mask, DW_GROUP_ALIGN)
     split = dw_split.split_count(m, index.alive_tiles, x.device) if split is None else split
     m_per_split = cdiv(m, split)
     split = cdiv(m, m_per_split)
@@ -438,7 +437,7 @@ def masked_linear_grad_weight(
         fixed = None if group is None else {**DW_CONFIGS[0], "GROUP": group}
     _launch(
         _grad_weight, x, index, m, grid,
-        grad, x, mask.view(torch.uint8), dw, ws, rows, cols, group_full(index, mask, DW_GROUP_ALIGN),
+        grad, x, mask.view(torch.uint8), dw, ws, rows, cols, full,
         m, n, k, m_per_split,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
@@ -447,7 +446,7 @@ def masked_linear_grad_weight(
         BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     if not direct:  # the [N, K] layer as a 1x1 conv weight [N, K, 1, 1]
-        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], rows, cols)
+        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], rows, cols, full)
     return dw
 
 
