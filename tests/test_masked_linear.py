@@ -533,3 +533,27 @@ def test_full_tiles_do_not_read_the_mask(triton_backend):
         torch.testing.assert_close(y, x @ w_used.t(), atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(dx, g @ w_used, atol=1e-4, rtol=1e-5)
         assert (float(dw[1, 2]) != 0.0) == reaches
+
+
+def test_a_graph_capture_reads_the_mask_on_every_tile(triton_backend, monkeypatch):
+    """Inside a CUDA graph capture (``dw_split.full_tiles`` False) the kernels read the mask on full tiles too, so
+    a graph replayed after an in-place prune stays exact: stale lists calling every tile full must not matter."""
+    from lthfast.indexing.tiles import build_tile_index, full_partial, group_full
+    from lthfast.kernels import masked_matmul as mm
+
+    monkeypatch.setattr(mm, "full_tiles", lambda t: False)
+    n = k = 2 * mm.INTERPRETER_TILE if not torch.cuda.is_available() else 128
+    full = torch.ones(n, k, dtype=torch.bool)
+    pruned = full.clone()
+    pruned[1, 2] = False
+    x, w, g = torch.randn(8, k), torch.randn(n, k), torch.randn(8, n)
+    index = build_tile_index(full, *mm.pick_tile_shape(full))
+    full_partial(index, full)  # stale lists: every tile full
+    group_full(index, full, mm.DW_GROUP_ALIGN)
+    w_used = w * pruned
+    torch.testing.assert_close(
+        mm.masked_linear_forward(x, w, pruned, None, index), x @ w_used.t(), atol=1e-4, rtol=1e-5
+    )
+    torch.testing.assert_close(mm.masked_linear_grad_input(g, w, pruned, index), g @ w_used, atol=1e-4, rtol=1e-5)
+    for split in (1, 2):
+        assert float(mm.masked_linear_grad_weight(g, x, pruned, index, split=split)[1, 2]) == 0.0

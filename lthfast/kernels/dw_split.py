@@ -73,6 +73,13 @@ def store_masked(acc, m_ptrs, dw_ptrs, ok):
     tl.store(dw_ptrs, acc.to(dw_ptrs.dtype.element_ty), mask=ok)
 
 
+def full_tiles(t: torch.Tensor) -> bool:
+    """Whether the kernels run full tiles without reading the mask: in eager calls; not while a CUDA graph is being
+    captured, since a graph replayed after an in-place prune must stay exact (its captured lists go stale: a tile
+    full then may be partial now, and only reading the mask keeps a pruned weight out)."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 @triton.jit
 def store_tile(acc, full, m_ptrs, dw_ptrs, ok):
     """``store_masked``, or a plain store when ``full`` (every entry of the tile alive: the mask is not read)."""
@@ -86,10 +93,10 @@ def store_tile(acc, full, m_ptrs, dw_ptrs, ok):
 def _reduce_kernel(
     ws_ptr, m_ptr, dw_ptr, tile_rows, tile_cols, tile_full, SPLIT, N, C,
     smn, smc, smh, smw, swn, swc, swh, sww,
-    KH: tl.constexpr, KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FULL_TILES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dw[tile, tap] = (sum over splits of the workspace) * M, in dw's dtype. One program per (alive tile, tap);
-    a full tile (``tile_full`` nonzero) is stored without reading the mask."""
+    with FULL_TILES a full tile (``tile_full`` nonzero) is stored without reading the mask."""
     pid = tl.program_id(0)
     r, s, offs_n, offs_c = tile_tap(pid, tile_rows, tile_cols, KH, KW, BLOCK_N, BLOCK_C)
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
@@ -97,8 +104,11 @@ def _reduce_kernel(
         acc += tl.load(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C))
     nc_ok = ((offs_n >= 0) & (offs_n < N))[:, None] & (offs_c < C)[None, :]  # row -1: padding (linear dW groups)
     m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
-    store_tile(acc, tl.load(tile_full + pid // (KH * KW)) != 0, m_ptrs,
-               dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww, nc_ok)  # fmt: skip
+    dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
+    if FULL_TILES:
+        store_tile(acc, tl.load(tile_full + pid // (KH * KW)) != 0, m_ptrs, dw_ptrs, nc_ok)
+    else:
+        store_masked(acc, m_ptrs, dw_ptrs, nc_ok)
 
 
 # One config: the reduce is a short streaming pass. Launched through Tuned like the other kernels (a key with one
@@ -117,18 +127,20 @@ def reduce(
     grad_w: torch.Tensor,
     tile_rows: torch.Tensor,
     tile_cols: torch.Tensor,
-    tile_full: torch.Tensor,
+    tile_full: torch.Tensor | None,
 ) -> torch.Tensor:
     """Sum the workspace ``ws`` [split, programs, BN, BC] over its splits into the tiles of ``grad_w`` listed by
     ``tile_rows`` / ``tile_cols`` (int32; row -1: padding, skipped), with exact zeros where ``mask`` is False;
-    ``tile_full`` (int8, one per listed tile) marks the full tiles, stored without reading the mask.
+    ``tile_full`` (int8, one per listed tile) marks the full tiles, stored without reading the mask (None: every
+    tile reads it, as inside a CUDA graph capture).
     ``mask`` and ``grad_w`` are [N, C, KH, KW] (a linear layer's [N, K] as [N, K, 1, 1]); ``programs`` = listed
     tiles x KH x KW, at tile [BN, BC]."""
     split, programs, block_n, block_c = ws.shape
     n, c, kh, kw = grad_w.shape
     _reduce.launch(
         (), lambda meta: (programs,),
-        ws, mask, grad_w, tile_rows, tile_cols, tile_full, split, n, c,
-        *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, BLOCK_N=block_n, BLOCK_C=block_c,
+        ws, mask, grad_w, tile_rows, tile_cols, tile_rows if tile_full is None else tile_full, split, n, c,
+        *mask.stride(), *grad_w.stride(), KH=kh, KW=kw, FULL_TILES=tile_full is not None, BLOCK_N=block_n,
+        BLOCK_C=block_c,
     )  # fmt: skip
     return grad_w

@@ -32,7 +32,7 @@ from lthfast import _backend
 from lthfast.indexing.tiles import TileIndex, contents_stamp, keep_if_capturing, tile_full_flags, tile_index
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
-from lthfast.kernels.dw_split import partial_sum, store_tile, tile_tap
+from lthfast.kernels.dw_split import full_tiles, partial_sum, store_masked, store_tile, tile_tap
 from lthfast.reference import SAME_WIDTH_INT
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -251,10 +251,12 @@ def _conv_dw_kernel(
     sxb, sxc, sxh, sxw, sdb, sdn, sdp, sdq, smn, smc, smh, smw, swn, swc, swh, sww,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, DIRECT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    FLAT_DY: tl.constexpr, IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    FLAT_DY: tl.constexpr, IDX: tl.constexpr, FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dW[tile, tap] = (dY^T Xcol) * M over one M-split; DIRECT stores into dw, else into the workspace.
-    FLAT_DY: dY's pixels (b, p, q) are packed, pixel m at m * sdq (``_flat_pixels``)."""
+    FLAT_DY: dY's pixels (b, p, q) are packed, pixel m at m * sdq (``_flat_pixels``). FULL_TILES: a full tile is
+    stored without reading the mask (off inside a CUDA graph capture: ``dw_split.full_tiles``)."""
     pid = tl.program_id(0)  # alive tile * KH*KW + tap
     split = tl.program_id(1)
     r, s, offs_n, offs_c = tile_tap(pid, tile_rows, tile_cols, KH, KW, BLOCK_N, BLOCK_C)
@@ -297,7 +299,10 @@ def _conv_dw_kernel(
     if DIRECT:
         m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
         dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
-        store_tile(acc, tl.load(tile_full + pid // (KH * KW)) != 0, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
+        if FULL_TILES:
+            store_tile(acc, tl.load(tile_full + pid // (KH * KW)) != 0, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
+        else:
+            store_masked(acc, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
     else:
         tl.store(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C), acc)
 
@@ -415,17 +420,19 @@ def conv2d_grad_weight(
     split = cdiv(m, m_per_split)
     direct = split == 1
     ws = grad_w if direct else dw_split.workspace(split, programs, block_n, block_c, x.device)
-    full = tile_full_flags(index, mask)
+    full = full_tiles(x)
+    flags = tile_full_flags(index, mask) if full else index.tile_rows
     _launch(
         _dw, x, index, (size_class(batch), n, c, p, q, *stride, m_per_split, density_class(index.tile_density)),
         lambda meta: (programs, split),
-        x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols, full,
+        x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols, flags,
         batch, c, h, w, n, p, q, m_per_split,
         *x.stride(), *grad_out.stride(), *mask.stride(), *grad_w.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, DIRECT=direct, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
-        FLAT_DY=_flat_pixels(grad_out), IDX=offset_type(x, grad_out), BLOCK_N=block_n, BLOCK_C=block_c,
+        FLAT_DY=_flat_pixels(grad_out), IDX=offset_type(x, grad_out), FULL_TILES=full, BLOCK_N=block_n,
+        BLOCK_C=block_c,
     )  # fmt: skip
     if not direct:
-        dw_split.reduce(ws, mask, grad_w, index.tile_rows, index.tile_cols, full)
+        dw_split.reduce(ws, mask, grad_w, index.tile_rows, index.tile_cols, flags if full else None)
     return grad_w

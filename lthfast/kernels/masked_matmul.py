@@ -37,7 +37,7 @@ from lthfast.indexing.tiles import (
 )
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
-from lthfast.kernels.dw_split import partial_sum, store_tile
+from lthfast.kernels.dw_split import full_tiles, partial_sum, store_masked, store_tile
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
 # feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).
@@ -158,9 +158,10 @@ def _forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
     # meta-parameters
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Y [M, N] = X [M, K] @ (W ⊙ M)^T [K, N] (+ b [N]). One program per (BLOCK_M x BLOCK_N) output tile."""
+    """Y [M, N] = X [M, K] @ (W ⊙ M)^T [K, N] (+ b [N]). One program per (BLOCK_M x BLOCK_N) output tile.
+    FULL_TILES: run the full tiles without the mask (off: every tile reads it; see ``dw_split.full_tiles``)."""
     pid = tl.program_id(0).to(IDX)
     # n fastest: the programs in flight share one X row block, and the sparse weight stays in L2.
     pid_n = pid % tiles_n
@@ -171,7 +172,7 @@ def _forward_kernel(
     in_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = tl.load(row_ptr + pid_n)
-    mid = tl.load(row_mid + pid_n)
+    mid = tl.load(row_mid + pid_n) if FULL_TILES else start
     end = tl.load(row_ptr + pid_n + 1)
     for i in range(start, mid):  # full tiles: no mask load, no select
         acc = _forward_tile(acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
@@ -197,10 +198,11 @@ def _grad_input_kernel(
     # strides
     stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk, stride_xm, stride_xk,
     # meta-parameters
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr, FULL_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """dX [M, K] = dY [M, N] @ (W ⊙ M) [N, K]. One program per (BLOCK_M x BLOCK_K) tile of dX."""
+    """dX [M, K] = dY [M, N] @ (W ⊙ M) [N, K]. One program per (BLOCK_M x BLOCK_K) tile of dX; FULL_TILES as in
+    the forward."""
     pid = tl.program_id(0).to(IDX)
     pid_k = pid % tiles_k
     pid_m = pid // tiles_k
@@ -210,7 +212,7 @@ def _grad_input_kernel(
     in_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     start = tl.load(col_ptr + pid_k)
-    mid = tl.load(col_mid + pid_k)
+    mid = tl.load(col_mid + pid_k) if FULL_TILES else start
     end = tl.load(col_ptr + pid_k + 1)
     for i in range(start, mid):  # full tiles: no mask load, no select
         acc = _grad_input_tile(acc, g_ptr, w_ptr, m_ptr, col_rows, i, offs_m, offs_k, in_m, in_k, N,
@@ -236,7 +238,8 @@ def _grad_weight_kernel(
     stride_gm, stride_gn, stride_xm, stride_xk, stride_mn, stride_mk, stride_wn, stride_wk,
     # meta-parameters
     DIRECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):  # fmt: skip
     """dW tiles = (dY^T [N, M] @ X [M, K]) ⊙ M for GROUP alive weight tiles of one k-tile column over one M-split
     (program_id 1), reduced in BLOCK_M steps: one X slab [BLOCK_M, BLOCK_K] serves the GROUP tiles, whose dY
@@ -267,8 +270,11 @@ def _grad_weight_kernel(
     if DIRECT:
         m_ptrs = m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk
         dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        full = tl.min(tl.load(group_full + first + tl.arange(0, GROUP)), axis=0) != 0  # all GROUP tiles full
-        store_tile(acc, full, m_ptrs, dw_ptrs, in_n[:, None] & in_k[None, :])
+        ok = in_n[:, None] & in_k[None, :]
+        if FULL_TILES:  # all GROUP tiles full: stored without reading the mask
+            store_tile(acc, tl.min(tl.load(group_full + first + tl.arange(0, GROUP)), axis=0) != 0, m_ptrs, dw_ptrs, ok)
+        else:
+            store_masked(acc, m_ptrs, dw_ptrs, ok)
     else:
         tl.store(partial_sum(ws_ptr, split, pid, GROUP * BLOCK_N, BLOCK_K), acc)
 
@@ -324,6 +330,23 @@ def mask_tile_index(mask: torch.Tensor) -> TileIndex:
     return cached_on_mask(mask, what, lambda: tile_index(mask, *choose_tile_shape(mask)))
 
 
+def _row_lists(index: TileIndex, mask: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_cols, row_mid) for the forward: the full / partial lists, or (in a capture) the index's own with no
+    full tiles (row_mid = row_ptr: each row's full end is its start)."""
+    if not full:
+        return index.row_cols, index.row_ptr
+    lists = full_partial(index, mask)
+    return lists.row_cols, lists.row_mid
+
+
+def _col_lists(index: TileIndex, mask: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(col_rows, col_mid) for dX, as ``_row_lists``."""
+    if not full:
+        return index.col_rows, index.col_ptr
+    lists = full_partial(index, mask)
+    return lists.col_rows, lists.col_mid
+
+
 def _check(index: TileIndex, weight_shape: tuple[int, ...], *tensors: torch.Tensor) -> None:
     if index.shape != tuple(weight_shape):
         raise ValueError(f"masked_matmul: tile index for {index.shape} used with weight {tuple(weight_shape)}")
@@ -359,17 +382,18 @@ def masked_linear_forward(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    lists = full_partial(index, mask)
+    full = full_tiles(x)
+    row_cols, row_mid = _row_lists(index, mask, full)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * index.tiles_n,)
     _launch(
         _forward, x, index, m, grid,
         x, weight, mask.view(torch.uint8), bias if bias is not None else y, y,
-        index.row_ptr, lists.row_cols, lists.row_mid,
+        index.row_ptr, row_cols, row_mid,
         m, n, k, index.tiles_n,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), UPCAST=_upcast(x),
-        IDX=offset_type(x, y, weight, mask), BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        IDX=offset_type(x, y, weight, mask), FULL_TILES=full, BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     return y
 
@@ -384,17 +408,18 @@ def masked_linear_grad_input(
     dx = torch.empty((m, k), dtype=grad.dtype, device=grad.device)
     if m == 0 or k == 0:
         return dx
-    lists = full_partial(index, mask)
+    full = full_tiles(grad)
+    col_rows, col_mid = _col_lists(index, mask, full)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * index.tiles_k,)
     _launch(
         _grad_input, grad, index, m, grid,
         grad, weight, mask.view(torch.uint8), dx,
-        index.col_ptr, lists.col_rows, lists.col_mid,
+        index.col_ptr, col_rows, col_mid,
         m, n, k, index.tiles_k,
         grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), mask.stride(0), mask.stride(1),
         dx.stride(0), dx.stride(1),
         PRECISION=_precision(grad.dtype), UPCAST=_upcast(grad), IDX=offset_type(grad, dx, weight, mask),
-        BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        FULL_TILES=full, BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     return dx
 
@@ -423,7 +448,8 @@ def masked_linear_grad_weight(
     if m == 0 or index.alive_tiles == 0:
         return dw
     rows, cols = column_groups(index, DW_GROUP_ALIGN)
-    full = group_full(index, mask, DW_GROUP_ALIGN)
+    full = full_tiles(x)
+    flags = group_full(index, mask, DW_GROUP_ALIGN) if full else rows
     split = dw_split.split_count(m, index.alive_tiles, x.device) if split is None else split
     m_per_split = cdiv(m, split)
     split = cdiv(m, m_per_split)
@@ -437,16 +463,17 @@ def masked_linear_grad_weight(
         fixed = None if group is None else {**DW_CONFIGS[0], "GROUP": group}
     _launch(
         _grad_weight, x, index, m, grid,
-        grad, x, mask.view(torch.uint8), dw, ws, rows, cols, full,
+        grad, x, mask.view(torch.uint8), dw, ws, rows, cols, flags,
         m, n, k, m_per_split,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
         fixed=fixed,
         DIRECT=direct, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), IDX=offset_type(grad, x, dw, mask),
-        BLOCK_N=index.block_n, BLOCK_K=index.block_k,
+        FULL_TILES=full, BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
     if not direct:  # the [N, K] layer as a 1x1 conv weight [N, K, 1, 1]
-        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], rows, cols, full)
+        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], rows, cols,
+                        flags if full else None)  # fmt: skip
     return dw
 
 
