@@ -261,8 +261,9 @@ def test_auto_backend_falls_back_to_dense_when_most_tiles_are_alive(triton_backe
 def test_cuda_tile_shape_follows_the_mask_granularity(triton_backend):
     from lthfast.kernels.masked_matmul import choose_tile_shape
 
-    assert choose_tile_shape(torch.ones(256, 256, dtype=torch.bool)) == (64, 64)  # all alive: coarsest tile
-    assert choose_tile_shape(block_mask(256, 256, 0.9, 64)) == (64, 64)
+    assert choose_tile_shape(torch.ones(256, 256, dtype=torch.bool)) == (128, 128)  # all alive: coarsest tile
+    assert choose_tile_shape(block_mask(512, 512, 0.75, 128)) == (128, 128)
+    assert choose_tile_shape(block_mask(256, 256, 0.9, 64)) == (64, 64)  # 128x128 would be ~3.4x the alive area
     assert choose_tile_shape(block_mask(256, 256, 0.9, 32)) == (32, 32)  # 64x64 would be ~3x the alive area
 
 
@@ -284,7 +285,7 @@ def test_cuda_kernel_index_is_one_cached_choice_and_never_stale(monkeypatch):
     monkeypatch.setattr(mm, "_interpreted", lambda t: False)
     mask.fill_(True)  # in place: every tile alive, so the coarsest tile wins now
     second = mm.mask_tile_index(mask)
-    assert (second.block_n, second.block_k) == (64, 64) and second.alive_tiles == 16
+    assert (second.block_n, second.block_k) == (128, 128) and second.alive_tiles == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -106,11 +106,10 @@ class Tuned:
         self.timings: dict[tuple, list[tuple[Config, float]]] = {}  # key -> (config, ms) of its tuning run
 
     def candidates(self, key: tuple) -> list[Config]:
-        """The configs timed for ``key``: the first only when tuning is off, else those ``prune`` keeps."""
-        if not enabled():
-            return self.configs[:1]
-        kept = self.prune(self.configs, key) if self.prune is not None else self.configs
-        return list(kept) or self.configs[:1]
+        """The configs timed for ``key``: those ``prune`` keeps, only the first of them when tuning is off."""
+        kept = list(self.prune(self.configs, key)) if self.prune is not None else list(self.configs)
+        kept = kept or self.configs[:1]
+        return kept if enabled() else kept[:1]
 
     def _tune(self, key: tuple, grid: Grid, args: tuple, kwargs: dict) -> Config:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

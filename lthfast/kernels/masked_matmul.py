@@ -40,8 +40,10 @@ from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, si
 from lthfast.kernels.dw_split import full_tiles, partial_sum, store_masked, store_tile
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
-# feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16).
-CUDA_TILE_SHAPES = ((64, 64), (64, 32), (32, 32))
+# feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16). 128x128 serves masks pruned in 128x128
+# blocks (and dense ones): a wider tile re-reads X and dY less often per flop (1/BLOCK_N + 1/BLOCK_M bytes per flop
+# in bf16, lthfast.bench.floor), at one program per SM (compiled offline for sm_90: 147 KB of buffers).
+CUDA_TILE_SHAPES = ((128, 128), (64, 64), (64, 32), (32, 32))
 # A coarser tile is kept while its alive area is at most this much above the finest candidate's: the larger
 # tile runs closer to peak per flop; the slack is an estimate until measured on an H100 (bench_masked_linear.py).
 TILE_AREA_SLACK = 0.15
@@ -69,10 +71,37 @@ DW_CONFIGS = [{**c, "GROUP": g} for g in (1, 2, 4) for c in CUDA_CONFIGS]
 INTERPRETER_GROUP = 2  # CI's default: a grouped dW; tests pass group=1 and 4 too
 
 
+# A config is kept while its accumulator holds at most this many fp32 values per thread, 128-wide weight tiles run
+# on 8 warps or more, and its pipeline buffers fit in MAX_BUFFERS bytes of shared memory. Compiled offline for sm_90
+# (bf16, 128x128 weight tiles): 255 registers per thread at 4 warps for BLOCK_M 64 and 128 (166-175 at 8 warps), and
+# 229-246 KB of buffers at 5 and 7 stages (one program per SM, or none); the forward and dX loops keep
+# (stages + 1) // 2 buffers of X (or dY), W and the mask, the dW loop ``stages`` buffers of dY and X.
+ACC_PER_THREAD = 64
+WIDE_TILE_WARPS = 8
+MAX_BUFFERS = 200 * 1024
+
+
+def _fits(c: dict, acc: int, per_stage: int, buffers: int, wide: bool) -> bool:
+    warps = c["num_warps"]
+    return (
+        acc <= ACC_PER_THREAD * 32 * warps and (not wide or warps >= WIDE_TILE_WARPS)
+        and buffers * per_stage <= MAX_BUFFERS
+    )  # fmt: skip
+
+
 def _prune_configs(configs: list[dict], key: tuple) -> list[dict]:
-    """Drop BLOCK_M larger than the (bucketed) token count, the key's first entry; keep at least one config."""
-    m_bucket = key[0]
-    return [c for c in configs if c["BLOCK_M"] <= max(64, m_bucket)] or configs[:1]
+    """Drop BLOCK_M larger than the (bucketed) token count, the key's first entry, and configs whose accumulator or
+    buffers do not fit (``_fits``; the key holds (tokens, N, K, BLOCK_N, BLOCK_K, density, dtype, ...)); keep at
+    least one config."""
+    m_bucket, block_n, block_k, dtype = key[0], key[3], key[4], key[6]
+
+    def ok(c: dict) -> bool:
+        rows = c["BLOCK_M"] * max(block_n, block_k)  # the forward's [M, N] or dX's [M, K] accumulator
+        per_stage = rows * dtype.itemsize + block_n * block_k * (dtype.itemsize + 1)  # X or dY, W and the mask
+        buffers = (c["num_stages"] + 1) // 2
+        return c["BLOCK_M"] <= max(64, m_bucket) and _fits(c, rows, per_stage, buffers, max(block_n, block_k) >= 128)
+
+    return [c for c in configs if ok(c)] or configs[:1]
 
 
 # A grouped dW config is kept while its pipeline buffers (stages x BLOCK_M x (GROUP * BLOCK_N + BLOCK_K) elements) fit
@@ -89,9 +118,12 @@ def _prune_dw_configs(configs: list[dict], key: tuple) -> list[dict]:
 
     def small(c: dict) -> bool:
         buffers = c["num_stages"] * c["BLOCK_M"] * (c["GROUP"] * block_n + block_k) * dtype.itemsize
-        return c["GROUP"] == 1 or (buffers <= DW_GROUP_MAX_BUFFERS and c["GROUP"] * block_n <= DW_GROUP_MAX_ROWS)
+        grouped_ok = buffers <= DW_GROUP_MAX_BUFFERS and c["GROUP"] * block_n <= DW_GROUP_MAX_ROWS
+        per_stage = c["BLOCK_M"] * (c["GROUP"] * block_n + block_k) * dtype.itemsize
+        fits = _fits(c, c["GROUP"] * block_n * block_k, per_stage, c["num_stages"], max(block_n, block_k) >= 128)
+        return fits and (c["GROUP"] == 1 or grouped_ok) and c["BLOCK_M"] <= max(64, key[0])
 
-    return _prune_configs([c for c in configs if small(c)], key)
+    return [c for c in configs if small(c)] or configs[:1]
 
 
 @triton.jit
