@@ -104,3 +104,12 @@ def test_profiling_scripts_refuse_an_unknown_what(name, good, monkeypatch, capsy
     bench = script(name)
     monkeypatch.setattr(sys, "argv", [f"{name}.py", "--what", good.split(",")[0][:-1]])  # a typo: one letter short
     assert "--what: expected some of " + good in refused(bench.main, capsys)
+
+
+def test_gpu_prediction_script_writes_the_committed_table(tmp_path):
+    """benchmarks/predict_gpu.py regenerates benchmarks/results/gpu-predictions-h200.md (the same text, with its
+    own command in it), so the committed predictions are what the model and the launchers' decisions give now."""
+    out = tmp_path / "gpu-predictions-h200.md"
+    assert script("predict_gpu").main(["--out", str(out)]) == 0
+    committed = (BENCHMARKS / "results" / "gpu-predictions-h200.md").read_text()
+    assert out.read_text().replace(str(out), "benchmarks/results/gpu-predictions-h200.md") == committed
