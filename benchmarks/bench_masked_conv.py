@@ -60,7 +60,7 @@ NETS = {
     ],
 }  # fmt: skip
 PROVIDERS = ("dense", "mask-multiply", "lthfast", "lthfast-triton")
-LAYOUTS = ("unstructured", "channel-block-16", "channel-block-32", "tile-block")
+LAYOUTS = ("unstructured", "channel-block-16", "channel-block-32", "channel-block-64", "tile-block")
 SPARSITIES = (0.0, 0.8, 0.9, 0.95, 0.98)
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to the output's scale
 # Dense peak FLOP/s and bandwidth (B/s) for the floor: H100 SXM5 and H200 datasheet figures (no sparsity).
