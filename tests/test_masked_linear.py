@@ -558,3 +558,32 @@ def test_a_graph_capture_reads_the_mask_on_every_tile(triton_backend, monkeypatc
     torch.testing.assert_close(mm.masked_linear_grad_input(g, w, pruned, index), g @ w_used, atol=1e-4, rtol=1e-5)
     for split in (1, 2):
         assert float(mm.masked_linear_grad_weight(g, x, pruned, index, split=split)[1, 2]) == 0.0
+
+
+@pytest.mark.parametrize("tile", [32, 64, 128])
+def test_kernels_at_the_cuda_tile_sizes(triton_backend, tile):
+    """The kernels at each CUDA weight-tile size (the interpreter's own is 16), on a mask in blocks of that size
+    (full tiles) with a partial and an empty tile and odd edges, NaN under every pruned weight: y, dX and dW (direct
+    and split) against float64."""
+    from lthfast.indexing.tiles import tile_index
+    from lthfast.kernels import masked_matmul as mm
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's case; on CUDA the tile sizes are covered by the gpu tests")
+    n, k = 2 * tile + 5, 2 * tile + 3
+    mask = block_mask(n, k, 0.25, tile)
+    mask[:tile, :tile] = True
+    mask[:tile, tile : 2 * tile] = torch.rand(tile, tile) < 0.5  # a partial tile beside a full one
+    mask[tile : 2 * tile, :tile] = False  # an empty one
+    x, w, g = torch.randn(9, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64), torch.randn(9, n)
+    w64 = torch.where(mask, w, 0)
+    w = w.float().masked_fill(~mask, float("nan"))
+    index = tile_index(mask, tile, tile)
+    y = mm.masked_linear_forward(x.float(), w, mask, None, index)
+    dx = mm.masked_linear_grad_input(g, w, mask, index)
+    torch.testing.assert_close(y.double(), x @ w64.t(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(dx.double(), g.double() @ w64, atol=1e-4, rtol=1e-5)
+    for split in (1, 2):
+        dw = mm.masked_linear_grad_weight(g, x.float(), mask, index, split=split, group=1)
+        torch.testing.assert_close(dw.double(), torch.where(mask, g.double().t() @ x, 0), atol=1e-4, rtol=1e-5)
+        assert bool((dw[~mask] == 0).all())
