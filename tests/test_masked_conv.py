@@ -388,21 +388,13 @@ def test_gpu_shapes(triton_backend, shape, dtype, kind, monkeypatch):
 def test_dw_on_full_partial_and_empty_tiles(triton_backend, split):
     """A mask whose kernel tiles are full (every entry alive: dW stored without reading the mask), partial or empty:
     dW against float64, exactly zero where pruned, stored directly and through the split reduce."""
+    from lthfast.bench.masks import mixed_tile_mask
     from lthfast.indexing.tiles import tile_full_flags
 
     kernels = _kernels()
     bn, bc = _tiles()
     x, w, _, _ = _draw(2, 2 * bc + 3, 2 * bn + 5, (5, 6), 3)
-    g = torch.Generator().manual_seed(1)
-    m = torch.zeros(w.shape, dtype=torch.bool)
-    for i in range(0, m.shape[0], bn):
-        for j in range(0, m.shape[1], bc):
-            kind = int(torch.randint(0, 3, (), generator=g))
-            part = m[i : i + bn, j : j + bc]
-            if kind == 1:
-                part.fill_(True)
-            elif kind == 2:
-                part.copy_(torch.rand(part.shape, generator=g) < 0.5)
+    m = mixed_tile_mask(tuple(w.shape), bn, bc, torch.Generator().manual_seed(1))
     index = kernels.conv_tile_index(m)
     flags = tile_full_flags(index, m)
     assert 0 < int(flags.sum()) < index.alive_tiles, "the case must mix full and partial tiles"

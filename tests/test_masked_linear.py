@@ -483,18 +483,9 @@ def test_dw_split_count_fills_the_gpu(monkeypatch):
 
 
 def _tile_mix_mask(n, k, tile, seed=0):
-    """Per kernel tile: empty, full or partial at random; odd shapes leave partial-size edge tiles."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(n, k, dtype=torch.bool)
-    for i in range(0, n, tile):
-        for j in range(0, k, tile):
-            kind = int(torch.randint(0, 3, (), generator=g))
-            part = mask[i : i + tile, j : j + tile]
-            if kind < 2:
-                part.fill_(kind == 1)
-            else:
-                part.copy_(torch.rand(part.shape, generator=g) < 0.4)
-    return mask
+    from lthfast.bench.masks import mixed_tile_mask
+
+    return mixed_tile_mask((n, k), tile, tile, torch.Generator().manual_seed(seed), density=0.4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -213,18 +213,9 @@ def _full_partial_brute(mask, bn, bk):
 
 
 def _mixed_tiles_mask(n, k, bn, bk, seed=0):
-    """Per tile: empty, full or partial at random (odd shapes leave partial-size edge tiles)."""
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(n, k, dtype=torch.bool)
-    for i in range(0, n, bn):
-        for j in range(0, k, bk):
-            kind = int(torch.randint(0, 3, (), generator=g))
-            tile = mask[i : i + bn, j : j + bk]
-            if kind == 1:
-                tile.fill_(True)
-            elif kind == 2:
-                tile.copy_(torch.rand(tile.shape, generator=g) < 0.5)
-    return mask
+    from lthfast.bench.masks import mixed_tile_mask
+
+    return mixed_tile_mask((n, k), bn, bk, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("shape, bn, bk", [((64, 48), 16, 16), ((37, 53), 16, 8), ((5, 70), 32, 16)])

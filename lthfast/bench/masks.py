@@ -71,3 +71,19 @@ def two_four_mask(rows: int, cols: int, generator: torch.Generator | None = None
     mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool)
     mask.scatter_(-1, keep, True)
     return mask.view(rows, cols)
+
+
+def mixed_tile_mask(shape, block_n: int, block_k: int, generator: torch.Generator, density: float = 0.5):
+    """A bool mask of ``shape`` (2-D, or a conv weight's [Cout, Cin, kh, kw]) whose [block_n, block_k] tiles over its
+    first two dimensions are each empty, full or partial (``density`` of the entries alive) at random; odd shapes
+    leave partial-size edge tiles. For tests of kernels that treat full and partial tiles apart."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for i in range(0, shape[0], block_n):
+        for j in range(0, shape[1], block_k):
+            kind = int(torch.randint(0, 3, (), generator=generator))
+            tile = mask[i : i + block_n, j : j + block_k]
+            if kind == 1:
+                tile.fill_(True)
+            elif kind == 2:
+                tile.copy_(torch.rand(tile.shape, generator=generator) < density)
+    return mask
