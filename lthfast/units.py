@@ -81,7 +81,7 @@ class StackedLinear(_StackedMasked):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.units
         if x.dim() == 2:  # flat features side by side, as flatten(1) leaves a stacked image batch
-            x = x.view(x.shape[0], u, self.in_features).transpose(0, 1)
+            x = x.reshape(x.shape[0], u, self.in_features).transpose(0, 1)
         elif x.dim() != 3 or x.shape[0] != u:
             raise ValueError(
                 f"StackedLinear({u} units): input must be [B, {u} * in] or [{u}, B, in], got {tuple(x.shape)}"
