@@ -160,18 +160,6 @@ def test_refusals_name_the_module():
         units.stack(circular)
 
 
-def test_stacked_linear_takes_a_non_contiguous_flat_input():
-    models = masked_models("mlp", 2)
-    stacked = units.stack(models)
-    xs = torch.randn(2, 5, 12, dtype=torch.float64)
-    flat = units.stack_input(xs)
-    strided = torch.empty(flat.shape[1], flat.shape[0], dtype=torch.float64).t()  # same values, transposed storage
-    strided.copy_(flat)
-    assert not strided.is_contiguous()
-    want = torch.stack([m(xs[u]) for u, m in enumerate(models)])
-    torch.testing.assert_close(stacked(strided), want, rtol=1e-12, atol=1e-12)
-
-
 def test_stacked_linear_rejects_a_mismatched_input():
     stacked = units.stack(masked_models("mlp", 2))
     with pytest.raises(ValueError, match="StackedLinear\\(2 units\\)"):
