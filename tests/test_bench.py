@@ -452,3 +452,44 @@ def test_train_steps_lthfast_with_its_fused_optimizer(optimizer):
 def test_train_config_refuses_an_unknown_optimizer():
     with pytest.raises(ValueError, match="optimizer"):
         train.TrainConfig(optimizer="lbfgs")
+
+
+def test_train_times_stacked_units_checked_per_unit(monkeypatch):
+    """``lthfast-unitsU``: U copies stacked by lthfast.units, checked against the float64 reference (every unit's
+    logits, unit 0's gradients, no gradient where pruned) and timed as one step that trains U batches."""
+    cfg = train.TrainConfig(
+        model="mlp-mnist1d", batch=8, sparsities=[0.5], blocks=[1], providers=["lthfast", "lthfast-units3"], **FAST
+    )
+    entries = {e["provider"]: e for e in train.run_train(cfg, log=quiet)["rows"][0]["results"]}
+    units3 = entries["lthfast-units3"]
+    assert units3["status"] == "ok" and units3["units"] == 3 and units3["optimizer"] == "MaskedSGD", units3
+    assert units3["samples_per_s"] == pytest.approx(3 * 8 / (units3["median_ms"] * 1e-3))
+    assert units3["speedup_vs_dense"] == pytest.approx(units3["samples_per_s"] / entries["dense"]["samples_per_s"])
+
+    real = train.build_variant  # a stack whose masks are all alive: same logits, gradients leak into pruned weights
+    monkeypatch.setattr(
+        train, "build_variant",
+        lambda name, base, masks: real(name, base, {k: torch.ones_like(m) for k, m in masks.items()})
+        if name.startswith("lthfast-units") else real(name, base, masks),
+    )  # fmt: skip
+    entries = {e["provider"]: e for e in train.run_train(cfg, log=quiet)["rows"][0]["results"]}
+    assert entries["lthfast-units3"]["status"] == "error"
+    assert "nonzero where the mask is False" in entries["lthfast-units3"]["reason"]
+
+
+def test_train_config_takes_units_providers_only_with_a_positive_count():
+    assert train.units_of("lthfast-units4") == 4 and train.units_of("lthfast-units0") is None
+    with pytest.raises(ValueError, match="lthfast-units0"):
+        train.TrainConfig(providers=["lthfast-units0"])
+
+
+def test_cli_bench_train_units(tmp_path, capsys):
+    argv = ["bench", "train", "--model", "mlp-mnist1d", "--batch", "8", "--sparsity", "0.5", "--block", "1"]
+    argv += ["--providers", "lthfast", "--units", "2", "--repeats", "1", "--min-run-time", "0.002", "--buffers", "3"]
+    argv += ["--device", "cpu", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (json_path,) = tmp_path.glob("bench_train-mlp-mnist1d-cpu-*.json")
+    doc = json.loads(json_path.read_text())
+    providers = [r["provider"] for r in doc["rows"][0]["results"]]
+    assert providers == ["dense", "lthfast", "lthfast-units2"]
+    assert "lthfast-units2" in doc["command"] and "lthfast-units2" in capsys.readouterr().out

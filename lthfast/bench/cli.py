@@ -279,6 +279,7 @@ def _cmd_train(args: argparse.Namespace):
         "min_run_time": args.min_run_time, "rep_ms": args.rep_ms, "repeats": args.repeats, "buffers": args.buffers,
     }  # fmt: skip
     providers = list(VARIANTS) if args.providers == "all" else [p.strip() for p in args.providers.split(",")]
+    providers += [f"lthfast-units{u}" for u in args.units if f"lthfast-units{u}" not in providers]
     cfg = TrainConfig(
         model=args.model, batch=args.batch, device=device, providers=providers, seed=args.seed,
         optimizer=args.optimizer, **{k: v for k, v in overrides.items() if v is not None},
@@ -373,7 +374,10 @@ def register(subparsers) -> None:
 
     train = _parser(sub, "train", "whole training steps of a masked network: samples/s")
     train.add_argument(
-        "--model", default="lenet300", choices=("lenet300", "resnet20", "vgg16"), help="(default: lenet300)"
+        "--model",
+        default="lenet300",
+        choices=("lenet300", "mlp-mnist1d", "resnet20", "vgg16"),
+        help="(default: lenet300)",
     )
     train.add_argument("--batch", type=_at_least(1), default=128, help="(default: 128)")
     train.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
@@ -381,8 +385,11 @@ def register(subparsers) -> None:
                        "with lthfast's fused masked optimizer (MaskedSGD / MaskedAdam: alive weights only), the others "
                        "with torch's (default: sgd)")  # fmt: skip
     train.add_argument("--providers", default="all",
-                       help="dense, torch-prune, lthfast, sparseprop, comma-separated, or all = the first three; "
-                       "dense is always included (default: all)")  # fmt: skip
+                       help="dense, torch-prune, lthfast, sparseprop, lthfast-unitsU, comma-separated, or all = the "
+                       "first three; dense is always included (default: all)")  # fmt: skip
+    train.add_argument("--units", type=_ints, default=[],
+                       help="U,U,...: add providers lthfast-unitsU: U masked copies stacked by lthfast.units, one step "
+                       "for all; samples/s counts every unit's samples (default: none)")  # fmt: skip
     _common(train, TRAIN_DEFAULTS)
     _short_metavars(train)
     train.set_defaults(func=_cmd_train)

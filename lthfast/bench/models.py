@@ -1,15 +1,16 @@
-"""The networks ``lthfast bench train`` times, from ``lthfast.models``: LeNet-300-100 on MNIST shapes, ResNet-20 and
-VGG-16 on CIFAR-10 shapes."""
+"""The networks ``lthfast bench train`` times, from ``lthfast.models``: LeNet-300-100 on MNIST shapes, the MNIST-1D MLP
+(40-256-256-10), ResNet-20 and VGG-16 on CIFAR-10 shapes."""
 
 from __future__ import annotations
 
 from torch import nn
 
-# bench name -> (lthfast.models.build_model name, input shape without the batch, classes)
+# bench name -> (lthfast.models.build_model name, input shape without the batch, classes, its keyword arguments)
 MODELS = {
-    "lenet300": ("lenet", (1, 28, 28), 10),
-    "resnet20": ("resnet20", (3, 32, 32), 10),
-    "vgg16": ("vgg16", (3, 32, 32), 10),
+    "lenet300": ("lenet", (1, 28, 28), 10, {}),
+    "mlp-mnist1d": ("mlp", (40,), 10, {"hidden": (256, 256)}),  # the demo's and the claims runs' MLP
+    "resnet20": ("resnet20", (3, 32, 32), 10, {}),
+    "vgg16": ("vgg16", (3, 32, 32), 10, {}),
 }
 
 
@@ -20,6 +21,7 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int, str]:
 
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: expected one of {sorted(MODELS)}")
-    project_name, input_shape, classes = MODELS[name]
-    model = build_model(project_name, input_shape, classes)
-    return model, input_shape, classes, f"lthfast.models.build_model({project_name!r})"
+    project_name, input_shape, classes, kwargs = MODELS[name]
+    model = build_model(project_name, input_shape, classes, **kwargs)
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return model, input_shape, classes, f"lthfast.models.build_model({project_name!r}{extra})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
+from lthfast import units as lthfast_units
 from lthfast.bench import models, timing
 from lthfast.bench.check import CheckFailed
 from lthfast.bench.layer import classify_failure, parse_dtype, report_failures, time_interleaved
@@ -62,13 +64,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_sweep("TrainConfig", self.sparsities, self.blocks or [1], self.repeats)
         known = VARIANTS + OPTIONAL_VARIANTS
-        unknown = [p for p in self.providers if p not in known]
+        unknown = [p for p in self.providers if p not in known and units_of(p) is None]
         if unknown:
             raise ValueError(f"unknown training variant(s) {unknown}: expected some of {list(known)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"TrainConfig: optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if "dense" not in self.providers:
             self.providers = ["dense", *self.providers]  # every ratio is to dense measured in the same run
+
+
+def units_of(provider: str) -> int | None:
+    """U of a provider "lthfast-unitsU" (U >= 1), else None."""
+    match = re.fullmatch(r"lthfast-units([1-9][0-9]*)", provider)
+    return int(match.group(1)) if match else None
 
 
 def default_blocks(model: str) -> list[int]:
@@ -101,9 +109,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def build_variant(name: str, base: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """A deep copy of ``base`` (whose weights already hold W ⊙ M) set up as variant ``name``."""
+    """A deep copy of ``base`` (whose weights already hold W ⊙ M) set up as variant ``name``; "lthfast-unitsU": U
+    copies of the lthfast variant stacked by ``lthfast.units`` (one model taking U batches side by side)."""
     if name == "sparseprop":
         return _sparseprop_model(base, masks)
+    count = units_of(name)
+    if count is not None:
+        return lthfast_units.stack([build_variant("lthfast", base, masks) for _ in range(count)])
     model = copy.deepcopy(base)
     if name == "dense":
         return model
@@ -169,7 +181,11 @@ def _check_weight_grads(model: nn.Module, reference: nn.Module, masks: dict[str,
 
 def check_variant(model, variant, reference, masks, x, y, dtype) -> float:
     """Logits (train mode, no grad) against the float64 reference; then one backward: every masked weight's
-    gradient zero where pruned and the reference's where alive."""
+    gradient zero where pruned and the reference's where alive. A stacked variant: every unit's logits, and
+    unit 0's weight gradients (``lthfast.units.unit_state_dict`` of the gradients)."""
+    count = units_of(variant)
+    if count is not None:
+        return _check_units(model, count, reference, masks, x, y, dtype)
     with torch.no_grad():
         out = model(x).double()
         ref = reference(x.double())
@@ -186,20 +202,73 @@ def check_variant(model, variant, reference, masks, x, y, dtype) -> float:
     return err
 
 
+def _units_input(x: torch.Tensor, count: int) -> torch.Tensor:
+    return lthfast_units.stack_input(x.unsqueeze(0).expand(count, *x.shape))
+
+
+def _check_units(model, count, reference, masks, x, y, dtype) -> float:
+    """``check_variant`` for a stack of ``count`` copies, every unit fed the same batch."""
+    tol = MODEL_TOLERANCE[dtype]
+    with torch.no_grad():
+        out = model(_units_input(x, count)).double()
+        ref = reference(x.double())
+    scale = float(ref.abs().max())
+    err = float((out - ref.unsqueeze(0)).abs().max()) / (scale if scale > 0 else 1.0)
+    if not math.isfinite(err) or err > tol:
+        raise CheckFailed(f"logits of the {count} units: normalised error {err:.2e} > {tol:.0e} ({dtype})")
+    reference.zero_grad(set_to_none=True)
+    F.cross_entropy(reference(x.double()), y).backward()
+    lthfast_units.cross_entropy(model(_units_input(x, count)).float(), y.unsqueeze(0).expand(count, -1)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for mod_name, mask in masks.items():
+        grad = grads.get(f"{mod_name}.weight")
+        if grad is None:
+            raise CheckFailed(f"{mod_name}: no weight gradient")
+        for u in range(count):
+            if bool((grad[u][~mask] != 0).any()):
+                raise CheckFailed(f"{mod_name} unit {u}: weight gradient is nonzero where the mask is False")
+        ref = reference.get_submodule(mod_name).weight.grad
+        diff = float((grad[0].double() - ref).mul(mask).abs().max())
+        scale = float(ref.mul(mask).abs().max())
+        if not math.isfinite(diff) or diff > tol * (scale if scale > 0 else 1.0):
+            raise CheckFailed(f"{mod_name}: weight gradient of unit 0 off by {diff:.2e} ({dtype})")
+    model.zero_grad(set_to_none=True)
+    return err
+
+
 def make_optimizer(cfg: TrainConfig, name: str, model: nn.Module) -> torch.optim.Optimizer:
     """The step's optimizer: torch's for every variant but lthfast's, which steps with lthfast's fused masked
     optimizer (alive weights only; pruned weights and their state stay exactly zero without a guard)."""
     import lthfast
 
-    fused = name == "lthfast" and next(model.parameters()).device.type == "cpu"
+    cpu = next(model.parameters()).device.type == "cpu"
+    fused = (name == "lthfast" or units_of(name) is not None) and cpu
+    where = {}
+    if fused:  # a stack's masks are on its stacked layers, which only it knows
+        where = {"masks": lthfast_units.masks(model)} if units_of(name) is not None else {"model": model}
     if cfg.optimizer == "adam":
         cls = lthfast.MaskedAdam if fused else torch.optim.Adam
-        return cls(model.parameters(), lr=1e-3, **({"model": model} if fused else {}))
+        return cls(model.parameters(), lr=1e-3, **where)
     cls = lthfast.MaskedSGD if fused else torch.optim.SGD
-    return cls(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, **({"model": model} if fused else {}))
+    return cls(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4, **where)
 
 
-def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, rotation: timing.Rotation) -> Callable[[], None]:
+def _step_fn(
+    model: nn.Module, opt: torch.optim.Optimizer, rotation: timing.Rotation, count: int | None = None
+) -> Callable[[], None]:
+    """One training step; ``count`` units of a stacked model each take their own batch of the rotation."""
+    if count is not None:
+
+        def units_step() -> None:
+            batches = [next(rotation) for _ in range(count)]
+            x = lthfast_units.stack_input(torch.stack([b[0] for b in batches]))
+            y = torch.stack([b[1] for b in batches])
+            opt.zero_grad(set_to_none=True)
+            lthfast_units.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+
+        return units_step
+
     def step() -> None:
         x, y = next(rotation)
         opt.zero_grad(set_to_none=True)
@@ -224,9 +293,11 @@ def prepare_variant(name, base, masks, reference, rotation, cfg: TrainConfig, dt
         return {"provider": name, "status": status, "reason": text}, None
     opt = make_optimizer(cfg, name, model)
     entry = {"provider": name, "status": "ok", "reason": None, "max_err": err, "optimizer": type(opt).__name__}
+    if units_of(name) is not None:
+        entry["units"] = units_of(name)
     if name == "sparseprop":
         _sparseprop_conversion(entry, model, base, masks, cfg)
-    return entry, (model, _step_fn(model, opt, rotation))
+    return entry, (model, _step_fn(model, opt, rotation, units_of(name)))
 
 
 def _sparseprop_conversion(entry: dict, model: nn.Module, base: nn.Module, masks, cfg: TrainConfig) -> None:
@@ -285,14 +356,17 @@ def run_row(cfg: TrainConfig, base, sparsity, block, rotation, device, dtype, lo
         if "convert_ms" in r:
             log(f"  {r['provider']:12s} built from W and M in {r['convert_ms']:.3f} ms after the prune ({r['detail']})")
         t = timings[r["provider"]]
+        count = r.get("units", 1)
         with torch.no_grad():  # a diverging run (NaN/inf) would time different arithmetic: recorded, not hidden
-            loss_after = float(F.cross_entropy(built[r["provider"]][0](x0).float(), y0))
-        r.update(density=density, samples_per_s=cfg.batch / (t.median_ms * 1e-3), loss_after=loss_after, **t.as_dict())
+            logits = built[r["provider"]][0](_units_input(x0, count) if "units" in r else x0)
+            loss_after = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y0.repeat(count)))
+        samples = cfg.batch * count  # a stacked step trains every unit's batch
+        r.update(density=density, samples_per_s=samples / (t.median_ms * 1e-3), loss_after=loss_after, **t.as_dict())
         log(f"  {r['provider']:12s} {r['samples_per_s']:.1f} samples/s")
     dense = next((r for r in results if r["provider"] == "dense" and r["status"] == "ok"), None)
-    for r in results:
+    for r in results:  # throughput over dense's: a stacked step counts all its units' samples
         if r["status"] == "ok":
-            r["speedup_vs_dense"] = dense["median_ms"] / r["median_ms"] if dense else None
+            r["speedup_vs_dense"] = r["samples_per_s"] / dense["samples_per_s"] if dense else None
     return {
         "sparsity": sparsity, "block": block, "density": density, "tile": list(_tile(cfg, None)), "tile_density": alive,
         "tile_index_ms": t_index.median_ms, "results": results,
