@@ -39,6 +39,10 @@ OPTIONAL_VARIANTS = ("sparseprop",)  # from an optional package: run when named,
 # Normalised logit error against a float64 copy of the masked network. Looser than one layer's (check.TOLERANCE):
 # rounding compounds over up to 16 layers, TF32 included in float32 on a GPU; a wrong tile gives errors of O(1).
 MODEL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+# Weight gradients against the float64 network's, normalised by the layer's largest: looser again, since BatchNorm's
+# backward cancels sums over the batch. torch's own float32 ResNet-20 (dense route, batch 128) is 1.2e-2 off in its
+# 12th conv's gradient; a wrong tile or a leaked pruned weight is off by O(1).
+GRAD_TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-2, torch.float16: 1e-1, torch.bfloat16: 2e-1}
 
 
 @dataclass
@@ -164,7 +168,7 @@ def _weight_grad(module: nn.Module) -> torch.Tensor | None:
 
 def _check_weight_grads(model: nn.Module, reference: nn.Module, masks: dict[str, torch.Tensor], dtype) -> None:
     """Every masked layer's weight gradient: exactly zero where pruned, the float64 reference's where alive."""
-    tol = MODEL_TOLERANCE[dtype]
+    tol = GRAD_TOLERANCE[dtype]
     for mod_name, mask in masks.items():
         grad = _weight_grad(model.get_submodule(mod_name))
         ref = reference.get_submodule(mod_name).weight.grad
@@ -230,8 +234,10 @@ def _check_units(model, count, reference, masks, x, y, dtype) -> float:
         ref = reference.get_submodule(mod_name).weight.grad
         diff = float((grad[0].double() - ref).mul(mask).abs().max())
         scale = float(ref.mul(mask).abs().max())
-        if not math.isfinite(diff) or diff > tol * (scale if scale > 0 else 1.0):
-            raise CheckFailed(f"{mod_name}: weight gradient of unit 0 off by {diff:.2e} ({dtype})")
+        err = diff / scale if scale > 0 else diff
+        if not math.isfinite(err) or err > GRAD_TOLERANCE[dtype]:
+            raise CheckFailed(f"{mod_name}: weight gradient of unit 0, normalised error {err:.2e} > "
+                              f"{GRAD_TOLERANCE[dtype]:.0e} ({dtype})")  # fmt: skip
     model.zero_grad(set_to_none=True)
     return err
 
