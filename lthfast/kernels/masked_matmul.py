@@ -136,6 +136,19 @@ def _operand(t, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(w_ptr, m_ptr, offs_n, offs_k, in_n, in_k, stride_wn, stride_wk, stride_mn, stride_mk,
+                 APPLY_MASK: tl.constexpr):  # fmt: skip
+    """The weight tile [n-block, k-block] (zeros outside [N, K]), and W ⊙ M where ``APPLY_MASK`` (a partial tile:
+    the mask is read and a value stored under a pruned entry, even NaN, becomes 0)."""
+    nk = in_n[:, None] & in_k[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
+    if APPLY_MASK:
+        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+    return w
+
+
+@triton.jit
 def _forward_tile(
     acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
@@ -149,11 +162,7 @@ def _forward_tile(
     in_k = offs_k < K
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
-    nk = in_n[:, None] & in_k[None, :]
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
-    if APPLY_MASK:
-        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
+    w = _weight_tile(w_ptr, m_ptr, offs_n, offs_k, in_n, in_k, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK)
     return tl.dot(_operand(x, UPCAST), tl.trans(_operand(w, UPCAST)), acc, input_precision=PRECISION)
 
 
@@ -171,11 +180,7 @@ def _grad_input_tile(
     in_n = offs_n < N
     g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                 mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
-    nk = in_n[:, None] & in_k[None, :]
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
-    if APPLY_MASK:
-        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
+    w = _weight_tile(w_ptr, m_ptr, offs_n, offs_k, in_n, in_k, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK)
     return tl.dot(_operand(g, UPCAST), _operand(w, UPCAST), acc, input_precision=PRECISION)
 
 
