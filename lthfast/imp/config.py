@@ -26,9 +26,11 @@ EARLY_STOP = ("val_loss", "val_acc")
 # --block sizes: the kernels' tile sizes (lthfast.kernels, lthfast.ops), and 1 for unstructured pruning.
 BLOCKS = (1, 4, 8, 16, 32, 64, 128)
 # Options that say where and how loudly a run happens, not what it computes: they may change on resume. (compile
-# changes the rounding of fused elementwise ops only, like threads, so a run may be resumed with or without it.)
+# changes the rounding of fused elementwise ops only, like threads, so a run may be resumed with or without it;
+# cuda_graph the optimizer's kernels only: fused SGD, capturable Adam.)
 NOT_IDENTITY = (
     "out_dir", "name", "quiet", "force", "cache_dir", "data_dir", "checkpoint_every", "threads", "plots", "compile",
+    "cuda_graph",
 )  # fmt: skip
 # Options added after runs were made: they enter the identity only when not at these defaults, so that the runs made
 # before keep their names and can be resumed.
@@ -114,6 +116,11 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)"})
     amp: str = field(default="none", metadata={"help": "mixed precision: none, bf16, fp16 (fp16 with a GradScaler)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model for training (fullgraph)"})
+    cuda_graph: bool = field(
+        default=True,
+        metadata={"help": "on CUDA, replay each unit's training step as a CUDA graph after 3 eager warm-up steps "
+                  "(captured again for every unit, so after every prune); off under DDP, fp16 and --compile"},
+    )  # fmt: skip
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     name: str | None = field(default=None, metadata={"help": "run directory name (default: from the config)"})
     cache_dir: str | None = field(default=None, metadata={"help": "generated-data cache (default: OUT_DIR/.cache)"})

@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from torch import nn
 
 from lthfast.data import BatchSampler, Dataset, augment_crop_flip
 from lthfast.distributed import World
-from lthfast.imp import rundir
+from lthfast.imp import graphed, rundir
 from lthfast.imp.config import Config, Steps
 from lthfast.imp.errors import CheckpointError
 from lthfast.nn import MaskedConv2d, MaskedLinear
@@ -92,10 +93,22 @@ def lr_at(iteration: int, cfg: Config, steps: Steps) -> float:
     return cfg.lr * factor
 
 
-def autocast(cfg: Config, device: torch.device):
-    """The ``torch.autocast`` context of ``cfg.amp`` on ``device`` (disabled for "none")."""
+def autocast(cfg: Config, device: torch.device, cache: bool = True):
+    """The ``torch.autocast`` context of ``cfg.amp`` on ``device`` (disabled for "none"); ``cache=False`` for a step
+    captured as a CUDA graph (autocast's cast cache would hold tensors of the capture)."""
     dtype = AMP_DTYPES.get(cfg.amp)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=cache)
+
+
+def use_cuda_graph(cfg: Config, device: torch.device, world: World) -> bool:
+    """Whether a unit's steps are replayed as a CUDA graph: ``cfg.cuda_graph`` on CUDA where the run allows it
+    (``graphed.blocker``; the reason is warned once otherwise)."""
+    if not cfg.cuda_graph or device.type != "cuda":
+        return False
+    why = graphed.blocker(cfg, device, world)
+    if why is not None:
+        warnings.warn(f"lthfast imp: training steps run eagerly, without CUDA graphs: {why}", stacklevel=3)
+    return why is None
 
 
 @torch.no_grad()
@@ -194,6 +207,9 @@ def train_unit(
     state = {"iteration": unit.start, "metrics": [], "best": None, "train_s": 0.0, "wall_s": 0.0, "samples": 0}
     if ckpt_path.exists():
         state = _resume(ckpt_path, model, optimizer, aug, scaler, world)
+    graph = use_cuda_graph(cfg, device, world)
+    if graph:
+        graphed.graph_ready(optimizer, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -212,21 +228,10 @@ def train_unit(
     mine = slice(world.rank * shard, (world.rank + 1) * shard)
     totals = torch.zeros(2, device=device)  # train loss sum, correct count (this rank's examples)
     seen = 0
-    _sync(device)
-    t_train = time.perf_counter()
-    while it < steps.train:
-        if on_iteration is not None:
-            on_iteration(it, model, optimizer)
-        lr = lr_at(it, cfg, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = sampler.indices(it)
-        if augment:  # drawn for the whole batch, so every rank's slice is what a single process would train on
-            x = augment_crop_flip(data.x_train[idx.to(device, non_blocking=True)], aug)[mine]
-        else:
-            x = data.x_train[idx[mine].to(device, non_blocking=True)]
-        y = data.y_train[idx[mine].to(device, non_blocking=True)]
-        with autocast(cfg, device):
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        """One training step on (x, y), adding its loss and correct count to ``totals``."""
+        with autocast(cfg, device, cache=not graph):
             logits = net(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -237,10 +242,27 @@ def train_unit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        it += 1
-        seen += len(y) * world.size
         totals[0] += loss.detach().float() * len(y)
         totals[1] += (logits.detach().argmax(1) == y).sum()
+
+    if graph:
+        step = graphed.GraphedStep(step, lambda: optimizer.zero_grad(set_to_none=True))
+    _sync(device)
+    t_train = time.perf_counter()
+    while it < steps.train:
+        if on_iteration is not None:
+            on_iteration(it, model, optimizer)
+        lr = lr_at(it, cfg, steps)
+        graphed.set_lr(optimizer, lr)
+        idx = sampler.indices(it)
+        if augment:  # drawn for the whole batch, so every rank's slice is what a single process would train on
+            x = augment_crop_flip(data.x_train[idx.to(device, non_blocking=True)], aug)[mine]
+        else:
+            x = data.x_train[idx[mine].to(device, non_blocking=True)]
+        y = data.y_train[idx[mine].to(device, non_blocking=True)]
+        step(x, y)
+        it += 1
+        seen += len(y) * world.size
         if progress is not None:
             progress.update(1)
         if it % steps.eval_every == 0 or it == steps.train:
@@ -308,7 +330,7 @@ def _checkpoint(path: Path, model, optimizer, aug, scaler, state: dict, world: W
     """Collective under DDP (the RNG states are gathered); rank 0 writes."""
     ckpt = {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": graphed.eager_state_dict(optimizer),
         "rng": _rng_state(aug, world),
         "state": json.dumps(state),
         "world_size": world.size,
