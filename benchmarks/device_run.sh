@@ -15,9 +15,11 @@
 #              -> masked_linear-<gpu>.json
 #   graphs     the same with every step captured as a CUDA graph (no host time) -> masked_linear-graphs-<gpu>.json
 #   conv       ResNet-18 layer3 (256 -> 256, 14x14, batch 128) in 64-channel blocks at 90 / 98% -> masked_conv-<gpu>.json
-#   imp        a short `lthfast imp` on CUDA (MNIST-1D MLP, 2 levels of 100 iterations) -> $OUT/runs
+#   imp        a short `lthfast imp` on CUDA (MNIST-1D MLP, 2 levels of 100 iterations), graphed steps, then the same
+#              with --no-cuda-graph -> $OUT/runs
 #   predict    benchmarks/predict_gpu.py: the model's predictions, to read beside the measured rows
-#   crossover  (not default) bench_masked_linear.py --sections crossover --mode train -> masked_linear-crossover-<gpu>.json
+#   crossover  (not default) bench_masked_linear.py --sections crossover --mode train --cuda-graph: the "auto"
+#              crossover for graphed steps (predicted by predict_gpu.py) -> masked_linear-crossover-<gpu>.json
 #   host       (not default) host_overhead.py: the tuner's and the op layers' host time per call on this CPU
 set -u
 OUT=${OUT:-device-out}
@@ -62,19 +64,21 @@ say "# $(nvidia-smi -L 2>&1 | head -1); $($PY -c 'import torch, triton; print("t
 # The C++ extension serves the CPU paths only; build it in the background, as the project installs.
 ($PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; echo "install rc $?" >>"$OUT/install.log") &
 
-run_stage tests 140 bash "$0" --tests
-run_stage profile 50 $PY benchmarks/gpu_profile.py --profile
-run_stage linear 90 $PY benchmarks/bench_masked_linear.py --sections targets --rep-ms 50 \
+run_stage tests 130 bash "$0" --tests
+run_stage profile 45 $PY benchmarks/gpu_profile.py --profile
+run_stage linear 85 $PY benchmarks/bench_masked_linear.py --sections targets --rep-ms 50 \
   --out "$OUT/masked_linear-$GPU.json"
-run_stage graphs 90 $PY benchmarks/bench_masked_linear.py --sections targets --rep-ms 50 --cuda-graph \
+run_stage graphs 85 $PY benchmarks/bench_masked_linear.py --sections targets --rep-ms 50 --cuda-graph \
   --out "$OUT/masked_linear-graphs-$GPU.json"
-run_stage conv 60 $PY benchmarks/bench_masked_conv.py --nets resnet18-imagenet --layers layer3 --batch 128 \
+run_stage conv 55 $PY benchmarks/bench_masked_conv.py --nets resnet18-imagenet --layers layer3 --batch 128 \
   --sparsity 0.9 0.98 --layouts channel-block-64 --out "$OUT/masked_conv-$GPU.json"
-run_stage imp 40 $PY -m lthfast imp --device cuda --model mlp --dataset mnist1d --levels 2 --train-steps 100it \
+run_stage imp 35 $PY -m lthfast imp --device cuda --model mlp --dataset mnist1d --levels 2 --train-steps 100it \
   --replicates 1 --out-dir "$OUT/runs" --name imp-cuda --quiet
-run_stage predict 20 $PY benchmarks/predict_gpu.py
+run_stage imp 25 $PY -m lthfast imp --device cuda --model mlp --dataset mnist1d --levels 2 --train-steps 100it \
+  --replicates 1 --out-dir "$OUT/runs" --name imp-cuda-eager --quiet --no-cuda-graph
+run_stage predict 15 $PY benchmarks/predict_gpu.py
 run_stage crossover 70 $PY benchmarks/bench_masked_linear.py --sections crossover --mode train --rep-ms 50 \
-  --out "$OUT/masked_linear-crossover-$GPU.json"
+  --cuda-graph --out "$OUT/masked_linear-crossover-$GPU.json"
 run_stage host 40 $PY benchmarks/host_overhead.py --repeat 3 --calls 1000
 wait
 tail -n 2 "$OUT/install.log" | tee -a "$LOG"

@@ -117,11 +117,50 @@ def table() -> str:
     return "\n".join(lines)
 
 
+# The dense route's mask products on this layer, W ⊙ M before the forward and dW ⊙ M after it: each reads a bf16
+# weight and a bool mask and writes bf16, 5 bytes per weight, at the H200's ~4.8 TB/s of HBM.
+MASK_MS = 2 * 5 * FEATURES * FEATURES / 4.8e12 * 1e3
+
+
+def crossover() -> str:
+    """The "auto" crossover for graphed steps the model predicts: the alive-tile fraction below which the kernels'
+    step beats cuBLAS on W ⊙ M (plus the mask products). The L2 model is linear in alive tiles, so it is the dense
+    route's time over the kernels' time with every tile alive."""
+    lines = [
+        "| tile | alive tiles | model kernels ms, all tiles alive | predicted crossover (alive-tile fraction) |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for tile in ((32, 32), (64, 64), (128, 128)):
+        for what, partial in (("full (block masks)", False), ("partial (unstructured)", True)):
+            mask = torch.ones(FEATURES, FEATURES, dtype=torch.bool)
+            index = tile_index(mask, *tile)
+            args = (TOKENS, index.alive_tiles, index.alive_tiles if partial else 0, tile, BLOCK_M, ITEMSIZE,
+                    PEAK_TFLOPS)  # fmt: skip
+            allowed = [g for g in (1, 2, 4) if g * tile[0] <= DW_GROUP_MAX_ROWS]
+            ms = predict_gemm_ms("forward", *args) + predict_gemm_ms("dX", *args)
+            ms += min(predict_gemm_ms("dW", *args, group=g) for g in allowed)
+            lines.append(f"| {tile[0]}x{tile[1]} | {what} | {ms:.3f} | {(DENSE_MS + MASK_MS) / ms:.2f} |")
+    return "\n".join(lines)
+
+
+CROSSOVER_PROSE = """
+## The "auto" crossover for graphed steps (issue 22, deliverable 4)
+
+`CUDA_DENSE_ABOVE` (0.05) was measured on the H200 in eager steps, where the step was bound by host time. In a
+graphed step (what `lthfast imp` now runs on CUDA) only GPU time counts, so the model predicts the crossover from
+kernel times alone: the alive-tile fraction below which the kernels beat cuBLAS on W ⊙ M plus the two mask products
+({mask_ms:.3f} ms). It stays 0.05 until a GPU run measures it: `STAGES=crossover bash benchmarks/device_run.sh`
+(graphed since this change). The model's low-density caveat (rows of few tiles, above) does not reach crossovers
+this high; its 6.4 TB/s feed is a fit to the 32x32 kernels, so the 128x128 rows are the least certain.
+
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args(argv)
-    text = table()
+    text = table() + "\n" + CROSSOVER_PROSE.format(mask_ms=MASK_MS) + crossover()
     print(text)
     if args.out:
         head = (
