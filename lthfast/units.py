@@ -15,6 +15,7 @@ with the reason.
     units.cross_entropy(logits, ys).backward()       # sum over units of each unit's mean loss
     opt.step()
     units.unit_state_dict(stacked, 2)                # unit 2 as a state_dict of the original model
+    units.split(stacked, "fc1.weight", state)        # a tensor laid out as fc1.weight (e.g. Adam's exp_avg), per unit
 
 Each unit's arithmetic is its own training's: the per-unit loss gives each unit's weights its own gradient, and the
 optimizers are elementwise, so a stacked step equals U separate steps up to the float summation order of the batched
@@ -212,26 +213,34 @@ def masks(stacked: nn.Module) -> dict[torch.Tensor, torch.Tensor]:
     return {m.weight: m.mask for m in stacked.modules() if isinstance(m, _StackedMasked) and m.mask is not None}
 
 
+def split(stacked: nn.Module, name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """``tensor``, laid out as the stacked model's parameter or buffer ``name`` (the tensor itself, or optimizer
+    state shaped like it), as each unit's part: views, one per unit. A tensor the units share (``num_batches_tracked``,
+    the buffers of a module that is not stacked) is every unit's."""
+    module_name, _, key = name.rpartition(".")
+    module = stacked.get_submodule(module_name)
+    if isinstance(module, _StackedMasked):
+        return list(tensor.unbind(0))
+    if isinstance(module, StackedBatchNorm2d) and key != "num_batches_tracked":
+        return list(tensor.split(module.unit_features))
+    return [tensor] * units_of(stacked)
+
+
+def join(stacked: nn.Module, name: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inverse of ``split``: the units' parts of ``name`` as one tensor laid out as the stacked model's (a new
+    tensor; a shared tensor is unit 0's)."""
+    module_name, _, key = name.rpartition(".")
+    module = stacked.get_submodule(module_name)
+    if isinstance(module, _StackedMasked):
+        return torch.stack(list(tensors))
+    if isinstance(module, StackedBatchNorm2d) and key != "num_batches_tracked":
+        return torch.cat(list(tensors))
+    return tensors[0].clone()
+
+
 def unit_state_dict(stacked: nn.Module, u: int) -> dict[str, torch.Tensor]:
     """Unit ``u`` of a stacked model as a state_dict of the models it was stacked from (copies)."""
     count = units_of(stacked)
     if not 0 <= u < count:
         raise IndexError(f"unit_state_dict: unit {u} of a stack of {count}")
-    out = {}
-    for name, module in stacked.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, _StackedMasked):
-            for key in ("weight", "bias", "mask"):
-                t = getattr(module, key)
-                if t is not None:
-                    out[prefix + key] = t.detach()[u].clone()
-        elif isinstance(module, StackedBatchNorm2d):
-            c = module.unit_features
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                out[prefix + key] = getattr(module, key).detach()[u * c : (u + 1) * c].clone()
-            out[prefix + "num_batches_tracked"] = module.num_batches_tracked.clone()
-        else:
-            for key, t in list(module._parameters.items()) + list(module._buffers.items()):
-                if t is not None:
-                    out[prefix + key] = t.detach().clone()
-    return out
+    return {name: split(stacked, name, t)[u].clone() for name, t in stacked.state_dict().items()}

@@ -167,3 +167,17 @@ def test_stacked_linear_rejects_a_mismatched_input():
     assert units.units_of(stacked) == 2
     with pytest.raises(units.StackError, match="not a stacked model"):
         units.units_of(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+def test_split_and_join_lay_out_tensors_per_unit(name):
+    """``split`` gives each unit's part of a tensor laid out as a stacked parameter or buffer (the tensor itself, or
+    optimizer state shaped like it) and ``join`` puts the parts back."""
+    models = masked_models(name, 3)
+    stacked = units.stack(models)
+    for key, value in stacked.state_dict().items():
+        parts = units.split(stacked, key, value)
+        assert len(parts) == 3
+        for u, model in enumerate(models):
+            assert torch.equal(parts[u], model.state_dict()[key]), (key, u)
+        assert torch.equal(units.join(stacked, key, parts), value), key

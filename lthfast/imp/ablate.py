@@ -98,6 +98,8 @@ def run_ablation(
     from lthfast.imp.driver import run
 
     name = base_name(cfg, model_fn is not None)
+    if cfg.sequential is None:  # the speed column times each granularity's layers; stacked units take the dense route
+        cfg = cfg.replace(sequential=True)
     configs = {g: cfg.replace(block=g.block, nm=g.nm, name=f"{name}-{g.suffix}") for g in granularities}
     for c in configs.values():
         c.validate(custom_model=model_fn is not None, custom_data=data is not None)

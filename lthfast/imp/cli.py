@@ -90,7 +90,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         help_text = HELP.get(f.name, f.metadata.get("help", ""))
         if "(default:" not in help_text:  # some options' own text names the default ("default: global")
             help_text += f" (default: {_shown(default)})"
-        if hints[f.name] is bool:
+        if hints[f.name] in (bool, bool | None):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)  # fmt: skip
         else:

@@ -27,10 +27,11 @@ EARLY_STOP = ("val_loss", "val_acc")
 BLOCKS = (1, 4, 8, 16, 32, 64, 128)
 # Options that say where and how loudly a run happens, not what it computes: they may change on resume. (compile
 # changes the rounding of fused elementwise ops only, like threads, so a run may be resumed with or without it;
-# cuda_graph the optimizer's kernels only: fused SGD, capturable Adam.)
+# cuda_graph the optimizer's kernels only: fused SGD, capturable Adam; sequential and max_parallel the summation
+# order of the products, as units trained together share batched ones.)
 NOT_IDENTITY = (
     "out_dir", "name", "quiet", "force", "cache_dir", "data_dir", "checkpoint_every", "threads", "plots", "compile",
-    "cuda_graph",
+    "cuda_graph", "sequential", "max_parallel",
 )  # fmt: skip
 # Options added after runs were made: they enter the identity only when not at these defaults, so that the runs made
 # before keep their names and can be resumed.
@@ -121,6 +122,15 @@ class Config:
         metadata={"help": "on CUDA, replay each unit's training step as a CUDA graph after 3 eager warm-up steps "
                   "(captured again for every unit, so after every prune); off under DDP, fp16 and --compile"},
     )  # fmt: skip
+    sequential: bool | None = field(
+        default=None,
+        metadata={"help": "train one unit at a time; --no-sequential trains the ready units (every replicate's level, "
+                  "its controls) together, stacked into one model (default: together on CUDA, one at a time on the "
+                  "CPU, where stacking measured slower)"},
+    )  # fmt: skip
+    max_parallel: int = field(
+        default=0, metadata={"help": "most units trained together (0: as many as fit in free memory)"}
+    )
     out_dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     name: str | None = field(default=None, metadata={"help": "run directory name (default: from the config)"})
     cache_dir: str | None = field(default=None, metadata={"help": "generated-data cache (default: OUT_DIR/.cache)"})
@@ -210,7 +220,8 @@ class Config:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 < self.val_size < 1 or (self.val_size >= 1 and float(self.val_size).is_integer())):
             raise ConfigError(f"val_size must be a fraction in (0, 1) or a whole count >= 1, got {self.val_size}")
-        for name, low in (("levels", 0), ("replicates", 1), ("batch_size", 1), ("num_samples", 10), ("threads", 0)):
+        for name, low in (("levels", 0), ("replicates", 1), ("batch_size", 1), ("num_samples", 10), ("threads", 0),
+                          ("max_parallel", 0)):  # fmt: skip
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if any(w < 1 for w in self.hidden) or any(s < 1 for s in self.synthetic_shape):

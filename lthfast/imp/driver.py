@@ -28,13 +28,15 @@ import torch
 from torch import nn
 
 import lthfast
-from lthfast import _backend, distributed
+from lthfast import _backend, distributed, units
 from lthfast.data import BatchSampler, DataError, Dataset, load_dataset
-from lthfast.imp import report, rundir
+from lthfast.imp import batched, report, rundir
+from lthfast.imp.batched import train_units
 from lthfast.imp.config import EXTENT, Config, ConfigError, digest
 from lthfast.imp.errors import ImpError, RunDirError
 from lthfast.imp.levels import Replicate, derive_seed
 from lthfast.imp.progress import Progress
+from lthfast.imp.train import checkpoint_iteration
 from lthfast.models import ModelError, build_model
 from lthfast.pruning import prunable
 from lthfast.pruning.layers import matches
@@ -215,10 +217,67 @@ def _run_replicates(cfg: Config, steps, rd, make_model, data: Dataset, world: di
     quiet = cfg.quiet or not world.is_main
     with lthfast.backend(cfg.backend), Progress(_unit_count(cfg), quiet=quiet) as progress:
         progress.done(sum(1 for _ in rd.root.glob("replicate_*/level_*/**/done.json")))
+        replicates = []
         for r in range(cfg.replicates):
             seeds = {k: derive_seed(cfg.seed, r, k) for k in ("init", "data", "prune", "dropout")}
             sampler = BatchSampler(len(data.y_train), cfg.batch_size, seeds["data"])
-            Replicate(cfg, steps, rd, r, seeds, make_model, data, sampler, world, progress).run()
+            replicates.append(Replicate(cfg, steps, rd, r, seeds, make_model, data, sampler, world, progress))
+        if batched.enabled(cfg, world):
+            _run_waves(replicates, cfg, steps, make_model, data, progress)
+        else:
+            for replicate in replicates:
+                replicate.run()
+
+
+def _run_waves(replicates: list[Replicate], cfg: Config, steps, make_model, data: Dataset, progress: Progress) -> None:
+    """Batched mode: train in waves. A wave is every unit that is ready (not finished, and the unit it is made from
+    finished: every replicate's level 0; a ticket once the previous level's ticket is; a control once its level's
+    ticket is, so level-L controls share a wave with level-(L+1) tickets). Ready units that start at the same
+    iteration and resume from the same checkpoint iteration (or none) train together (``batched.train_units``), in
+    as few groups of at most ``batched.group_size`` units as hold them, of near-equal sizes; a group of one trains as
+    in sequential mode."""
+    device = data.x_train.device
+    per_unit, stackable = None, True
+    while True:
+        keyed: dict[tuple, list] = {}
+        for replicate in replicates:
+            for level, branch in replicate.units():
+                if replicate.ready(level, branch):
+                    checkpoint = replicate.path(level, branch) / "checkpoint.pt"
+                    key = (replicate.start(level), checkpoint_iteration(checkpoint))
+                    keyed.setdefault(key, []).append((replicate, level, branch))
+        if not keyed:
+            return
+        if cfg.max_parallel == 1:
+            size = 1
+        else:
+            if per_unit is None:
+                per_unit = batched.working_set(lthfast.sparsify(make_model().to(device)), cfg, data)
+            size = batched.group_size(cfg, device, per_unit)
+        for ready in keyed.values():
+            count = -(-len(ready) // size)  # groups
+            bounds = [len(ready) * g // count for g in range(count + 1)]
+            for lo, hi in zip(bounds, bounds[1:]):
+                stackable = _train_group(ready[lo:hi], cfg, steps, data, progress, stackable)
+
+
+def _train_group(members: list, cfg: Config, steps, data: Dataset, progress: Progress, stackable: bool) -> bool:
+    """Prepare and train ``members`` (replicate, level, branch) together, then write their files; one at a time when
+    there is one, or once a model could not be stacked (warned once). Returns whether models still stack."""
+    group = [replicate.prepare(level, branch) for replicate, level, branch in members]
+    if len(group) > 1 and stackable:
+        try:
+            results = train_units(group, data, cfg, steps, progress=progress.iterations)
+        except units.StackError as exc:
+            batched.warn_sequential(str(exc))
+            stackable = False
+        else:
+            for prepared, result in zip(group, results):
+                prepared.replicate.finish(prepared, result, together=len(group))
+            return stackable
+    for prepared in group:
+        prepared.replicate.finish(prepared, prepared.replicate.train(prepared))
+    return stackable
 
 
 def _config(config, overrides) -> Config:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lthfast.data import BatchSampler
 from lthfast.distributed import World
 from lthfast.imp import granularity, rundir
 from lthfast.imp.config import Config, Steps
@@ -28,8 +31,38 @@ def derive_seed(*keys) -> int:
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
+@dataclass
+class Prepared:
+    """A unit ready to train: its model (masks applied, weights rewound or fresh) and what its training needs.
+
+    ``snapshot_at``: level 0's rewind point when the rewind state is still to be saved; the training calls
+    ``snapshot(model, it)`` with the unit's weights of that iteration, before its step."""
+
+    replicate: Replicate
+    level: int
+    branch: str
+    model: nn.Module
+    unit: Unit
+    sampler: BatchSampler
+    snapshot_at: int | None = None
+    snapshot: Callable[[nn.Module, int], None] | None = None
+
+    def on_iteration(self) -> Callable | None:
+        """The snapshot as ``train_unit``'s ``on_iteration`` hook (None when there is none to take)."""
+        if self.snapshot_at is None:
+            return None
+
+        def capture(it: int, model: nn.Module, optimizer) -> None:
+            if it == self.snapshot_at:
+                self.snapshot(model, it)
+
+        return capture
+
+
 class Replicate:
-    """State shared by the units of replicate ``r``; ``run()`` trains whatever is not finished yet."""
+    """State shared by the units of replicate ``r``; ``run()`` trains whatever is not finished yet, one unit at a
+    time. A unit is ``prepare``d (its model built from the run directory), trained (``train``, or with other units
+    by ``lthfast.imp.batched``) and ``finish``ed (its files written, done.json last)."""
 
     def __init__(
         self, cfg: Config, steps: Steps, rd, r: int, seeds: dict, make_model, data, sampler, world: World, progress
@@ -40,38 +73,81 @@ class Replicate:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self) -> None:
+        for level, branch in self.units():
+            if not self.is_done(level, branch):
+                prepared = self.prepare(level, branch)
+                self.finish(prepared, self.train(prepared))
+
+    def units(self) -> list[tuple[int, str]]:
+        """Every unit of the replicate as (level, branch), in the order ``run`` trains them."""
         controls_at = set(self.cfg.controls_at())
-        self._level0()
+        out = [(0, "ticket")]
         for level in range(1, self.cfg.levels + 1):
-            self._ticket(level)
+            out.append((level, "ticket"))
             if level in controls_at:
-                for control in self.cfg.controls:
-                    self._control(level, control)
+                out += [(level, control) for control in self.cfg.controls]
+        return out
+
+    def path(self, level: int, branch: str) -> Path:
+        return self.rd.unit(self.r, level, branch)
+
+    def is_done(self, level: int, branch: str) -> bool:
+        return rundir.is_done(self.path(level, branch))
+
+    def needs(self, level: int, branch: str) -> tuple[int, str] | None:
+        """The unit whose files this one is made from: a control's ticket; a ticket's previous level (level 0 with
+        ``one_shot``); None for level 0."""
+        if level == 0:
+            return None
+        if branch != "ticket":
+            return level, "ticket"
+        return (0 if self.cfg.one_shot else level - 1), "ticket"
+
+    def ready(self, level: int, branch: str) -> bool:
+        """Whether the unit is unfinished and the unit it is made from is finished."""
+        needed = self.needs(level, branch)
+        return not self.is_done(level, branch) and (needed is None or self.is_done(*needed))
+
+    def start(self, level: int) -> int:
+        """The iteration a unit's training starts from: 0 at level 0, else the rewind point."""
+        return 0 if level == 0 else self.steps.rewind
+
+    def prepare(self, level: int, branch: str) -> Prepared:
+        """Build the unit's model from the run directory (fresh at level 0; pruned and rewound for a ticket; a
+        control's masks and weights from its ticket)."""
+        if level == 0:
+            return self._level0()
+        return self._ticket(level) if branch == "ticket" else self._control(level, branch)
 
     def _fresh_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return sparsify(self.make_model().to(self.device))
 
-    def _level0(self) -> None:
-        path = self.rd.unit(self.r, 0)
-        if rundir.is_done(path):
-            return
+    def _prepared(self, model: nn.Module, level: int, branch: str, **snapshot) -> Prepared:
+        seed = derive_seed(self.seeds["dropout"], level, branch)
+        label = f"r{self.r} L{level} {branch}"
+        unit = Unit(path=self.path(level, branch), label=label, start=self.start(level), seed=seed)
+        return Prepared(self, level, branch, model, unit, self.sampler, **snapshot)
+
+    def _level0(self) -> Prepared:
+        path = self.path(0, "ticket")
         model = self._fresh_model(self.seeds["init"])
         rewind_path = self.rd.rewind_path(self.r)
-        capture = None
-        save = lambda step: rundir.save_torch(rewind_path, Snapshot(model, device="cpu", step=step).state_dict())
-        if self.steps.rewind == 0:
-            if not rewind_path.exists():
-                self.world.on_main(lambda: save(0))
-        elif not rewind_path.exists():
 
-            def capture(it: int, model: nn.Module, optimizer) -> None:
-                if it == self.steps.rewind:
-                    self.world.on_main(lambda: save(it))
+        def save(model: nn.Module, step: int) -> None:  # the rewind state, written by rank 0
+            self.world.on_main(
+                lambda: rundir.save_torch(rewind_path, Snapshot(model, device="cpu", step=step).state_dict())
+            )
 
+        snapshot_at = None
+        if not rewind_path.exists():
+            if self.steps.rewind == 0:
+                save(model, 0)
+            else:
+                snapshot_at = self.steps.rewind
         if (path / "checkpoint.pt").exists() and not rewind_path.exists():
             self._check_rewind_before_checkpoint(path)
-        self._train(model, path, 0, "ticket", start=0, on_iteration=capture)
+        return self._prepared(model, 0, "ticket", snapshot_at=snapshot_at, snapshot=save)
 
     def _check_rewind_before_checkpoint(self, path: Path) -> None:
         state = rundir.load_torch(path / "checkpoint.pt")
@@ -81,20 +157,14 @@ class Replicate:
                 f"delete {path} to redo level 0"
             )
 
-    def _ticket(self, level: int) -> None:
-        path = self.rd.unit(self.r, level)
-        if rundir.is_done(path):
-            return
+    def _ticket(self, level: int) -> Prepared:
         model = self._fresh_model(self.seeds["init"])
         masks = self._prune(model, level)
         self.world.check_same(masks, f"the masks of replicate {self.r} level {level}")
         self._rewind(model, masks)
-        self._train(model, path, level, "ticket", start=self.steps.rewind)
+        return self._prepared(model, level, "ticket")
 
-    def _control(self, level: int, control: str) -> None:
-        path = self.rd.unit(self.r, level, control)
-        if rundir.is_done(path):
-            return
+    def _control(self, level: int, control: str) -> Prepared:
         ticket = rundir.load_masks(self.rd.unit(self.r, level) / "mask.safetensors", device=self.device)
         generator = torch.Generator().manual_seed(derive_seed(self.seeds["prune"], level, control))
         if control == "random_reinit":
@@ -110,7 +180,7 @@ class Replicate:
                 masks = strategies.rearrange(ticket, generator=generator)
             self._rewind(model, masks)
         self.world.check_same(Masks.from_model(model), f"the {control} masks of replicate {self.r} level {level}")
-        self._train(model, path, level, control, start=self.steps.rewind)
+        return self._prepared(model, level, control)
 
     # ---- steps ------------------------------------------------------------------------------------------
     def _load_trained(self, model: nn.Module, level: int) -> None:
@@ -154,20 +224,23 @@ class Replicate:
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{self.rd.rewind_path(self.r)} does not fit the model ({exc})") from exc
 
-    def _train(self, model, path: Path, level: int, branch: str, start: int, on_iteration=None) -> None:
-        seed = derive_seed(self.seeds["dropout"], level, branch)
-        label = f"r{self.r} L{level} {branch}"
-        unit = Unit(path=path, label=label, start=start, seed=seed)
-        result = train_unit(
-            model, self.data, self.cfg, self.steps, unit, self.sampler,
-            on_iteration=on_iteration, progress=self.progress.iterations, world=self.world,
+    def train(self, prepared: Prepared) -> dict:
+        """Train the unit alone (``train_unit``); returns its result record."""
+        return train_unit(
+            prepared.model, self.data, self.cfg, self.steps, prepared.unit, prepared.sampler,
+            on_iteration=prepared.on_iteration(), progress=self.progress.iterations, world=self.world,
         )  # fmt: skip
+
+    def finish(self, prepared: Prepared, result: dict, together: int = 1) -> None:
+        """Write the trained unit's files (done.json last) and report it. ``together``: how many units trained in
+        its steps (1 alone; its timings are then the group's)."""
+        model, path, level, branch = prepared.model, prepared.unit.path, prepared.level, prepared.branch
         masks = Masks.from_model(model)
         result.update(
             replicate=self.r, level=level, branch=branch, density=masks.density(),
             alive=masks.alive_count(), total=masks.total_count(),
             backend=self.cfg.backend, device=str(self.device), world_size=self.world.size,
-            amp=self.cfg.amp, compile=self.cfg.compile,
+            amp=self.cfg.amp, compile=self.cfg.compile, trained_with=together,
         )  # fmt: skip
 
         def write() -> None:
@@ -182,7 +255,7 @@ class Replicate:
         self.progress.done()
         final = result["final"]
         self.progress.line(
-            f"{label:24s} {100 * result['density']:7.2f}% weights  test acc {final['test_acc']:.4f}  "
+            f"{prepared.unit.label:24s} {100 * result['density']:7.2f}% weights  test acc {final['test_acc']:.4f}  "
             f"early stop @{result['early_stop_iteration']:<6d} {result['samples_per_s']:9.0f} samples/s"
         )
 

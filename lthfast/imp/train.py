@@ -62,16 +62,17 @@ def use_fused_optimizer(model: nn.Module) -> bool:
     return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
 
 
-def make_optimizer(cfg: Config, params, model: nn.Module | None = None) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params, model: nn.Module | None = None, *, masks=None) -> torch.optim.Optimizer:
     """SGD, SGD with momentum, Adam or AdamW at ``cfg.lr`` (the schedule rescales it every iteration): torch's, or,
-    given the ``model`` the parameters belong to, lthfast's fused masked equivalents (MaskedSGD / MaskedAdam /
-    MaskedAdamW) that step only its alive weights and keep its pruned ones and their state at zero."""
+    given the ``model`` the parameters belong to (or ``masks``, {weight: bool mask}, as for a stacked model), lthfast's
+    fused masked equivalents (MaskedSGD / MaskedAdam / MaskedAdamW) that step only the alive weights and keep the
+    pruned ones and their state at zero."""
     params = list(params)
-    fused = model is not None
+    fused = model is not None or masks is not None
     sgd, adam, adamw = (
         (MaskedSGD, MaskedAdam, MaskedAdamW) if fused else (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
     )
-    extra = {"model": model} if fused else {}
+    extra = {} if not fused else {"model": model} if model is not None else {"masks": masks}
     if cfg.optimizer == "sgd":
         return sgd(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
     if cfg.optimizer == "momentum":
@@ -162,6 +163,14 @@ def _set_rng_state(state: dict, aug: torch.Generator, world: World) -> None:
         torch.cuda.set_rng_state(own["cuda"], world.device)
 
 
+def seed_unit(unit: Unit, world: World) -> torch.Generator:
+    """Seed torch's RNG for the unit's dropout (rank 0 draws as a single process would); returns the unit's
+    augmentation generator."""
+    aug = torch.Generator().manual_seed(unit.seed + 1)
+    torch.manual_seed(unit.seed + 1_000_003 * world.rank)
+    return aug
+
+
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
@@ -200,8 +209,7 @@ def train_unit(
     optimizer = make_optimizer(cfg, model.parameters(), model if fused else None)
     guard = None if fused else mask_optimizer(optimizer, model)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    aug = torch.Generator().manual_seed(unit.seed + 1)
-    torch.manual_seed(unit.seed + 1_000_003 * world.rank)  # dropout: rank 0 draws as a single process would
+    aug = seed_unit(unit, world)
     augment = cfg.augment and data.x_train.dim() == 4
     ckpt_path = unit.path / "checkpoint.pt"
     state = {"iteration": unit.start, "metrics": [], "best": None, "train_s": 0.0, "wall_s": 0.0, "samples": 0}
@@ -328,10 +336,19 @@ def _record(model, data: Dataset, state: dict, it: int, lr: float, train_loss, t
 
 def _checkpoint(path: Path, model, optimizer, aug, scaler, state: dict, world: World) -> None:
     """Collective under DDP (the RNG states are gathered); rank 0 writes."""
+    state_dict = graphed.eager_state_dict(optimizer)
+    write_checkpoint(path, model.state_dict(), state_dict, _rng_state(aug, world), state, world, scaler)
+
+
+def write_checkpoint(
+    path: Path, model_state: dict, optimizer_state: dict, rng: dict, state: dict, world: World, scaler=None
+) -> None:
+    """``checkpoint.pt`` of a unit (and its metrics.jsonl, from ``state``): what ``_resume`` reads back. Rank 0
+    writes; ``lthfast.imp.batched`` writes its units' checkpoints through it."""
     ckpt = {
-        "model": model.state_dict(),
-        "optimizer": graphed.eager_state_dict(optimizer),
-        "rng": _rng_state(aug, world),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "rng": rng,
         "state": json.dumps(state),
         "world_size": world.size,
     }
@@ -343,6 +360,17 @@ def _checkpoint(path: Path, model, optimizer, aug, scaler, state: dict, world: W
         rundir.write_text(path.parent / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["metrics"]))
 
     world.on_main(write)
+
+
+def checkpoint_iteration(path: Path) -> int | None:
+    """The iteration a unit resumes from: that of its ``checkpoint.pt`` (None when it has none)."""
+    if not path.exists():
+        return None
+    ckpt = rundir.load_torch(path)
+    try:
+        return int(json.loads(ckpt["state"])["iteration"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds no training state; {rundir.recovery_hint(path)}") from exc
 
 
 def _resume(path: Path, model, optimizer, aug, scaler, world: World) -> dict:
