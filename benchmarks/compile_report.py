@@ -1,6 +1,6 @@
 """What Triton builds from the masked kernels for an H100 (sm_90), on a machine without a GPU.
 
-Runs the launchers of one training step (forward, dX, dW, and the dW split reduce where it splits) for the issues'
+Runs the launchers of one training step (forward, dX and dW, whose M-splits finish inside its launch) for the issues'
 headline layers through ``lthfast.bench.offline.cuda_target``: every candidate config of every kernel is compiled
 for sm_90 with Triton's own specialization, and its tensor-core instruction, pipelining, shared memory, registers,
 spills and occupancy are printed (``--json`` writes them). No kernel runs; no GPU is needed.
@@ -31,8 +31,8 @@ BLOCK = 32
 def linear_step(
     dtype: torch.dtype, sparsity: float, tokens: int = 8192, features: int = 4096, group: int | None = None
 ) -> None:
-    """The three launches (four with a split dW) of one masked Linear training step; ``group``: the dW's tiles
-    per program (default: every tuned config)."""
+    """The three launches of one masked Linear training step; ``group``: the dW's tiles per program (default:
+    every tuned config)."""
     from lthfast.kernels import masked_matmul as mm
 
     gen = torch.Generator().manual_seed(0)
@@ -62,7 +62,7 @@ def conv_step(
     conv = ((stride, stride), (1, 1, 1, 1), (1, 1))
     mc.conv2d_forward(x, w, mask, b, out, *conv)
     mc.conv2d_grad_input(out, w, mask, torch.empty_like(x), *conv)
-    mc.conv2d_grad_weight(out, x, mask, torch.zeros_like(w), *conv)
+    mc.conv2d_grad_weight(out, x, mask, torch.empty_like(w), *conv)
 
 
 def conv_stride2_step(dtype: torch.dtype, sparsity: float) -> None:

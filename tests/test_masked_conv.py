@@ -387,7 +387,7 @@ def test_gpu_shapes(triton_backend, shape, dtype, kind, monkeypatch):
 @pytest.mark.parametrize("split", [1, 3])
 def test_dw_on_full_partial_and_empty_tiles(triton_backend, split):
     """A mask whose kernel tiles are full (every entry alive: dW stored without reading the mask), partial or empty:
-    dW against float64, exactly zero where pruned, stored directly and through the split reduce."""
+    dW against float64, exactly zero where pruned, stored directly and by the last of several M-splits."""
     from lthfast.bench.masks import mixed_tile_mask
     from lthfast.indexing.tiles import tile_full_flags
 

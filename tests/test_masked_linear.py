@@ -290,9 +290,9 @@ def test_cuda_kernel_index_is_one_cached_choice_and_never_stale(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_gradient_is_the_same_for_every_m_split_and_column_group(triton_backend, dtype):
-    """dW over M-splits (fp32 partial sums, then lthfast.kernels.dw_split.reduce) and over 1, 2 or 4 tiles of one
-    column per program, against the float64 reference: splits that divide M unevenly, more splits than BLOCK_M
-    steps, columns whose alive tiles do not fill a group, a NaN under a pruned weight's gradient."""
+    """dW over M-splits (fp32 partial sums finished by the last split: lthfast.kernels.dw_split) and over 1, 2 or 4
+    tiles of one column per program, against the float64 reference: splits that divide M unevenly, more splits than
+    BLOCK_M steps, columns whose alive tiles do not fill a group, a NaN under a pruned weight's gradient."""
     from lthfast.kernels import masked_matmul as mm
 
     mask = block_mask(100, 72, 0.5, 32) & _random_mask(100, 72, 0.7)  # dead tiles at 16x16 (CPU) and 32x32 (CUDA)

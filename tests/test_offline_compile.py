@@ -72,8 +72,6 @@ def test_bf16_step_compiles_to_pipelined_tensor_core_code_without_spills(tmp_pat
         where = f"{r['layer']} {r['sparsity']} {r['kernel']}"
         assert r["local"] == 0, f"{where}: {r['local']} bytes of local memory per thread (register spills)"
         assert r["shared"] <= SM90_SHARED and r["programs_per_sm"] >= 1, where
-        if r["kernel"] == "_reduce_kernel":
-            continue
         assert r["wgmma"] + r["mma"] > 0, f"{where}: the dot does not run on the tensor cores"
         assert r["cp_async"] > 0, f"{where}: no asynchronous copies, the loop's loads are not pipelined"
     # Every kernel whose accumulator has 64 rows per warpgroup gets Hopper's wgmma: all but the linear dW of one
@@ -81,7 +79,7 @@ def test_bf16_step_compiles_to_pipelined_tensor_core_code_without_spills(tmp_pat
     # tiles of one column per program (GROUP 2) make it [64, 32].
     for r in rows:
         one_narrow_tile = r["kernel"] == "_grad_weight_kernel" and r["sparsity"] > 0 and r["GROUP"] == 1
-        if r["kernel"] != "_reduce_kernel" and not one_narrow_tile:
+        if not one_narrow_tile:
             assert r["wgmma"] > 0, f"{r['layer']} {r['sparsity']} {r['kernel']}: no wgmma"
             # Issue per main-loop step: at most MAX_ISSUE_PER_HGMMA instructions per warp per HGMMA. An HGMMA
             # (m64n32k16 to m64n64k16) keeps an SM's tensor cores 16-32 cycles; each warp issues one instruction per

@@ -207,24 +207,24 @@ def cuda_decisions(sms: int = H100_SMS) -> Iterator[None]:
 
     cuda = torch.device("cuda", 0)
     split_count, conv_tiles = dw_split.split_count, masked_conv.conv_tiles
+    dead_per_program = dw_split.dead_per_program
     with patched([
         (_backend, "interpreter_enabled", lambda: False),
         (masked_matmul, "_interpreted", lambda t: False),
         (masked_conv, "conv_tiles", lambda device: conv_tiles(cuda)),
         (dw_split, "split_count", lambda m, programs, device: split_count(m, programs, cuda)),
+        (dw_split, "dead_per_program", lambda dead, device: dead_per_program(dead, cuda)),
         (dw_split, "_sm_count", lambda index: sms),
     ]):  # fmt: skip
         yield
 
 
 def tuned_kernels() -> list:
-    """Every ``Tuned`` kernel of ``lthfast.kernels`` (the linear and conv GEMMs and the dW split reduce)."""
-    from lthfast.kernels import dw_split, masked_conv, masked_matmul
+    """Every ``Tuned`` kernel of ``lthfast.kernels`` (the linear and conv GEMMs)."""
+    from lthfast.kernels import masked_conv, masked_matmul
     from lthfast.kernels.autotune import Tuned
 
-    return [
-        v for module in (masked_matmul, masked_conv, dw_split) for v in vars(module).values() if isinstance(v, Tuned)
-    ]
+    return [v for module in (masked_matmul, masked_conv) for v in vars(module).values() if isinstance(v, Tuned)]
 
 
 @contextlib.contextmanager

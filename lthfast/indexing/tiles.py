@@ -254,6 +254,21 @@ def column_groups(index: TileIndex, group: int) -> tuple[torch.Tensor, torch.Ten
     return index.derived[key]
 
 
+def dead_tiles(index: TileIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), int32 [D] on the index's device: the tiles without an alive entry, in row-major order. No dW
+    program computes them, so the dW launches store zeros there themselves (dW needs no zero-fill of its own).
+    Cached on the index (a function of its tile map alone); built on the host at first use (one copy from the device).
+    """
+    key = ("dead tiles",)
+    if key in index.derived:
+        return index.derived[key]
+    _host_build_check(index, "dead-tile lists")
+    rows, cols = np.nonzero(~index.tile_alive.cpu().numpy())
+    device = index.col_ptr.device
+    index.derived[key] = tuple(torch.from_numpy(a.astype(np.int32)).to(device) for a in (rows, cols))
+    return index.derived[key]
+
+
 def _host_build_check(index: TileIndex, what: str) -> None:
     if index.col_ptr.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(

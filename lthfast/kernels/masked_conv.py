@@ -13,8 +13,8 @@ mask; dW applies the mask at its store, except on full tiles (every entry alive:
            the transposed implicit GEMM in gather form (no atomics); grid: input-pixel tiles x C-blocks, loop over
            the CSC column of the C-block
   dW       (dY^T Xcol) * M on the alive tiles only (an SDDMM over the COO tile list), one program per
-           (alive tile, tap, M-split); partial sums of several splits are reduced by a second small kernel
-           (lthfast.kernels.dw_split, shared with the linear dW).
+           (alive tile, tap, M-split); the last split of a tile to finish sums the splits' partials, and extra
+           programs zero the dead tiles, all in one launch (lthfast.kernels.dw_split, shared with the linear dW).
 
 Inputs may be NCHW or channels_last (all strides are passed). float32/float16/bfloat16 in, fp32 accumulation.
 Launchers check nothing beyond what the ops layer (``lthfast.ops.conv``) already validated.
@@ -29,10 +29,17 @@ import triton
 import triton.language as tl
 
 from lthfast import _backend
-from lthfast.indexing.tiles import TileIndex, contents_stamp, keep_if_capturing, tile_full_flags, tile_index
+from lthfast.indexing.tiles import (
+    TileIndex,
+    contents_stamp,
+    dead_tiles,
+    keep_if_capturing,
+    tile_full_flags,
+    tile_index,
+)
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
-from lthfast.kernels.dw_split import full_tiles, partial_sum, store_masked, store_tile, tile_tap
+from lthfast.kernels.dw_split import finish_split, full_tiles, store_dw, tile_tap, zero_dead
 from lthfast.reference import SAME_WIDTH_INT
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -244,9 +251,11 @@ def _conv_dx_kernel(
 
 @triton.jit
 def _conv_dw_kernel(
-    # pointers: input, output gradient, mask, weight gradient, fp32 workspace [SPLIT, programs, BN, BC]; COO list
-    x_ptr, dy_ptr, m_ptr, dw_ptr, ws_ptr, tile_rows, tile_cols, tile_full,
-    B, C, H, W, N, P, Q, M_PER_SPLIT,
+    # pointers: input, output gradient, mask, weight gradient, fp32 workspace of the split partial sums, int32
+    # counter per program (both unused when DIRECT); COO list of the alive tiles; the dead tiles (tiles.dead_tiles)
+    x_ptr, dy_ptr, m_ptr, dw_ptr, ws_ptr, counters, tile_rows, tile_cols, tile_full, dead_rows, dead_cols,
+    # sizes; ALIVE tiles (ALIVE * KH * KW alive programs), DEAD tiles, DEAD_PER zeroed per program
+    B, C, H, W, N, P, Q, M_PER_SPLIT, ALIVE, DEAD, DEAD_PER,
     # strides of x, dy, mask, dw
     sxb, sxc, sxh, sxw, sdb, sdn, sdp, sdq, smn, smc, smh, smw, swn, swc, swh, sww,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -254,11 +263,18 @@ def _conv_dw_kernel(
     FLAT_DY: tl.constexpr, IDX: tl.constexpr, FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dW[tile, tap] = (dY^T Xcol) * M over one M-split; DIRECT stores into dw, else into the workspace.
+    """dW[tile, tap] = (dY^T Xcol) * M over one M-split; DIRECT stores into dw, else the last split to finish
+    sums the splits' fp32 partials and stores (``dw_split.finish_split``). Programs past the alive ones store zeros
+    into every tap of DEAD_PER dead tiles each (split 0 only).
     FLAT_DY: dY's pixels (b, p, q) are packed, pixel m at m * sdq (``_flat_pixels``). FULL_TILES: a full tile is
     stored without reading the mask (off inside a CUDA graph capture: ``dw_split.full_tiles``)."""
     pid = tl.program_id(0)  # alive tile * KH*KW + tap
     split = tl.program_id(1)
+    if pid >= ALIVE * (KH * KW):
+        if split == 0:
+            zero_dead(dw_ptr, dead_rows, dead_cols, pid - ALIVE * (KH * KW), DEAD_PER, DEAD, N, C, swn, swc, swh, sww,
+                      IDX, KH, KW, BLOCK_N, BLOCK_C)  # fmt: skip
+        return
     r, s, offs_n, offs_c = tile_tap(pid, tile_rows, tile_cols, KH, KW, BLOCK_N, BLOCK_C)
     n_ok = offs_n < N
     c_ok = offs_c < C
@@ -296,15 +312,14 @@ def _conv_dw_kernel(
             g = g.to(tl.float32)
             a = a.to(tl.float32)
         acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
+    m_tap = m_ptr + r * smh + s * smw
+    dw_tap = dw_ptr + r * swh + s * sww
+    full = tl.load(tile_full + pid // (KH * KW)) != 0
     if DIRECT:
-        m_ptrs = m_ptr + offs_n[:, None] * smn + offs_c[None, :] * smc + r * smh + s * smw
-        dw_ptrs = dw_ptr + offs_n[:, None] * swn + offs_c[None, :] * swc + r * swh + s * sww
-        if FULL_TILES:
-            store_tile(acc, tl.load(tile_full + pid // (KH * KW)) != 0, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
-        else:
-            store_masked(acc, m_ptrs, dw_ptrs, n_ok[:, None] & c_ok[None, :])
+        store_dw(acc, full, m_tap, dw_tap, offs_n, offs_c, n_ok, c_ok, smn, smc, swn, swc, FULL_TILES)
     else:
-        tl.store(partial_sum(ws_ptr, split, pid, BLOCK_N, BLOCK_C), acc)
+        finish_split(acc, ws_ptr, counters, pid, split, full, m_tap, dw_tap, offs_n, offs_c, n_ok, c_ok, smn, smc, swn,
+                     swc, FULL_TILES, BLOCK_N, BLOCK_C)  # fmt: skip
 
 
 _fwd = Tuned(_conv_fwd_kernel, CUDA_CONFIGS)
@@ -401,10 +416,12 @@ def conv2d_grad_weight(
     index: TileIndex | None = None,
     split: int | None = None,
 ) -> torch.Tensor:
-    """Write dW = (dY^T Xcol) * M into ``grad_w`` [N, C, KH, KW] on the alive tiles and return it.
+    """Write dW = (dY^T Xcol) * M into every entry of ``grad_w`` [N, C, KH, KW] (any strides) and return it.
 
-    ``grad_w`` must hold zeros outside the alive tiles (e.g. ``torch.zeros_like(weight)``); only alive tiles are
-    written, with exact zeros where the mask is False. ``split`` (M-splits) defaults to a device heuristic.
+    ``grad_w``'s contents on entry do not matter (e.g. ``torch.empty_like(weight)``): one launch computes the alive
+    tiles, exact zeros where the mask is False, and stores zeros into the dead ones (a mask with no alive tile, or
+    no output pixels: ``grad_w.zero_()``, no kernel). ``split`` (M-splits, finished inside the launch:
+    ``lthfast.kernels.dw_split``) defaults to a device heuristic.
     """
     batch, c, h, w = x.shape
     n, _, kh, kw = grad_w.shape
@@ -413,26 +430,28 @@ def conv2d_grad_weight(
     programs = index.alive_tiles * kh * kw
     m = batch * p * q
     if programs == 0 or m == 0:
-        return grad_w
+        return grad_w.zero_()
     block_n, block_c = conv_tiles(x.device)
+    dead_rows, dead_cols = dead_tiles(index)
+    dead = dead_rows.numel()
+    dead_per = dw_split.dead_per_program(dead, x.device)
     split = dw_split.split_count(m, programs, x.device) if split is None else split
     m_per_split = cdiv(m, split)
     split = cdiv(m, m_per_split)
     direct = split == 1
     ws = grad_w if direct else dw_split.workspace(split, programs, block_n, block_c, x.device)
+    counters = index.tile_rows if direct else dw_split.counters(programs, x.device)
     full = full_tiles(x)
     flags = tile_full_flags(index, mask) if full else index.tile_rows
     _launch(
         _dw, x, index, (size_class(batch), n, c, p, q, *stride, m_per_split, density_class(index.tile_density)),
-        lambda meta: (programs, split),
-        x, grad_out, mask, grad_w, ws, index.tile_rows, index.tile_cols, flags,
-        batch, c, h, w, n, p, q, m_per_split,
+        lambda meta: (programs + cdiv(dead, dead_per), split),
+        x, grad_out, mask, grad_w, ws, counters, index.tile_rows, index.tile_cols, flags, dead_rows, dead_cols,
+        batch, c, h, w, n, p, q, m_per_split, index.alive_tiles, dead, dead_per,
         *x.stride(), *grad_out.stride(), *mask.stride(), *grad_w.stride(),
         *_conv_args(stride, padding, dilation),
         KH=kh, KW=kw, DIRECT=direct, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
-        FLAT_DY=_flat_pixels(grad_out), IDX=offset_type(x, grad_out), FULL_TILES=full, BLOCK_N=block_n,
+        FLAT_DY=_flat_pixels(grad_out), IDX=offset_type(x, grad_out, grad_w), FULL_TILES=full, BLOCK_N=block_n,
         BLOCK_C=block_c,
     )  # fmt: skip
-    if not direct:
-        dw_split.reduce(ws, mask, grad_w, index.tile_rows, index.tile_cols, flags if full else None)
     return grad_w

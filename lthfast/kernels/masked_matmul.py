@@ -4,7 +4,7 @@ Weight W [N, K] is stored dense, mask M [N, K] is bool; X [M, K] and dY [M, N] a
   forward  Y  = X (W ⊙ M)^T + b     per (m, n) output tile, loop over the alive k-tiles of n-tile row (CSR)
   dX       dX = dY (W ⊙ M)          per (m, k) output tile, loop over the alive n-tiles of k-tile column (CSC)
   dW       dW = (dY^T X) ⊙ M        per GROUP alive tiles of one k-tile column (an SDDMM over the column-ordered
-                                    tile list) and M-split; dead tiles stay zero
+                                    tile list) and M-split; the same launch zeroes the dead tiles
 Each row's (column's) alive tiles come full ones first (``tile_index.full_partial``): a full tile, every entry
 alive, runs with no mask load and no select, so a mask pruned in blocks of the tile size or coarser runs mask-free
 loops; inside a partial tile the mask is applied elementwise with ``tl.where``, so a value stored under a pruned
@@ -30,6 +30,7 @@ from lthfast.indexing.tiles import (
     TileIndex,
     cached_on_mask,
     column_groups,
+    dead_tiles,
     full_partial,
     group_full,
     keep_if_capturing,
@@ -37,7 +38,7 @@ from lthfast.indexing.tiles import (
 )
 from lthfast.kernels import dw_split
 from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
-from lthfast.kernels.dw_split import full_tiles, partial_sum, store_masked, store_tile
+from lthfast.kernels.dw_split import finish_split, full_tiles, store_dw, zero_dead
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
 # feeds the tensor cores with a K step of 32 (bf16 wgmma/mma need K >= 16). 128x128 serves masks pruned in 128x128
@@ -265,12 +266,13 @@ def _grad_input_kernel(
 
 @triton.jit
 def _grad_weight_kernel(
-    # pointers; ws: fp32 workspace [SPLIT, L, BLOCK_N, BLOCK_K] (unused when DIRECT)
-    g_ptr, x_ptr, m_ptr, dw_ptr, ws_ptr,
+    # pointers; ws: fp32 workspace of the split partial sums, counters: int32 per program (both unused when DIRECT)
+    g_ptr, x_ptr, m_ptr, dw_ptr, ws_ptr, counters,
     group_rows, group_cols,  # alive tiles by k-tile column, runs padded with row -1 (tile_index.column_groups)
     group_full,  # int8 per entry: 1 for a full tile or padding (tile_index.group_full)
-    # sizes
-    M, N, K, M_PER_SPLIT,
+    dead_rows, dead_cols,  # the tiles with no alive entry (tile_index.dead_tiles)
+    # sizes: ENTRIES listed in group_rows (ENTRIES / GROUP alive programs), DEAD tiles, DEAD_PER zeroed per program
+    M, N, K, M_PER_SPLIT, ENTRIES, DEAD, DEAD_PER,
     # strides
     stride_gm, stride_gn, stride_xm, stride_xk, stride_mn, stride_mk, stride_wn, stride_wk,
     # meta-parameters
@@ -281,9 +283,15 @@ def _grad_weight_kernel(
     """dW tiles = (dY^T [N, M] @ X [M, K]) ⊙ M for GROUP alive weight tiles of one k-tile column over one M-split
     (program_id 1), reduced in BLOCK_M steps: one X slab [BLOCK_M, BLOCK_K] serves the GROUP tiles, whose dY
     columns are gathered into one [BLOCK_M, GROUP * BLOCK_N] operand. DIRECT (one split): masked and stored into
-    dW; else the fp32 partial sums go to the workspace and lthfast.kernels.dw_split.reduce finishes."""
+    dW; else the last split to finish sums the splits' fp32 partials and stores (``dw_split.finish_split``).
+    Programs past the alive ones store zeros into DEAD_PER dead tiles each (split 0 only)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    if pid >= ENTRIES // GROUP:
+        if split == 0:
+            zero_dead(dw_ptr, dead_rows, dead_cols, pid - ENTRIES // GROUP, DEAD_PER, DEAD, N, K, stride_wn, stride_wk,
+                      0, 0, IDX, 1, 1, BLOCK_N, BLOCK_K)  # fmt: skip
+        return
     first = pid * GROUP
     kt = tl.load(group_cols + first).to(IDX)
     lane = tl.arange(0, GROUP * BLOCK_N)
@@ -292,9 +300,10 @@ def _grad_weight_kernel(
     offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     in_n = (nt >= 0) & (offs_n < N)
     in_k = offs_k < K
+    active = tl.load(group_rows + first) >= 0  # all padding: no loop, nothing to store
     m_lo = split * M_PER_SPLIT
     m_hi = tl.minimum(m_lo + M_PER_SPLIT, M)
-    m_hi = tl.where(tl.load(group_rows + first) < 0, m_lo, m_hi)  # all padding: no loop, nothing to store
+    m_hi = tl.where(active, m_hi, m_lo)
     acc = tl.zeros((GROUP * BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(IDX)
@@ -304,16 +313,13 @@ def _grad_weight_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
         acc = tl.dot(tl.trans(_operand(g, UPCAST)), _operand(x, UPCAST), acc, input_precision=PRECISION)
+    full = tl.min(tl.load(group_full + first + tl.arange(0, GROUP)), axis=0) != 0  # all GROUP tiles full
     if DIRECT:
-        m_ptrs = m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk
-        dw_ptrs = dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        ok = in_n[:, None] & in_k[None, :]
-        if FULL_TILES:  # all GROUP tiles full: stored without reading the mask
-            store_tile(acc, tl.min(tl.load(group_full + first + tl.arange(0, GROUP)), axis=0) != 0, m_ptrs, dw_ptrs, ok)
-        else:
-            store_masked(acc, m_ptrs, dw_ptrs, ok)
-    else:
-        tl.store(partial_sum(ws_ptr, split, pid, GROUP * BLOCK_N, BLOCK_K), acc)
+        store_dw(acc, full, m_ptr, dw_ptr, offs_n, offs_k, in_n, in_k, stride_mn, stride_mk, stride_wn, stride_wk,
+                 FULL_TILES)  # fmt: skip
+    elif active:
+        finish_split(acc, ws_ptr, counters, pid, split, full, m_ptr, dw_ptr, offs_n, offs_k, in_n, in_k, stride_mn,
+                     stride_mk, stride_wn, stride_wk, FULL_TILES, GROUP * BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 _forward = Tuned(_forward_kernel, CUDA_CONFIGS, prune=_prune_configs)
@@ -471,28 +477,34 @@ def masked_linear_grad_weight(
 ) -> torch.Tensor:
     """dW [N, K] = (grad [M, N]^T x [M, K]) ⊙ mask, exactly zero where the mask is False; x's dtype.
 
-    Dead tiles are never visited: the output starts as zeros (one memset) and only alive tiles are written.
-    ``split``: M-splits per program (``lthfast.kernels.dw_split``); default: enough programs for the GPU.
-    ``group``: alive tiles of one column per program (1, 2 or 4); default: tuned on CUDA, ``INTERPRETER_GROUP``
-    in the interpreter.
+    One launch: dW is allocated uninitialized, its alive tiles are computed and its dead tiles (``dead_tiles``)
+    zeroed by the same kernel (a mask with no alive tile, or no tokens: ``torch.zeros``, no kernel at all).
+    ``split``: M-splits per program, finished inside the launch (``lthfast.kernels.dw_split``); default: enough
+    programs for the GPU. ``group``: alive tiles of one column per program (1, 2 or 4); default: tuned on CUDA,
+    ``INTERPRETER_GROUP`` in the interpreter.
     """
     _check(index, mask.shape, grad, x, mask)
     if group is not None and DW_GROUP_ALIGN % group:
         raise ValueError(f"masked_matmul: group must divide {DW_GROUP_ALIGN}, got {group}")
     m, n = grad.shape
     k = x.shape[1]
-    dw = torch.zeros((n, k), dtype=x.dtype, device=x.device)
     if m == 0 or index.alive_tiles == 0:
-        return dw
+        return torch.zeros((n, k), dtype=x.dtype, device=x.device)
+    dw = torch.empty((n, k), dtype=x.dtype, device=x.device)
     rows, cols = column_groups(index, DW_GROUP_ALIGN)
+    dead_rows, dead_cols = dead_tiles(index)
+    dead = dead_rows.numel()
+    dead_per = dw_split.dead_per_program(dead, x.device)
     full = full_tiles(x)
     flags = group_full(index, mask, DW_GROUP_ALIGN) if full else rows
     split = dw_split.split_count(m, index.alive_tiles, x.device) if split is None else split
     m_per_split = cdiv(m, split)
     split = cdiv(m, m_per_split)
     direct = split == 1
-    ws = dw if direct else dw_split.workspace(split, rows.numel(), index.block_n, index.block_k, x.device)
-    grid = lambda meta: (rows.numel() // meta["GROUP"], split)
+    entries = rows.numel()
+    ws = dw if direct else dw_split.workspace(split, entries, index.block_n, index.block_k, x.device)
+    counters = rows if direct else dw_split.counters(entries, x.device)
+    grid = lambda meta: (entries // meta["GROUP"] + cdiv(dead, dead_per), split)
     if _interpreted(x):
         group = INTERPRETER_GROUP if group is None else group
         fixed = {**INTERPRETER_CONFIG, "GROUP": group}
@@ -500,17 +512,14 @@ def masked_linear_grad_weight(
         fixed = None if group is None else {**DW_CONFIGS[0], "GROUP": group}
     _launch(
         _grad_weight, x, index, m, grid,
-        grad, x, mask.view(torch.uint8), dw, ws, rows, cols, flags,
-        m, n, k, m_per_split,
+        grad, x, mask.view(torch.uint8), dw, ws, counters, rows, cols, flags, dead_rows, dead_cols,
+        m, n, k, m_per_split, entries, dead, dead_per,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), mask.stride(0), mask.stride(1),
         dw.stride(0), dw.stride(1),
         fixed=fixed,
         DIRECT=direct, PRECISION=_precision(x.dtype), UPCAST=_upcast(x), IDX=offset_type(grad, x, dw, mask),
         FULL_TILES=full, BLOCK_N=index.block_n, BLOCK_K=index.block_k,
     )  # fmt: skip
-    if not direct:  # the [N, K] layer as a 1x1 conv weight [N, K, 1, 1]
-        dw_split.reduce(ws, mask.view(torch.uint8)[:, :, None, None], dw[:, :, None, None], rows, cols,
-                        flags if full else None)  # fmt: skip
     return dw
 
 

@@ -286,7 +286,7 @@ def _grad_weight(grad, x, weight, mask, stride, padding, dilation, groups, index
         grad_w = _dense_backward(grad, x, weight, mask, stride, padding, dilation, groups, False, True)[1]
         return _strided_like(grad_w, weight)
     kernels = _kernels()
-    grad_w = torch.zeros_like(weight)
+    grad_w = torch.empty_like(weight)  # every entry written by the kernel, dead tiles included
     return kernels.conv2d_grad_weight(grad, x, mask, grad_w, stride, padding, dilation, index)
 
 
