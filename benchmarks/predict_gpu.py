@@ -50,7 +50,7 @@ the one GPU run (H200, `h200-notes.md`) fits "a masked GEMM kernel loads at ~6.4
 the model's per-kernel bytes per flop reproduce its 90% row (forward 0.185 measured / 0.185 modelled, dX 0.183 /
 0.185, dW 0.294 / 0.268 ms) and its 0% forward (1.149 / 1.174 ms). Two things it does not hold for, both seen on
 the H200: rows with few alive tiles per tile row (98% in 32x32 blocks ran 4.4x the model of the kernels it ran:
-per-program latency, which persistent kernels over an alive-tile list, not yet built, would address), and the 0% dW
+per-program latency), and the 0% dW
 (0.826 ms measured against 1.342 modelled: it loaded at ~10 TB/s, so the 6.4 TB/s is a fit to the forward and dX,
 not a hard limit).
 
@@ -59,6 +59,14 @@ of 1/BN + 1.5/BM bytes per flop in bf16), dW over 2 or 4 tiles of a column (GROU
 pruned in 128x128 blocks. Dense step = the H200's cuBLAS fwd + dX + dW on this layer (~1.0 ms); speed-ups are
 graphed-step figures (no host time). A GPU run confirms a row when `benchmarks/gpu_profile.py`'s kernel times are
 within ~15% of the model column, and refutes it otherwise.
+
+Not in the model, built since and untimed: persistent, TMA-fed forward and dX kernels (`lthfast.kernels.persistent`,
+one wave of programs looping over the output tiles; the launcher times them against the kernels above once per
+shape and keeps the faster), and the dW's M-splits finished inside its one launch (no zero-fill, no reduce launch).
+Prediction for them: no change in the rows the L2 model holds for (the same bytes per flop: X / dY slabs and weight
+tiles per alive tile), and the 98% rows in 32x32 blocks closer to the model than the H200's 4.4x, since a resident
+program's next tile no longer waits for a new program to launch; the dW at 98% saves its reduce launch and the
+zero-fill pass over the 32 MB weight (~7 us at 4.8 TB/s).
 
 """
 

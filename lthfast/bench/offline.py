@@ -122,21 +122,38 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in usage.items()}
 
 
-def loops(cubin: bytes) -> list[tuple[int, int]]:
-    """(instructions, tensor-core instructions) of the body of every backward branch (loop) of the kernel."""
+def _loop_bodies(cubin: bytes) -> list[tuple[int, int, int, int]]:
+    """(first address, last address, instructions, tensor-core instructions) of every backward branch's body."""
     code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump(cubin, "-sass"))]
     out = []
     for addr, op in code:
         target = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", op)
         if target is None or int(target.group(1), 16) >= addr:
             continue
-        body = [o for a, o in code if int(target.group(1), 16) <= a <= addr]
-        out.append((len(body), sum(bool(re.search(r"\bH(GMMA|MMA)\b", o)) for o in body)))
+        start = int(target.group(1), 16)
+        body = [o for a, o in code if start <= a <= addr]
+        out.append((start, addr, len(body), sum(bool(re.search(r"\bH(GMMA|MMA)\b", o)) for o in body)))
     return out
 
 
+def loops(cubin: bytes) -> list[tuple[int, int]]:
+    """(instructions, tensor-core instructions) of the body of every innermost matrix loop of the kernel, and of
+    every loop without matrix instructions. A matrix loop (one with HGMMA / HMMA) is dropped when it holds another
+    (a persistent kernel's loop over output tiles holds its k-loops) or crosses one without nesting (the retry branch
+    of a barrier wait, which jumps back into a k-loop from after it)."""
+    bodies = _loop_bodies(cubin)
+    matrix = [(a, b) for a, b, _, mma in bodies if mma]
+
+    def inner(a: int, b: int) -> bool:
+        holds = any(a <= c and d <= b and (c, d) != (a, b) for c, d in matrix)
+        crosses = any(c < a <= d < b for c, d in matrix)  # starts inside another loop, ends after it
+        return not holds and not crosses
+
+    return [(n, mma) for a, b, n, mma in bodies if not mma or inner(a, b)]
+
+
 def main_loop(cubin: bytes) -> tuple[int, int]:
-    """(instructions, tensor-core instructions) in the body of the kernel's main loop, the backward branch whose
+    """(instructions, tensor-core instructions) in the body of the kernel's main loop, the innermost loop whose
     body holds the most HGMMA / HMMA (the longest of those): what each loop step issues per warp next to its matrix
     instructions. (0, 0) without such a loop."""
     return max(loops(cubin), key=lambda item: (item[1], item[0]), default=(0, 0))
@@ -203,7 +220,7 @@ def cuda_decisions(sms: int = H100_SMS) -> Iterator[None]:
     ``sms`` SMs (weight-tile shapes, tuner keys and configs, dW splits) instead of the interpreter's. Launches are
     left alone: callers replace them (``cuda_target`` compiles them, ``benchmarks/host_overhead.py`` stubs them)."""
     from lthfast import _backend
-    from lthfast.kernels import dw_split, masked_conv, masked_matmul
+    from lthfast.kernels import dw_split, masked_conv, masked_matmul, persistent
 
     cuda = torch.device("cuda", 0)
     split_count, conv_tiles = dw_split.split_count, masked_conv.conv_tiles
@@ -212,19 +229,24 @@ def cuda_decisions(sms: int = H100_SMS) -> Iterator[None]:
         (_backend, "interpreter_enabled", lambda: False),
         (masked_matmul, "_interpreted", lambda t: False),
         (masked_conv, "conv_tiles", lambda device: conv_tiles(cuda)),
+        (masked_conv, "_sm_count", lambda device: sms),
         (dw_split, "split_count", lambda m, programs, device: split_count(m, programs, cuda)),
         (dw_split, "dead_per_program", lambda dead, device: dead_per_program(dead, cuda)),
         (dw_split, "_sm_count", lambda index: sms),
+        (persistent, "_interpreted", lambda t: False),
+        (persistent, "_sm_count", lambda device: sms),
+        (persistent, "_tma_capable", lambda device: True),  # the targets here are sm_90
     ]):  # fmt: skip
         yield
 
 
 def tuned_kernels() -> list:
-    """Every ``Tuned`` kernel of ``lthfast.kernels`` (the linear and conv GEMMs)."""
-    from lthfast.kernels import masked_conv, masked_matmul
+    """Every ``Tuned`` kernel of ``lthfast.kernels`` (the linear and conv GEMMs, classic and persistent)."""
+    from lthfast.kernels import masked_conv, masked_matmul, persistent
     from lthfast.kernels.autotune import Tuned
 
-    return [v for module in (masked_matmul, masked_conv) for v in vars(module).values() if isinstance(v, Tuned)]
+    modules = (masked_matmul, masked_conv, persistent)
+    return [v for module in modules for v in vars(module).values() if isinstance(v, Tuned)]
 
 
 @contextlib.contextmanager
@@ -238,9 +260,14 @@ def cuda_target(arch: int = 90, sms: int = H100_SMS, all_configs: bool = True) -
         raise RuntimeError("lthfast.bench.offline: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     from triton.runtime.driver import driver
 
-    from lthfast.kernels.autotune import Tuned
+    from lthfast.kernels.autotune import Faster, Tuned
 
     records: list[Compiled] = []
+
+    def pick(self, key, runs, timed=True):  # every variant compiles; the caller then runs the first
+        for run in runs[1:]:
+            run()
+        return 0
 
     def launch(self, key, grid, *args, fixed=None, **kwargs):
         if fixed is not None:
@@ -254,7 +281,7 @@ def cuda_target(arch: int = 90, sms: int = H100_SMS, all_configs: bool = True) -
     active = driver._active  # None on a machine without a GPU: Triton creates its driver on first use
     driver.set_active(_Driver(arch))
     try:
-        with cuda_decisions(sms), patched([(Tuned, "launch", launch)]):
+        with cuda_decisions(sms), patched([(Tuned, "launch", launch), (Faster, "pick", pick)]):
             yield records
     finally:
         driver._active = active

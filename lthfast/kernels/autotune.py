@@ -146,3 +146,45 @@ class Tuned:
         if config is None:
             config = self._tune(key, grid, args, kwargs)
         return self.kernel[grid(config)](*args, **kwargs, **config)
+
+
+class Faster:
+    """Of several launchers computing the same result, the one that ran fastest for a key: each is run once (so it
+    tunes its own configs), then timed like a config, and the winner is called directly from then on.
+
+    ``pick(key, runs)`` returns the index into ``runs`` to call. The environment variable ``env`` forces one
+    ("0", "1", ...); with tuning off (``LTHFAST_AUTOTUNE=0``) or off CUDA the first is kept without timing.
+    """
+
+    def __init__(self, env: str, bench: Callable[[Callable[[], object]], float] | None = None) -> None:
+        self.env = env
+        self.bench = bench or _bench
+        self.best: dict[tuple, int] = {}
+        self.timings: dict[tuple, list[float]] = {}
+
+    def forced(self) -> int | None:
+        value = os.environ.get(self.env, "").strip()
+        return int(value) if value.isdigit() else None
+
+    def pick(self, key: tuple, runs: Sequence[Callable[[], object]], timed: bool = True) -> int:
+        forced = self.forced()
+        if forced is not None:
+            if forced >= len(runs):
+                raise ValueError(f"lthfast: {self.env}={forced} names no launcher (0 to {len(runs) - 1})")
+            return forced
+        choice = self.best.get(key)
+        if choice is not None:
+            return choice
+        if not timed or not enabled():
+            self.best[key] = 0
+            return 0
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"lthfast: no launcher chosen yet for {key}, and none can be timed inside a CUDA graph capture: "
+                "run one eager step of the same shapes and masks before capturing"
+            )
+        for run in runs:  # each tunes its configs on its first call, outside the timing
+            run()
+        self.timings[key] = [self.bench(run) for run in runs]
+        self.best[key] = min(range(len(runs)), key=lambda i: self.timings[key][i])
+        return self.best[key]

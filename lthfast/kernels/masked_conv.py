@@ -16,12 +16,22 @@ mask; dW applies the mask at its store, except on full tiles (every entry alive:
            (alive tile, tap, M-split); the last split of a tile to finish sums the splits' partials, and extra
            programs zero the dead tiles, all in one launch (lthfast.kernels.dw_split, shared with the linear dW).
 
+Forward and dX come in two schedules with the same per-tile body (``_conv_fwd_tile`` / ``_conv_dx_tile``): one program
+per output tile, or persistent (``persistent_conv2d_forward`` / ``persistent_conv2d_grad_input``): min(output tiles,
+SMs x PROGRAMS_PER_SM) programs, each looping over tiles pid, pid + programs, ... with the channel tile fastest, so
+the programs in flight share one or a few input (dY) slabs in L2. ``conv2d_forward`` / ``conv2d_grad_input`` pick
+one per key (``_VARIANTS``: timed once on CUDA, ``LTHFAST_PERSISTENT=0 / 1`` forces one). Unlike the persistent
+linear kernels (``lthfast.kernels.persistent``), these load by pointer only, no TMA: Triton's tensor descriptors
+have no im2col mode, and a tap's [BLOCK_M, BLOCK_C] input slab is a gather of pixels shifted by the tap, with
+zeros for the padding (and for dX, only the pixels a strided tap reaches), which no tiled box describes.
+
 Inputs may be NCHW or channels_last (all strides are passed). float32/float16/bfloat16 in, fp32 accumulation.
 Launchers check nothing beyond what the ops layer (``lthfast.ops.conv``) already validated.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -38,7 +48,7 @@ from lthfast.indexing.tiles import (
     tile_index,
 )
 from lthfast.kernels import dw_split
-from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
+from lthfast.kernels.autotune import Faster, Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import finish_split, full_tiles, store_dw, tile_tap, zero_dead
 from lthfast.reference import SAME_WIDTH_INT
 
@@ -126,33 +136,63 @@ CUDA_CONFIGS = [
 INTERPRETER_CONFIG = {"BLOCK_M": INTERPRETER_TILE[0]}
 
 
+# The persistent forward and dX: (BLOCK_M, programs per SM, warps, stages). PROGRAMS_PER_SM sizes the grid (SMs x it,
+# at most one program per output tile); a 64-wide weight tile's accumulator and 2-3 stages of [BLOCK_M, 32] slabs
+# leave room for 2-4 programs per SM, and a lone program per SM would idle while it waits on its gathers. Not yet
+# timed on a GPU: the tuner decides, the first is what LTHFAST_AUTOTUNE=0 runs.
+CUDA_PERSISTENT_CONFIGS = [
+    {"BLOCK_M": bm, "PROGRAMS_PER_SM": programs, "num_warps": w, "num_stages": s}
+    for bm, programs, w, s in ((128, 2, 4, 3), (128, 3, 4, 3), (64, 4, 4, 3), (128, 2, 8, 3), (128, 2, 4, 4),
+                               (128, 1, 8, 4), (64, 4, 4, 5))
+]  # fmt: skip
+# The interpreter runs this many persistent programs, so that each loops over several tiles.
+INTERPRETER_PROGRAMS = 3
+INTERPRETER_PERSISTENT_CONFIG = {**INTERPRETER_CONFIG, "PROGRAMS_PER_SM": 1}
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, key: tuple, grid, *args, **constexprs):
     """Launch ``tuned`` with the config tuned for ``key`` (plus dtype and constexprs) on CUDA, the interpreter's
     config elsewhere. A CUDA graph capturing the launch keeps ``index`` alive (``keep_if_capturing``)."""
     if _backend.interpreter_enabled():
-        return tuned.launch(None, grid, *args, fixed=INTERPRETER_CONFIG, **constexprs)
+        fixed = INTERPRETER_PERSISTENT_CONFIG if tuned in (_fwd_persistent, _dx_persistent) else INTERPRETER_CONFIG
+        return tuned.launch(None, grid, *args, fixed=fixed, **constexprs)
     keep_if_capturing(x_like, index)
     return tuned.launch((*key, x_like.dtype, *constexprs.values()), grid, *args, **constexprs)
 
 
+def _grid(persistent: bool, like: torch.Tensor, m: int, tiles_other: int, programs: int | None = None):
+    """The launch grid of a config over ``m`` rows (output or input pixels) x ``tiles_other`` channel tiles: one
+    program per tile, or for the persistent kernels ``programs`` when given (tests), else one per tile up to SMs x
+    PROGRAMS_PER_SM (``INTERPRETER_PROGRAMS`` in the interpreter)."""
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = cdiv(m, meta["BLOCK_M"]) * tiles_other
+        if not persistent:
+            return (tiles,)
+        if programs is not None:
+            return (programs,)
+        if _backend.interpreter_enabled():
+            return (min(tiles, INTERPRETER_PROGRAMS),)
+        return (min(tiles, _sm_count(like.device) * meta["PROGRAMS_PER_SM"]),)
+
+    return grid
+
+
 @triton.jit
-def _conv_fwd_kernel(
-    # pointers: input, W ⊙ M, bias, output; CSR of the tile index (alive C-blocks of each N-tile)
-    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, row_cols,
-    # sizes: batch, in channels, input H, W, out channels, output H (P), W (Q)
+def _conv_fwd_tile(
+    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, row_cols, pid_m, pid_n,
     B, C, H, W, N, P, Q,
-    # strides (elements) of x [B, C, H, W], W ⊙ M [N, C, KH, KW], y [B, N, P, Q]
     sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syp, syq,
-    # convolution: stride, top/left padding, dilation
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """y[B, N, P, Q] = conv2d(x, W*M) + bias over the alive tiles of each N-tile."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_n = pid % num_n  # neighbouring programs share an M-tile, so its input slab is reused from L2
-    pid_m = pid // num_n
+    """Output tile (pid_m, pid_n) of y: the loop over the CSR row of N-tile pid_n, bias, store (both kernels' body)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < B * P * Q
@@ -192,23 +232,59 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_dx_kernel(
-    # pointers: output gradient, W ⊙ M, input gradient; CSC of the tile index (alive N-tiles of a C-block)
-    dy_ptr, w_ptr, dx_ptr, col_ptr, col_rows,
+def _conv_fwd_kernel(
+    # pointers: input, W ⊙ M, bias, output; CSR of the tile index (alive C-blocks of each N-tile)
+    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, row_cols,
+    # sizes: batch, in channels, input H, W, out channels, output H (P), W (Q)
     B, C, H, W, N, P, Q,
-    # strides of dy [B, N, P, Q], W ⊙ M, dx [B, C, H, W]
+    # strides (elements) of x [B, C, H, W], W ⊙ M [N, C, KH, KW], y [B, N, P, Q]
+    sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syp, syq,
+    # convolution: stride, top/left padding, dilation
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """y[B, N, P, Q] = conv2d(x, W*M) + bias over the alive tiles of each N-tile: one program per output tile."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n  # neighbouring programs share an M-tile, so its input slab is reused from L2
+    pid_m = pid // num_n
+    _conv_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, row_cols, pid_m, pid_n, B, C, H, W, N, P, Q,
+                   sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syp, syq,
+                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                   KH, KW, HAS_BIAS, INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_C)  # fmt: skip
+
+
+@triton.jit
+def _conv_fwd_persistent_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, row_cols,
+    B, C, H, W, N, P, Q,
+    sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syp, syq,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):  # fmt: skip
+    """``_conv_fwd_kernel``'s output tiles (arguments as there), each program looping over tiles pid, pid + programs,
+    ...: N fastest, so the programs in flight cover consecutive N-tiles of one or a few M-tiles and share those input
+    slabs in L2. PROGRAMS_PER_SM is the launcher's (it sizes the grid)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    for t in range(tl.program_id(0), tl.cdiv(B * P * Q, BLOCK_M) * num_n, tl.num_programs(0)):
+        _conv_fwd_tile(x_ptr, w_ptr, b_ptr, y_ptr, row_ptr, row_cols, t // num_n, t % num_n, B, C, H, W, N, P, Q,
+                       sxb, sxc, sxh, sxw, swn, swc, swh, sww, syb, syn, syp, syq,
+                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                       KH, KW, HAS_BIAS, INPUT_PRECISION, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_C)  # fmt: skip
+
+
+@triton.jit
+def _conv_dx_tile(
+    dy_ptr, w_ptr, dx_ptr, col_ptr, col_rows, pid_m, pid_c,
+    B, C, H, W, N, P, Q,
     sdb, sdn, sdp, sdq, swn, swc, swh, sww, sxb, sxc, sxh, sxw,
-    # the strides divide every pixel of every step: as constants, a stride of 2 is a shift (compiled offline for
-    # sm_90, bf16, 3x3 stride 2: 486 SASS instructions per step, 854 with the strides as runtime values)
     stride_h: tl.constexpr, stride_w: tl.constexpr, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dx[B, C, H, W]: each program gathers, for its input pixels and C-block, every (n, tap) that reads them."""
-    pid = tl.program_id(0)
-    num_c = tl.cdiv(C, BLOCK_C)
-    pid_c = pid % num_c
-    pid_m = pid // num_c
+    """Tile (pid_m, pid_c) of dx: the loop over the CSC column of C-block pid_c, store (both kernels' body)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = offs_m < B * H * W
@@ -247,6 +323,50 @@ def _conv_dx_kernel(
     dx_off = b.to(IDX) * sxb + ih.to(IDX) * sxh + iw.to(IDX) * sxw
     dx_ptrs = dx_ptr + dx_off[:, None] + offs_c[None, :].to(IDX) * sxc
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _conv_dx_kernel(
+    # pointers: output gradient, W ⊙ M, input gradient; CSC of the tile index (alive N-tiles of a C-block)
+    dy_ptr, w_ptr, dx_ptr, col_ptr, col_rows,
+    B, C, H, W, N, P, Q,
+    # strides of dy [B, N, P, Q], W ⊙ M, dx [B, C, H, W]
+    sdb, sdn, sdp, sdq, swn, swc, swh, sww, sxb, sxc, sxh, sxw,
+    # the strides divide every pixel of every step: as constants, a stride of 2 is a shift (compiled offline for
+    # sm_90, bf16, 3x3 stride 2: 486 SASS instructions per step, 854 with the strides as runtime values)
+    stride_h: tl.constexpr, stride_w: tl.constexpr, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dx[B, C, H, W]: each program gathers, for its input pixels and C-block, every (n, tap) that reads them."""
+    pid = tl.program_id(0)
+    num_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % num_c
+    pid_m = pid // num_c
+    _conv_dx_tile(dy_ptr, w_ptr, dx_ptr, col_ptr, col_rows, pid_m, pid_c, B, C, H, W, N, P, Q,
+                  sdb, sdn, sdp, sdq, swn, swc, swh, sww, sxb, sxc, sxh, sxw,
+                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                  KH, KW, INPUT_PRECISION, DOT_FP32, IDX, BLOCK_M, BLOCK_N, BLOCK_C)  # fmt: skip
+
+
+@triton.jit
+def _conv_dx_persistent_kernel(
+    dy_ptr, w_ptr, dx_ptr, col_ptr, col_rows,
+    B, C, H, W, N, P, Q,
+    sdb, sdn, sdp, sdq, swn, swc, swh, sww, sxb, sxc, sxh, sxw,
+    stride_h: tl.constexpr, stride_w: tl.constexpr, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    IDX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
+):  # fmt: skip
+    """``_conv_dx_kernel``'s tiles (arguments as there), each program looping over tiles pid, pid + programs, ...:
+    C-blocks fastest, so the programs in flight share the dY slabs of one or a few pixel tiles in L2."""
+    num_c = tl.cdiv(C, BLOCK_C)
+    for t in range(tl.program_id(0), tl.cdiv(B * H * W, BLOCK_M) * num_c, tl.num_programs(0)):
+        _conv_dx_tile(dy_ptr, w_ptr, dx_ptr, col_ptr, col_rows, t // num_c, t % num_c, B, C, H, W, N, P, Q,
+                      sdb, sdn, sdp, sdq, swn, swc, swh, sww, sxb, sxc, sxh, sxw,
+                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                      KH, KW, INPUT_PRECISION, DOT_FP32, IDX, BLOCK_M, BLOCK_N, BLOCK_C)  # fmt: skip
 
 
 @triton.jit
@@ -324,6 +444,8 @@ def _conv_dw_kernel(
 
 _fwd = Tuned(_conv_fwd_kernel, CUDA_CONFIGS)
 _dx = Tuned(_conv_dx_kernel, CUDA_CONFIGS)
+_fwd_persistent = Tuned(_conv_fwd_persistent_kernel, CUDA_PERSISTENT_CONFIGS)
+_dx_persistent = Tuned(_conv_dx_persistent_kernel, CUDA_PERSISTENT_CONFIGS)
 _dw = Tuned(_conv_dw_kernel, CUDA_CONFIGS)
 
 
@@ -336,6 +458,25 @@ def _flat_pixels(t: torch.Tensor) -> bool:
 
 def _conv_args(stride, padding, dilation) -> tuple[int, ...]:
     return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+
+
+# Forward and dX on CUDA: one program per output tile, or the persistent kernels, whichever ran faster for the key
+# (timed once, each after tuning its own configs); LTHFAST_PERSISTENT=0 / 1 forces one (as for the linear kernels).
+# The classic kernels without timing in the interpreter and with tuning off.
+_VARIANTS = Faster("LTHFAST_PERSISTENT")
+
+
+def _variant(key: tuple, runs) -> None:
+    """Run the launcher ``_VARIANTS`` picks among ``runs`` (classic, persistent) for ``key``."""
+    timed = not _backend.interpreter_enabled()
+    runs[_VARIANTS.pick(key if timed else None, runs, timed=timed)]()
+
+
+def _variant_key(kind: str, x: torch.Tensor, weight: torch.Tensor, index: TileIndex, hw: tuple, stride, dilation):
+    batch, c = x.shape[:2]
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return (kind, size_class(batch), weight.shape[0], c, *hw, *weight.shape[2:], *stride, *dilation,
+            density_class(index.tile_density), x.dtype, channels_last)  # fmt: skip
 
 
 def conv2d_forward(
@@ -354,17 +495,49 @@ def conv2d_forward(
     x [B, C, H, W], weight [N, C, KH, KW], mask bool like weight, bias [N] or None: one dtype of KERNEL_DTYPES, one
     device. padding is (top, bottom, left, right); only top/left enter (the output size already holds the rest).
     ``index`` defaults to ``conv_tile_index(mask)``; a different one is honoured (tests use it to prove skipping).
+    One-program-per-tile or persistent kernel: ``_VARIANTS``.
     """
-    batch, c, h, w = x.shape
-    n, _, kh, kw = weight.shape
-    p, q = out.shape[2:]
     index = conv_tile_index(mask) if index is None else index
     weight = _masked_channels_last(weight, mask)
     bias = None if bias is None else bias.contiguous()  # the kernel reads it at unit stride (Cout values: no cost)
+    args = (x, weight, bias, out, index, stride, padding, dilation)
+    key = _variant_key("forward" if bias is None else "forward+bias", x, weight, index, out.shape[2:], stride,
+                       dilation)  # fmt: skip
+    _variant(key, (lambda: _forward(False, *args), lambda: _forward(True, *args)))
+    return out
+
+
+def persistent_conv2d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    index: TileIndex | None = None,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """``conv2d_forward`` on the persistent kernel; ``programs``: the grid size (default: one wave, at most one
+    program per output tile)."""
+    index = conv_tile_index(mask) if index is None else index
+    weight = _masked_channels_last(weight, mask)
+    bias = None if bias is None else bias.contiguous()
+    _forward(True, x, weight, bias, out, index, stride, padding, dilation, programs)
+    return out
+
+
+def _forward(persistent: bool, x, weight, bias, out, index, stride, padding, dilation, programs=None) -> None:
+    """Launch the forward kernel (persistent or one program per tile) on W ⊙ M ``weight`` (channels_last)."""
+    batch, c, h, w = x.shape
+    n, _, kh, kw = weight.shape
+    p, q = out.shape[2:]
     block_n, block_c = conv_tiles(x.device)
-    grid = lambda meta: (cdiv(batch * p * q, meta["BLOCK_M"]) * cdiv(n, block_n),)
     _launch(
-        _fwd, x, index, (size_class(batch), n, c, p, q, *stride, density_class(index.tile_density)), grid,
+        _fwd_persistent if persistent else _fwd, x, index,
+        (size_class(batch), n, c, p, q, *stride, density_class(index.tile_density)),
+        _grid(persistent, x, batch * p * q, cdiv(n, block_n), programs),
         x, weight, bias if bias is not None else weight, out, index.row_ptr, index.row_cols,
         batch, c, h, w, n, p, q,
         *x.stride(), *weight.stride(), *out.stride(),
@@ -372,7 +545,6 @@ def conv2d_forward(
         KH=kh, KW=kw, HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_dot_fp32(x.dtype),
         BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
-    return out
 
 
 def conv2d_grad_input(
@@ -385,16 +557,44 @@ def conv2d_grad_input(
     dilation: tuple[int, int],
     index: TileIndex | None = None,
 ) -> torch.Tensor:
-    """Write dX = conv2d's input gradient through W*M into ``grad_x`` [B, C, H, W] (any strides); return it."""
+    """Write dX = conv2d's input gradient through W*M into ``grad_x`` [B, C, H, W] (any strides); return it.
+    One-program-per-tile or persistent kernel: ``_VARIANTS``."""
+    index = conv_tile_index(mask) if index is None else index
+    weight = _masked_channels_last(weight, mask)
+    args = (grad_out, weight, grad_x, index, stride, padding, dilation)
+    key = _variant_key("dX", grad_x, weight, index, grad_x.shape[2:], stride, dilation)
+    _variant(key, (lambda: _grad_input(False, *args), lambda: _grad_input(True, *args)))
+    return grad_x
+
+
+def persistent_conv2d_grad_input(
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    grad_x: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    index: TileIndex | None = None,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """``conv2d_grad_input`` on the persistent kernel; ``programs`` as in ``persistent_conv2d_forward``."""
+    index = conv_tile_index(mask) if index is None else index
+    weight = _masked_channels_last(weight, mask)
+    _grad_input(True, grad_out, weight, grad_x, index, stride, padding, dilation, programs)
+    return grad_x
+
+
+def _grad_input(persistent: bool, grad_out, weight, grad_x, index, stride, padding, dilation, programs=None) -> None:
+    """Launch the dX kernel (persistent or one program per tile) on W ⊙ M ``weight`` (channels_last)."""
     batch, c, h, w = grad_x.shape
     n, _, kh, kw = weight.shape
     p, q = grad_out.shape[2:]
-    index = conv_tile_index(mask) if index is None else index
-    weight = _masked_channels_last(weight, mask)
     block_n, block_c = conv_tiles(grad_x.device)
-    grid = lambda meta: (cdiv(batch * h * w, meta["BLOCK_M"]) * cdiv(c, block_c),)
     _launch(
-        _dx, grad_x, index, (size_class(batch), n, c, h, w, *stride, density_class(index.tile_density)), grid,
+        _dx_persistent if persistent else _dx, grad_x, index,
+        (size_class(batch), n, c, h, w, *stride, density_class(index.tile_density)),
+        _grid(persistent, grad_x, batch * h * w, cdiv(c, block_c), programs),
         grad_out, weight, grad_x, index.col_ptr, index.col_rows,
         batch, c, h, w, n, p, q,
         *grad_out.stride(), *weight.stride(), *grad_x.stride(),
@@ -402,7 +602,6 @@ def conv2d_grad_input(
         KH=kh, KW=kw, INPUT_PRECISION=_input_precision(grad_x.dtype), DOT_FP32=_dot_fp32(grad_x.dtype),
         IDX=offset_type(grad_out, grad_x), BLOCK_N=block_n, BLOCK_C=block_c,
     )  # fmt: skip
-    return grad_x
 
 
 def conv2d_grad_weight(

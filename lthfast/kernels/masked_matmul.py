@@ -37,7 +37,7 @@ from lthfast.indexing.tiles import (
     tile_index,
 )
 from lthfast.kernels import dw_split
-from lthfast.kernels.autotune import Tuned, cdiv, density_class, offset_type, size_class
+from lthfast.kernels.autotune import Faster, Tuned, cdiv, density_class, offset_type, size_class
 from lthfast.kernels.dw_split import finish_split, full_tiles, store_dw, zero_dead
 
 # Weight-tile shapes (BLOCK_N, BLOCK_K) tried on CUDA, coarsest first. 32x32 is the smallest tile that still
@@ -413,11 +413,46 @@ def _launch(tuned: Tuned, x_like: torch.Tensor, index: TileIndex, m: int, grid, 
     return tuned.launch(key, grid, *args, **constexprs)
 
 
+# Forward and dX on CUDA: the one-program-per-tile kernels above or the persistent, TMA-fed ones of
+# lthfast.kernels.persistent, whichever ran faster for the key (timed once, each after tuning its own configs);
+# LTHFAST_PERSISTENT=0 / 1 forces one. The first (these) without timing in the interpreter and with tuning off: the
+# kernels the H200 ran, which the CPU tests of the ops keep covering.
+_VARIANTS = Faster("LTHFAST_PERSISTENT")
+
+
+def _persistent():
+    from lthfast.kernels import persistent  # it imports this module's helpers
+
+    return persistent
+
+
+def _variant(kind: str, like: torch.Tensor, index: TileIndex, runs) -> torch.Tensor:
+    """The result of the launcher ``_VARIANTS`` picks among ``runs`` (classic, persistent) for this call's key."""
+    timed = not _interpreted(like)
+    key = None
+    if timed:
+        tma = _persistent()._use_tma(like)
+        key = (kind, size_class(like.shape[0]), *index.shape, index.block_n, index.block_k,
+               density_class(index.tile_density), like.dtype, tma)  # fmt: skip
+    return runs[_VARIANTS.pick(key, runs, timed=timed)]()
+
+
 def masked_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, index: TileIndex
 ) -> torch.Tensor:
     """Y [M, N] = x [M, K] (W ⊙ M)^T + bias. weight/mask [N, K]; bias [N] or None; ``index`` from
     ``mask_tile_index(mask)``. Same device (CUDA, or CPU under TRITON_INTERPRET=1); returns x's dtype."""
+    runs = (
+        lambda: _classic_forward(x, weight, mask, bias, index),
+        lambda: _persistent().persistent_linear_forward(x, weight, mask, bias, index),
+    )
+    return _variant("forward" if bias is None else "forward+bias", x, index, runs)
+
+
+def _classic_forward(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, index: TileIndex
+) -> torch.Tensor:
+    """``masked_linear_forward`` on the one-program-per-tile kernel."""
     _check(index, weight.shape, x, weight, mask)
     m, k = x.shape
     n = weight.shape[0]
@@ -445,6 +480,15 @@ def masked_linear_grad_input(
     grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, index: TileIndex
 ) -> torch.Tensor:
     """dX [M, K] = grad [M, N] (W ⊙ M). weight/mask [N, K]. Returns grad's dtype, a new contiguous tensor."""
+    runs = (
+        lambda: _classic_grad_input(grad, weight, mask, index),
+        lambda: _persistent().persistent_linear_grad_input(grad, weight, mask, index),
+    )
+    return _variant("dX", grad, index, runs)
+
+
+def _classic_grad_input(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, index: TileIndex) -> torch.Tensor:
+    """``masked_linear_grad_input`` on the one-program-per-tile kernel."""
     _check(index, weight.shape, grad, weight, mask)
     m, n = grad.shape
     k = weight.shape[1]
