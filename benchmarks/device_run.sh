@@ -50,7 +50,8 @@ tests() {
   LTHFAST_AUTOTUNE=0 $PY -m pytest "${common[@]}" -n 6 -m gpu tests >"$OUT/tests-gpu.log" 2>&1 &
   local gpu=$!
   LTHFAST_AUTOTUNE=0 $PY -m pytest "${common[@]}" -n 8 -m "not gpu and not slow" tests/test_masked_linear.py \
-    tests/test_masked_conv.py tests/test_amp.py tests/test_compile.py >"$OUT/tests-cuda.log" 2>&1
+    tests/test_masked_conv.py tests/test_persistent_kernels.py tests/test_persistent_conv.py tests/test_dw_fixup.py \
+    tests/test_amp.py tests/test_compile.py >"$OUT/tests-cuda.log" 2>&1
   wait $gpu
   tail -n 25 "$OUT/tests-gpu.log" "$OUT/tests-cuda.log"
 }
