@@ -137,52 +137,124 @@ def _operand(t, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(w_ptr, m_ptr, offs_n, offs_k, in_n, in_k, stride_wn, stride_wk, stride_mn, stride_mk,
-                 APPLY_MASK: tl.constexpr):  # fmt: skip
-    """The weight tile [n-block, k-block] (zeros outside [N, K]), and W ⊙ M where ``APPLY_MASK`` (a partial tile:
-    the mask is read and a value stored under a pruned entry, even NaN, becomes 0)."""
-    nk = in_n[:, None] & in_k[None, :]
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=nk, other=0.0)
-    if APPLY_MASK:
-        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=nk, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
-    return w
+def _block(a, off_r, off_c, R, C, stride_r, stride_c, TMA: tl.constexpr, IDX: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """The [BLOCK_R, BLOCK_C] block at (off_r, off_c) of an [R, C] tensor, zeros outside it: one TMA load through the
+    descriptor ``a`` where ``TMA`` (the persistent kernels, lthfast.kernels.persistent), else masked pointer loads
+    from ``a``, a pointer."""
+    if TMA:
+        return a.load([off_r, off_c])
+    else:
+        offs_r = off_r.to(IDX) + tl.arange(0, BLOCK_R)
+        offs_c = off_c.to(IDX) + tl.arange(0, BLOCK_C)
+        inside = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+        return tl.load(a + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=inside, other=0.0)
 
 
 @triton.jit
-def _forward_tile(
-    acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
+def _weight(w, m_ptr, off_n, off_k, N, K, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK: tl.constexpr,
+            TMA: tl.constexpr, IDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The weight tile [BLOCK_N, BLOCK_K] at (off_n, off_k), and W ⊙ M where ``APPLY_MASK`` (a partial tile: the
+    mask is read, and a value stored under a pruned entry, even NaN, becomes 0)."""
+    tile = _block(w, off_n, off_k, N, K, stride_wn, stride_wk, TMA, IDX, BLOCK_N, BLOCK_K)
+    if APPLY_MASK:
+        offs_n = off_n.to(IDX) + tl.arange(0, BLOCK_N)
+        offs_k = off_k.to(IDX) + tl.arange(0, BLOCK_K)
+        inside = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=inside, other=0)
+        tile = tl.where(keep != 0, tile, tl.zeros_like(tile))
+    return tile
+
+
+@triton.jit
+def _forward_step(
+    acc, x, w, m_ptr, row_cols, i, off_m, off_n, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
-    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
+    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc += X [m-block, k-tile] @ (W ⊙ M)^T [k-tile, n-block] for the i-th k-tile of ``row_cols``."""
+    off_k = tl.load(row_cols + i) * BLOCK_K
+    a = _block(x, off_m, off_k, M, K, stride_xm, stride_xk, TMA, IDX, BLOCK_M, BLOCK_K)
+    b = _weight(w, m_ptr, off_n, off_k, N, K, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK, TMA, IDX,
+                BLOCK_N, BLOCK_K)  # fmt: skip
+    return tl.dot(_operand(a, UPCAST), tl.trans(_operand(b, UPCAST)), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _grad_input_step(
+    acc, g, w, m_ptr, col_rows, i, off_m, off_k, M, N, K,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
+    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc += dY [m-block, n-tile] @ (W ⊙ M) [n-tile, k-block] for the i-th n-tile of ``col_rows``."""
+    off_n = tl.load(col_rows + i) * BLOCK_N
+    a = _block(g, off_m, off_n, M, N, stride_gm, stride_gn, TMA, IDX, BLOCK_M, BLOCK_N)
+    b = _weight(w, m_ptr, off_n, off_k, N, K, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK, TMA, IDX,
+                BLOCK_N, BLOCK_K)  # fmt: skip
+    return tl.dot(_operand(a, UPCAST), _operand(b, UPCAST), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def forward_tile(
+    x, w, m_ptr, b_ptr, y_ptr, row_ptr, row_cols, row_mid, off_m, pid_n, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
+    FULL_TILES: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """acc += X [m-block, k-tile] @ (W ⊙ M)^T [k-tile, n-block] for the i-th entry of ``row_cols``; the mask is
-    read only where ``APPLY_MASK`` (a partial tile)."""
-    kt = tl.load(row_cols + i).to(IDX)
-    offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_k = offs_k < K
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
-    w = _weight_tile(w_ptr, m_ptr, offs_n, offs_k, in_n, in_k, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK)
-    return tl.dot(_operand(x, UPCAST), tl.trans(_operand(w, UPCAST)), acc, input_precision=PRECISION)
+    """The output tile Y [off_m:+BLOCK_M, n-tile pid_n]: the row's full tiles with no mask load, then its partial
+    ones with the mask applied (all partial unless FULL_TILES, see ``dw_split.full_tiles``), plus the bias; written
+    even where the row has no alive tile. Shared by the one-program-per-tile kernel and the persistent one."""
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start = tl.load(row_ptr + pid_n)
+    mid = tl.load(row_mid + pid_n) if FULL_TILES else start
+    end = tl.load(row_ptr + pid_n + 1)
+    for i in range(start, mid):  # full tiles: no mask load, no select
+        acc = _forward_step(acc, x, w, m_ptr, row_cols, i, off_m, off_n, M, N, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
+                            False, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    for i in range(mid, end):  # partial tiles: the mask applied
+        acc = _forward_step(acc, x, w, m_ptr, row_cols, i, off_m, off_n, M, N, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
+                            True, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    offs_m = off_m.to(IDX) + tl.arange(0, BLOCK_M)
+    offs_n = off_n.to(IDX) + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & in_n[None, :])
 
 
 @triton.jit
-def _grad_input_tile(
-    acc, g_ptr, w_ptr, m_ptr, col_rows, i, offs_m, offs_k, in_m, in_k, N,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
-    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def grad_input_tile(
+    g, w, m_ptr, dx_ptr, col_ptr, col_rows, col_mid, off_m, pid_k, M, N, K,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk, stride_xm, stride_xk,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr, FULL_TILES: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """acc += dY [m-block, n-tile] @ (W ⊙ M) [n-tile, k-block] for the i-th entry of ``col_rows``; the mask is
-    read only where ``APPLY_MASK``."""
-    nt = tl.load(col_rows + i).to(IDX)
-    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_n = offs_n < N
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                mask=in_m[:, None] & in_n[None, :], other=0.0)  # fmt: skip
-    w = _weight_tile(w_ptr, m_ptr, offs_n, offs_k, in_n, in_k, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK)
-    return tl.dot(_operand(g, UPCAST), _operand(w, UPCAST), acc, input_precision=PRECISION)
+    """The dX tile [off_m:+BLOCK_M, k-tile pid_k], as ``forward_tile`` over the column's alive n-tiles (zeros where it
+    has none)."""
+    off_k = pid_k * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    start = tl.load(col_ptr + pid_k)
+    mid = tl.load(col_mid + pid_k) if FULL_TILES else start
+    end = tl.load(col_ptr + pid_k + 1)
+    for i in range(start, mid):  # full tiles: no mask load, no select
+        acc = _grad_input_step(acc, g, w, m_ptr, col_rows, i, off_m, off_k, M, N, K,
+                               stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
+                               False, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    for i in range(mid, end):  # partial tiles: the mask applied
+        acc = _grad_input_step(acc, g, w, m_ptr, col_rows, i, off_m, off_k, M, N, K,
+                               stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
+                               True, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+    offs_m = off_m.to(IDX) + tl.arange(0, BLOCK_M)
+    offs_k = off_k.to(IDX) + tl.arange(0, BLOCK_K)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
 @triton.jit
@@ -203,27 +275,10 @@ def _forward_kernel(
     pid = tl.program_id(0).to(IDX)
     # n fastest: the programs in flight share one X row block, and the sparse weight stays in L2.
     pid_n = pid % tiles_n
-    pid_m = pid // tiles_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_m = offs_m < M
-    in_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start = tl.load(row_ptr + pid_n)
-    mid = tl.load(row_mid + pid_n) if FULL_TILES else start
-    end = tl.load(row_ptr + pid_n + 1)
-    for i in range(start, mid):  # full tiles: no mask load, no select
-        acc = _forward_tile(acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
-                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
-                            False, PRECISION, UPCAST, IDX, BLOCK_K)  # fmt: skip
-    for i in range(mid, end):  # partial tiles: the mask applied
-        acc = _forward_tile(acc, x_ptr, w_ptr, m_ptr, row_cols, i, offs_m, offs_n, in_m, in_n, K,
-                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
-                            True, PRECISION, UPCAST, IDX, BLOCK_K)  # fmt: skip
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+    off_m = (pid // tiles_n) * BLOCK_M
+    forward_tile(x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, row_ptr, row_cols, row_mid, off_m, pid_n, M, N, K,
+                 stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
+                 HAS_BIAS, PRECISION, UPCAST, IDX, FULL_TILES, False, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 @triton.jit
@@ -243,25 +298,10 @@ def _grad_input_kernel(
     the forward."""
     pid = tl.program_id(0).to(IDX)
     pid_k = pid % tiles_k
-    pid_m = pid // tiles_k
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_m = offs_m < M
-    in_k = offs_k < K
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    start = tl.load(col_ptr + pid_k)
-    mid = tl.load(col_mid + pid_k) if FULL_TILES else start
-    end = tl.load(col_ptr + pid_k + 1)
-    for i in range(start, mid):  # full tiles: no mask load, no select
-        acc = _grad_input_tile(acc, g_ptr, w_ptr, m_ptr, col_rows, i, offs_m, offs_k, in_m, in_k, N,
-                               stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
-                               False, PRECISION, UPCAST, IDX, BLOCK_N)  # fmt: skip
-    for i in range(mid, end):  # partial tiles: the mask applied
-        acc = _grad_input_tile(acc, g_ptr, w_ptr, m_ptr, col_rows, i, offs_m, offs_k, in_m, in_k, N,
-                               stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
-                               True, PRECISION, UPCAST, IDX, BLOCK_N)  # fmt: skip
-    dx_ptrs = dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
+    off_m = (pid // tiles_k) * BLOCK_M
+    grad_input_tile(g_ptr, w_ptr, m_ptr, dx_ptr, col_ptr, col_rows, col_mid, off_m, pid_k, M, N, K,
+                    stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk, stride_xm, stride_xk,
+                    PRECISION, UPCAST, IDX, FULL_TILES, False, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 @triton.jit

@@ -37,9 +37,10 @@ from lthfast.kernels.masked_matmul import (
     WIDE_TILE_WARPS,
     _check,
     _col_lists,
-    _operand,
     _precision,
     _row_lists,
+    forward_tile,
+    grad_input_tile,
 )
 
 # The interpreter runs masked_matmul's 16-row tile and this many programs, so that each loops over several tiles.
@@ -92,65 +93,6 @@ def _prune_configs(configs: list[dict], key: tuple) -> list[dict]:
 
 
 @triton.jit
-def _block(a, off_r, off_c, R, C, stride_r, stride_c, TMA: tl.constexpr, IDX: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """The [BLOCK_R, BLOCK_C] block at (off_r, off_c) of an [R, C] tensor, zeros outside it: one TMA load through the
-    descriptor ``a`` where ``TMA``, else masked pointer loads from ``a``, a pointer."""
-    if TMA:
-        return a.load([off_r, off_c])
-    else:
-        offs_r = off_r.to(IDX) + tl.arange(0, BLOCK_R)
-        offs_c = off_c.to(IDX) + tl.arange(0, BLOCK_C)
-        inside = (offs_r < R)[:, None] & (offs_c < C)[None, :]
-        return tl.load(a + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=inside, other=0.0)
-
-
-@triton.jit
-def _weight(w, m_ptr, off_n, off_k, N, K, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK: tl.constexpr,
-            TMA: tl.constexpr, IDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """The weight tile [BLOCK_N, BLOCK_K] at (off_n, off_k), and W ⊙ M where ``APPLY_MASK`` (a partial tile: the
-    mask is read, and a value stored under a pruned entry, even NaN, becomes 0)."""
-    tile = _block(w, off_n, off_k, N, K, stride_wn, stride_wk, TMA, IDX, BLOCK_N, BLOCK_K)
-    if APPLY_MASK:
-        offs_n = off_n.to(IDX) + tl.arange(0, BLOCK_N)
-        offs_k = off_k.to(IDX) + tl.arange(0, BLOCK_K)
-        inside = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-        keep = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_k[None, :] * stride_mk, mask=inside, other=0)
-        tile = tl.where(keep != 0, tile, tl.zeros_like(tile))
-    return tile
-
-
-@triton.jit
-def _forward_step(
-    acc, x, w, m_ptr, row_cols, i, off_m, off_n, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
-    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """acc += X [m-block, k-tile] @ (W ⊙ M)^T [k-tile, n-block] for the i-th k-tile of ``row_cols``."""
-    off_k = tl.load(row_cols + i) * BLOCK_K
-    a = _block(x, off_m, off_k, M, K, stride_xm, stride_xk, TMA, IDX, BLOCK_M, BLOCK_K)
-    b = _weight(w, m_ptr, off_n, off_k, N, K, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK, TMA, IDX,
-                BLOCK_N, BLOCK_K)  # fmt: skip
-    return tl.dot(_operand(a, UPCAST), tl.trans(_operand(b, UPCAST)), acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _grad_input_step(
-    acc, g, w, m_ptr, col_rows, i, off_m, off_k, M, N, K,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
-    APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, IDX: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """acc += dY [m-block, n-tile] @ (W ⊙ M) [n-tile, k-block] for the i-th n-tile of ``col_rows``."""
-    off_n = tl.load(col_rows + i) * BLOCK_N
-    a = _block(g, off_m, off_n, M, N, stride_gm, stride_gn, TMA, IDX, BLOCK_M, BLOCK_N)
-    b = _weight(w, m_ptr, off_n, off_k, N, K, stride_wn, stride_wk, stride_mn, stride_mk, APPLY_MASK, TMA, IDX,
-                BLOCK_N, BLOCK_K)  # fmt: skip
-    return tl.dot(_operand(a, UPCAST), _operand(b, UPCAST), acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _forward_persistent_kernel(
     # x, w: TMA descriptors where TMA, else pointers
     x, w, m_ptr, b_ptr, y_ptr,
@@ -170,28 +112,9 @@ def _forward_persistent_kernel(
     for t in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tiles_n, tl.num_programs(0)):
         # n fastest: the programs in flight at once cover consecutive n-tiles of one or a few m-blocks, so they share
         # those X slabs in L2, and the sparse weight (read once per m-block) stays there too.
-        pid_n = t % tiles_n
-        off_m = (t // tiles_n) * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        start = tl.load(row_ptr + pid_n)
-        mid = tl.load(row_mid + pid_n) if FULL_TILES else start
-        end = tl.load(row_ptr + pid_n + 1)
-        for i in range(start, mid):  # full tiles: no mask load, no select
-            acc = _forward_step(acc, x, w, m_ptr, row_cols, i, off_m, off_n, M, N, K,
-                                stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
-                                False, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        for i in range(mid, end):  # partial tiles: the mask applied
-            acc = _forward_step(acc, x, w, m_ptr, row_cols, i, off_m, off_n, M, N, K,
-                                stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk,
-                                True, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        offs_m = off_m.to(IDX) + tl.arange(0, BLOCK_M)
-        offs_n = off_n.to(IDX) + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & in_n[None, :])
+        forward_tile(x, w, m_ptr, b_ptr, y_ptr, row_ptr, row_cols, row_mid, (t // tiles_n) * BLOCK_M, t % tiles_n,
+                     M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_mn, stride_mk, stride_ym, stride_yn,
+                     HAS_BIAS, PRECISION, UPCAST, IDX, FULL_TILES, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 @triton.jit
@@ -211,25 +134,9 @@ def _grad_input_persistent_kernel(
     pid + programs, ...; a tile whose column has no alive tile is written as zeros. FULL_TILES as in the forward."""
     for t in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tiles_k, tl.num_programs(0)):
         # k fastest: the programs in flight share the dY slabs of one or a few m-blocks in L2 (as the forward's X)
-        pid_k = t % tiles_k
-        off_m = (t // tiles_k) * BLOCK_M
-        off_k = pid_k * BLOCK_K
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        start = tl.load(col_ptr + pid_k)
-        mid = tl.load(col_mid + pid_k) if FULL_TILES else start
-        end = tl.load(col_ptr + pid_k + 1)
-        for i in range(start, mid):  # full tiles: no mask load, no select
-            acc = _grad_input_step(acc, g, w, m_ptr, col_rows, i, off_m, off_k, M, N, K,
-                                   stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
-                                   False, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        for i in range(mid, end):  # partial tiles: the mask applied
-            acc = _grad_input_step(acc, g, w, m_ptr, col_rows, i, off_m, off_k, M, N, K,
-                                   stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk,
-                                   True, PRECISION, UPCAST, IDX, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
-        offs_m = off_m.to(IDX) + tl.arange(0, BLOCK_M)
-        offs_k = off_k.to(IDX) + tl.arange(0, BLOCK_K)
-        dx_ptrs = dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+        grad_input_tile(g, w, m_ptr, dx_ptr, col_ptr, col_rows, col_mid, (t // tiles_k) * BLOCK_M, t % tiles_k,
+                        M, N, K, stride_gm, stride_gn, stride_wn, stride_wk, stride_mn, stride_mk, stride_xm,
+                        stride_xk, PRECISION, UPCAST, IDX, FULL_TILES, TMA, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
 
 _forward = Tuned(_forward_persistent_kernel, CUDA_CONFIGS, prune=_prune_configs)
