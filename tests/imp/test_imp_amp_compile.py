@@ -58,28 +58,13 @@ def test_amp_trains_in_the_autocast_dtype_near_float32(tiny, tmp_path, monkeypat
         assert all(bool((b[n][~m] == 0).all()) for n, m in masks.items()), "pruned weights must stay zero"
 
 
-def test_fp16_run_resumes_exactly_with_its_grad_scaler(tiny, tmp_path, monkeypatch):
+def test_fp16_run_resumes_exactly_with_its_grad_scaler(tiny, tmp_path, cut_training):
     options = {**tiny, "amp": "fp16", "name": "r"}
     reference = run({**options, "out_dir": str(tmp_path / "ref")})
-
-    class Interrupted(Exception):
-        pass
-
-    original = levels.train_unit
-
-    def interrupted(model, data, cfg, steps, unit, sampler, *, on_iteration=None, **kwargs):
-        def hook(it, model, optimizer):
-            if unit.path.name == "level_1" and it == 25:
-                raise Interrupted
-            if on_iteration is not None:
-                on_iteration(it, model, optimizer)
-
-        return original(model, data, cfg, steps, unit, sampler, on_iteration=hook, **kwargs)
-
-    monkeypatch.setattr(levels, "train_unit", interrupted)
-    with pytest.raises(Interrupted):
+    cut_training(at=25)
+    with pytest.raises(cut_training.error):
         run({**options, "out_dir": str(tmp_path / "cut")})
-    monkeypatch.setattr(levels, "train_unit", original)
+    cut_training.undo()
     checkpoint = torch.load(tmp_path / "cut" / "r" / "replicate_0" / "level_1" / "checkpoint.pt", weights_only=True)
     assert json.loads(checkpoint["state"])["iteration"] == 20 and checkpoint["scaler"]["scale"] > 0
     resumed = run({**options, "out_dir": str(tmp_path / "cut")})

@@ -23,7 +23,7 @@ from torch import nn
 
 from lthfast.data import Dataset, load_dataset
 from lthfast.distributed import World
-from lthfast.imp import Config, batched, driver, levels, run
+from lthfast.imp import Config, batched, driver, run
 from lthfast.imp.cli import config_from_args, register
 from lthfast.models import build_model
 
@@ -123,49 +123,33 @@ def test_batched_resnet_in_float64_equals_sequential(tiny, tmp_path):
         assert [torch.load(root / f"replicate_{r}" / "rewind.pt", weights_only=True)["step"] for r in (0, 1)] == [4, 4]
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _cut_batched(monkeypatch, at: int = 25):
+def _cut_batched(monkeypatch, error: type[Exception], at: int = 25):
     """Raise from inside the level-1 tickets' group at iteration ``at``."""
     original = driver.train_units
 
     def interrupted(group, *args, on_iteration=None, **kwargs):
         def hook(it, group):
             if it == at and any(p.unit.path.name == "level_1" for p in group):
-                raise Interrupted
+                raise error
 
         return original(group, *args, on_iteration=hook, **kwargs)
 
     monkeypatch.setattr(driver, "train_units", interrupted)
 
 
-def _cut_sequential(monkeypatch, at: int = 25):
-    original = levels.train_unit
-
-    def interrupted(model, data, cfg, steps, unit, sampler, *, on_iteration=None, **kwargs):
-        def hook(it, model, optimizer):
-            if unit.path.name == "level_1" and it == at:
-                raise Interrupted
-            if on_iteration is not None:
-                on_iteration(it, model, optimizer)
-
-        return original(model, data, cfg, steps, unit, sampler, on_iteration=hook, **kwargs)
-
-    monkeypatch.setattr(levels, "train_unit", interrupted)
-
-
 @pytest.mark.parametrize("cut, resume", [("batched", "batched"), ("batched", "sequential"), ("sequential", "batched")])
-def test_an_interrupted_run_resumes_in_either_mode(tiny, tmp_path, monkeypatch, cut, resume):
+def test_an_interrupted_run_resumes_in_either_mode(tiny, tmp_path, monkeypatch, cut_training, cut, resume):
     """Cut at iteration 25 of the level-1 tickets (checkpoints at 20), then resumed: batched after batched is the
     uninterrupted batched run bitwise; across modes, the uninterrupted run of the cut's mode within TOL."""
     options = {**tiny, "replicates": 2, "controls": ["random_prune"], "control_levels": [1], "name": "r",
                "rewind": "5it"}  # fmt: skip
     mode = {"batched": False, "sequential": True}
     reference = run({**options, "out_dir": str(tmp_path / "ref"), "sequential": mode[cut]})
-    (_cut_batched if cut == "batched" else _cut_sequential)(monkeypatch)
-    with pytest.raises(Interrupted):
+    if cut == "batched":
+        _cut_batched(monkeypatch, cut_training.error)
+    else:
+        cut_training(at=25)
+    with pytest.raises(cut_training.error):
         run({**options, "out_dir": str(tmp_path / "cut"), "sequential": mode[cut]})
     monkeypatch.undo()
     root = tmp_path / "cut" / "r"
@@ -177,7 +161,7 @@ def test_an_interrupted_run_resumes_in_either_mode(tiny, tmp_path, monkeypatch, 
     _compare(reference.path, resumed.path, 0.0 if cut == resume else TOL)
 
 
-def test_a_kill_between_two_units_checkpoints_resumes(tiny, tmp_path, monkeypatch):
+def test_a_kill_between_two_units_checkpoints_resumes(tiny, tmp_path, monkeypatch, cut_training):
     """The group's units write their checkpoints one after the other: cut after the first unit's at iteration 20,
     the two units resume from 20 and from 10, in groups of their own, and end as the uninterrupted run."""
     options = {**tiny, "replicates": 2, "name": "r", "sequential": False}
@@ -188,11 +172,11 @@ def test_a_kill_between_two_units_checkpoints_resumes(tiny, tmp_path, monkeypatc
         if path.parent.name == "level_1" and args[3]["iteration"] == 20:
             written.append(path)
             if len(written) == 2:
-                raise Interrupted
+                raise cut_training.error
         return original(path, *args, **kwargs)
 
     monkeypatch.setattr(batched, "write_checkpoint", write_checkpoint)
-    with pytest.raises(Interrupted):
+    with pytest.raises(cut_training.error):
         run({**options, "out_dir": str(tmp_path / "cut")})
     monkeypatch.undo()
     iterations = [json.loads(torch.load(p.parent / "checkpoint.pt", weights_only=True)["state"])["iteration"]

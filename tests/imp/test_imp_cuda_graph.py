@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lthfast.imp import Config, graphed, levels, run, train
+from lthfast.imp import Config, graphed, run, train
 from lthfast.pruning import Masks
 
 UNITS = ("level_0", "level_1", "level_2")
@@ -96,31 +96,16 @@ def test_the_schedule_reaches_the_graph_through_the_lr_tensor(tiny, tmp_path, fa
 
 
 @pytest.mark.parametrize("first,second", [(True, False), (False, True)])
-def test_a_run_interrupted_in_one_mode_resumes_in_the_other(tiny, tmp_path, fake_graphs, monkeypatch, first, second):
+def test_a_run_interrupted_in_one_mode_resumes_in_the_other(tiny, tmp_path, fake_graphs, cut_training, first, second):
     options = {**tiny, "optimizer": "adam", "lr": 1e-2, "name": "r"}
     reference = run({**options, "out_dir": str(tmp_path / "ref"), "cuda_graph": first})
-
-    class Interrupted(Exception):
-        pass
-
-    original = levels.train_unit
-
-    def interrupted(model, data, cfg, steps, unit, sampler, *, on_iteration=None, **kwargs):
-        def hook(it, model, optimizer):
-            if unit.path.name == "level_1" and it == 25:
-                raise Interrupted
-            if on_iteration is not None:
-                on_iteration(it, model, optimizer)
-
-        return original(model, data, cfg, steps, unit, sampler, on_iteration=hook, **kwargs)
-
-    monkeypatch.setattr(levels, "train_unit", interrupted)
-    with pytest.raises(Interrupted):
+    cut_training(at=25)
+    with pytest.raises(cut_training.error):
         run({**options, "out_dir": str(tmp_path / "cut"), "cuda_graph": first})
     ckpt = torch.load(tmp_path / "cut" / "r" / "replicate_0" / "level_1" / "checkpoint.pt", weights_only=True)
     groups = ckpt["optimizer"]["param_groups"]
     assert all(isinstance(g["lr"], float) and not g["capturable"] for g in groups), "checkpoints hold the eager form"
-    monkeypatch.setattr(levels, "train_unit", original)
+    cut_training.undo()
     resumed = run({**options, "out_dir": str(tmp_path / "cut"), "cuda_graph": second})
     _assert_close_runs(reference, resumed, 1e-6)
 
