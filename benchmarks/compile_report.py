@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--what", default="linear,conv", help="comma list of: " + ", ".join(STEPS))
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--first", action="store_true", help="compile only each launch's first config")
+    parser.add_argument("--classic", action="store_true",
+                        help="only the one-program-per-tile kernels, not their persistent twins")  # fmt: skip
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if not offline.available():
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for what in args.what.split(","):
         for sparsity in SPARSITIES:
-            with offline.cuda_target(all_configs=not args.first) as compiled:
+            with offline.cuda_target(all_configs=not args.first, variants=not args.classic) as compiled:
                 STEPS[what](dtype, sparsity)
             rows += [{"layer": what, "sparsity": sparsity, "dtype": args.dtype, **c.row()} for c in compiled]
     print(table(rows))

@@ -250,10 +250,14 @@ def tuned_kernels() -> list:
 
 
 @contextlib.contextmanager
-def cuda_target(arch: int = 90, sms: int = H100_SMS, all_configs: bool = True) -> Iterator[list[Compiled]]:
+def cuda_target(
+    arch: int = 90, sms: int = H100_SMS, all_configs: bool = True, variants: bool = True
+) -> Iterator[list[Compiled]]:
     """Within: calls of ``lthfast.kernels``' launchers on CPU tensors take the CUDA path for a GPU of ``arch``
     with ``sms`` SMs (``cuda_decisions``), and each launch compiles its candidate configs (only the first unless
-    ``all_configs``) instead of running; outputs are left unwritten. Yields the list the ``Compiled`` records are
+    ``all_configs``) instead of running; outputs are left unwritten. Where a launcher chooses among kernels
+    (``autotune.Faster``: one-program-per-tile or persistent), every one compiles, or only the first without
+    ``variants``. Yields the list the ``Compiled`` records are
     appended to. Not thread-safe: it swaps Triton's active driver for the block.
     """
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -264,8 +268,8 @@ def cuda_target(arch: int = 90, sms: int = H100_SMS, all_configs: bool = True) -
 
     records: list[Compiled] = []
 
-    def pick(self, key, runs, timed=True):  # every variant compiles; the caller then runs the first
-        for run in runs[1:]:
+    def pick(self, key, runs, timed=True):  # the other variants compile here; the caller then runs the first
+        for run in runs[1:] if variants else ():
             run()
         return 0
 
